@@ -1,0 +1,1 @@
+"""Engine export (ONNX, TensorRT, AOTInductor) of CLEAR models: not built yet."""

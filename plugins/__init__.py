@@ -1,0 +1,13 @@
+"""CLEAR attention op and its backends: ``torch.ops.clear.attention``."""
+
+from .backends import BACKENDS, Backend, backend_names, choose_backend, register_backend
+from .flex import clear_block_mask, flex_clear_attention
+from .layout import TokenLayout, classify_blocks, dense_mask, validate_call
+from .op import attention, clear_attention
+from .reference import reference_attention
+
+__all__ = [
+    "BACKENDS", "Backend", "TokenLayout", "attention", "backend_names", "choose_backend",
+    "classify_blocks", "clear_attention", "clear_block_mask", "dense_mask", "flex_clear_attention",
+    "reference_attention", "register_backend", "validate_call",
+]

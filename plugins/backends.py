@@ -1,0 +1,65 @@
+"""Backend registry and chooser for clear::attention (NATTEN-style).
+
+Each backend has a same-signature function and a ``can_run_*`` check; the chooser and the
+validator share those checks, and the chooser logs why it skipped a backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .flex import can_run_flex, flex_clear_attention
+from .reference import can_run_reference, reference_attention
+
+logger = logging.getLogger("clear_surgery")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable[..., torch.Tensor]
+    can_run: Callable[..., bool]
+    # (grad_out, q, k, v, *args) -> (dq, dk, dv); None: recompute the forward under autograd.
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", reference_attention, can_run_reference),
+    "flex": Backend("flex", flex_clear_attention, can_run_flex),
+}
+
+# Preference for backend="auto": the fast kernels first on GPU; on CPU the dense reference
+# beats FlexAttention's unfused fallback at the sizes a CPU can handle.
+PREFERENCE = {"cuda": ("triton", "flex", "reference"), "cpu": ("reference", "flex")}
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def backend_names() -> list[str]:
+    return ["auto", *BACKENDS]
+
+
+def choose_backend(requested: str, q, k, v, *args) -> Backend:
+    """The backend to run for this call; ``requested`` may be 'auto' or a backend name."""
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown CLEAR backend {requested!r}; available: {backend_names()}")
+        BACKENDS[requested].can_run(q, k, v, *args, raise_error=True)
+        return BACKENDS[requested]
+    for name in PREFERENCE.get(q.device.type, ("flex", "reference")):
+        backend = BACKENDS.get(name)
+        if backend is None:
+            logger.debug("clear::attention: backend %s is not available", name)
+            continue
+        try:
+            backend.can_run(q, k, v, *args, raise_error=True)
+            return backend
+        except ValueError as err:
+            logger.info("clear::attention: skipping backend %s: %s", name, err)
+    raise ValueError(f"no CLEAR backend can run q{tuple(q.shape)} {q.dtype} on {q.device}")

@@ -1,0 +1,94 @@
+"""FlexAttention backend with a BlockMask built analytically per block (never an N×N mask)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.nn.attention import flex_attention as _flex_module
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .layout import TokenLayout, classify_blocks, validate_call
+
+BLOCK = 128
+
+
+def can_run_flex(q, k, v, text_len, text_first, height, width, radius, scale=None,
+                 raise_error: bool = False) -> bool:
+    validate_call(q, k, v, text_len, height, width, radius)
+    reason = None
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reason = f"dtype {q.dtype} is not supported by FlexAttention"
+    elif q.device.type not in ("cuda", "cpu"):
+        reason = f"device {q.device.type} is not supported"
+    elif q.device.type == "cuda" and q.shape[-1] < 16:
+        reason = f"head dim {q.shape[-1]} < 16 is not supported by FlexAttention's GPU kernel"
+    if reason and raise_error:
+        raise ValueError(f"flex backend: {reason}")
+    return reason is None
+
+
+def clear_mask_mod(layout: TokenLayout, radius: float):
+    """The CLEAR mask as a FlexAttention mask_mod, in closed form from token indices."""
+    start, count, width, r2 = layout.image_start, layout.image_tokens, layout.width, radius * radius
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi, ki = q_idx - start, kv_idx - start
+        q_img = (qi >= 0) & (qi < count)
+        k_img = (ki >= 0) & (ki < count)
+        dy = qi // width - ki // width
+        dx = qi % width - ki % width
+        return ~q_img | ~k_img | (dy * dy + dx * dx < r2)
+
+    return mask_mod
+
+
+def _to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, nk) bool -> kv_num_blocks (1, 1, nq) and kv_indices (1, 1, nq, nk), chosen blocks first."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[None, None].contiguous(), order[None, None].contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def clear_block_mask(layout: TokenLayout, radius: float, device: torch.device) -> BlockMask:
+    """BlockMask for one layout; cached since every layer of a step shares it."""
+    any_true, all_true = classify_blocks(layout, radius, BLOCK, BLOCK, device)
+    partial = any_true & ~all_true
+    kv_num, kv_idx = _to_indices(partial)
+    full_num, full_idx = _to_indices(all_true)
+    n = layout.seq_len
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+                                    mask_mod=clear_mask_mod(layout, radius), seq_lengths=(n, n))
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@contextlib.contextmanager
+def _allow_cpu_autograd():
+    # torch's public wrapper refuses autograd on CPU, but its eager implementation (the unfused
+    # math path) differentiates correctly; we use it on CPU only, at test sizes.
+    original = _flex_module._validate_device
+    _flex_module._validate_device = lambda *args: None
+    try:
+        yield
+    finally:
+        _flex_module._validate_device = original
+
+
+def flex_clear_attention(q, k, v, text_len: int, text_first: bool, height: int, width: int,
+                         radius: float, scale: float | None = None) -> torch.Tensor:
+    """Same signature and result as reference_attention."""
+    layout = TokenLayout(int(text_len), bool(text_first), int(height), int(width))
+    block_mask = clear_block_mask(layout, float(radius), q.device)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cuda":
+        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, scale=scale)
+    else:
+        with _allow_cpu_autograd():
+            out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale)
+    return out.transpose(1, 2)

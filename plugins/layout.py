@@ -1,0 +1,120 @@
+"""Token geometry of a joint text+image sequence, shared by every backend.
+
+The joint sequence is a text segment of ``text_len`` tokens and an image segment of
+``height * width`` tokens in raster order, text first or last. Image token ``i`` sits at
+``y = i // width, x = i % width``. A text query sees every key; an image query sees every
+text key and the image keys with ``(dy² + dx²) < radius²`` (strict, truncated at borders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    text_len: int
+    text_first: bool
+    height: int
+    width: int
+
+    @property
+    def image_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_tokens
+
+    @property
+    def image_start(self) -> int:
+        return self.text_len if self.text_first else 0
+
+    def positions(self, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token: is_image, y, x (y = x = -1 for text tokens)."""
+        idx = torch.arange(self.seq_len, device=device) - self.image_start
+        is_image = (idx >= 0) & (idx < self.image_tokens)
+        y = torch.where(is_image, idx // self.width, -1)
+        x = torch.where(is_image, idx % self.width, -1)
+        return is_image, y, x
+
+
+def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, height: int,
+                  width: int, radius: float) -> None:
+    """One clear error for a malformed call; shared by the op and every backend's can_run."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (batch, tokens, heads, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must agree on (batch, tokens, heads); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    if height < 1 or width < 1 or text_len < 0:
+        raise ValueError(f"bad image grid {height}x{width} or text length {text_len}")
+    tokens = q.shape[1]
+    if text_len + height * width != tokens:
+        raise ValueError(
+            f"image grid {height}x{width} = {height * width} tokens does not match the sequence: "
+            f"{tokens} tokens with {text_len} text tokens leaves {tokens - text_len} image tokens")
+
+
+def dense_mask(layout: TokenLayout, radius: float, device=None) -> torch.Tensor:
+    """The exact (N, N) boolean mask. O(N²): for the reference backend and tests only."""
+    is_image, y, x = layout.positions(device)
+    d2 = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2
+    return ~is_image[:, None] | ~is_image[None, :] | (d2 < radius * radius)
+
+
+def block_boxes(layout: TokenLayout, block: int, device=None):
+    """Per block of ``block`` consecutive tokens: has_text, has_image and the bounding box
+    (ymin, ymax, xmin, xmax) of its image tokens. O(N)."""
+    is_image, y, x = layout.positions(device)
+    n = layout.seq_len
+    nb = -(-n // block)
+    pad = nb * block - n
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+
+    def padded(t, fill):
+        return torch.nn.functional.pad(t, (0, pad), value=fill).view(nb, block)
+
+    img = padded(is_image, False)
+    txt = padded(~is_image & valid, False)
+    big = 1 << 30  # sentinel for blocks without image tokens; its square still fits int64
+
+    def lo(t):
+        return torch.where(img, padded(t, 0), big).amin(1)
+
+    def hi(t):
+        return torch.where(img, padded(t, 0), -big).amax(1)
+
+    return txt.any(1), img.any(1), lo(y), hi(y), lo(x), hi(x)
+
+
+def classify_blocks(layout: TokenLayout, radius: float, q_block: int, kv_block: int, device=None):
+    """Block-level structure of the CLEAR mask without an N×N mask.
+
+    Returns (any_true, all_true), both (num_q_blocks, num_kv_blocks) bool: a block pair is
+    skipped when nothing in it is visible and computed without a mask when everything is.
+    Bounding boxes make both tests conservative: a pair that is neither goes through the mask.
+    """
+    q_txt, q_img, qy0, qy1, qx0, qx1 = block_boxes(layout, q_block, device)
+    k_txt, k_img, ky0, ky1, kx0, kx1 = block_boxes(layout, kv_block, device)
+    r2 = radius * radius
+
+    def gap(a0, a1, b0, b1):  # smallest |a - b| between the intervals [a0, a1] and [b0, b1]
+        return torch.clamp(torch.maximum(b0[None, :] - a1[:, None], a0[:, None] - b1[None, :]), min=0)
+
+    def span(a0, a1, b0, b1):  # largest |a - b|
+        return torch.maximum(b1[None, :] - a0[:, None], a1[:, None] - b0[None, :])
+
+    near = gap(qy0, qy1, ky0, ky1) ** 2 + gap(qx0, qx1, kx0, kx1) ** 2 < r2
+    far = span(qy0, qy1, ky0, ky1) ** 2 + span(qx0, qx1, kx0, kx1) ** 2 >= r2
+    img_pair = q_img[:, None] & k_img[None, :]
+    any_true = q_txt[:, None] | k_txt[None, :] | (img_pair & near)
+    all_true = ~img_pair | ~far
+    return any_true, all_true & any_true

@@ -1,0 +1,227 @@
+"""Find every attention site of a model by tracing it with torch.export.
+
+A site is one attention call (SDPA or clear::attention) and the module that owns it. Joint
+text+image sites are those whose query and key sequences are a concatenation of the text stream
+and the image stream; their segment order is read from that concatenation in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS, example_inputs, family_of, image_grid
+from .processors import clear_processor_for, is_clear_processor
+
+aten = torch.ops.aten
+SDPA_OPS = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+CLEAR_OP = torch.ops.clear.attention.default
+CAT_OPS = {aten.cat.default, aten.concat.default}
+
+
+@dataclass
+class AttentionSite:
+    module: str  # fqn of the owning attention module
+    kind: str  # joint | image | text | cross | other
+    op: str  # sdpa | clear
+    order: str | None  # text_first | image_first (joint sites)
+    query_tokens: int
+    key_tokens: int
+    heads: int
+    head_dim: int
+    processor: str | None
+    supported: bool
+    reason: str | None = None
+
+
+@dataclass
+class AnalysisReport:
+    model_class: str
+    text_tokens: int
+    image_tokens: int
+    sites: list[AttentionSite] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)  # compute ops, for rewrite verification
+
+    @property
+    def joint_sites(self) -> list[AttentionSite]:
+        return [s for s in self.sites if s.kind == "joint"]
+
+    def site(self, module: str) -> AttentionSite:
+        matches = [s for s in self.sites if s.module == module]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} attention sites in module {module!r}")
+        return matches[0]
+
+    def describe(self) -> str:
+        kinds = Counter(s.kind for s in self.sites)
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        return f"{len(self.sites)} attention sites ({parts})"
+
+    def table(self) -> str:
+        header = ("module", "kind", "op", "order", "q/k tokens", "heads x dim", "rewrite")
+        rows = [header] + [
+            (s.module, s.kind, s.op, s.order or "-", f"{s.query_tokens}/{s.key_tokens}",
+             f"{s.heads}x{s.head_dim}", "CLEAR" if s.op == "clear" else "yes" if s.supported else f"no: {s.reason}")
+            for s in self.sites
+        ]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        title = (f"{self.model_class}: {self.describe()}; example call with {self.text_tokens} text "
+                 f"and {self.image_tokens} image tokens")
+        return "\n".join([title, *lines])
+
+    def to_dict(self) -> dict:
+        return {"model_class": self.model_class, "text_tokens": self.text_tokens,
+                "image_tokens": self.image_tokens, "sites": [asdict(s) for s in self.sites]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnalysisReport":
+        sites = [AttentionSite(**s) for s in data["sites"]]
+        return cls(data["model_class"], data["text_tokens"], data["image_tokens"], sites)
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(int(d) for d in node.meta["val"].shape)
+
+
+def _owner(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<root>"
+    return list(stack.values())[-1][0]
+
+
+def _find_order(q_node, text: int, image: int, limit: int = 2000) -> str | None:
+    """Nearest concatenation of a text and an image stream upstream of the query."""
+    queue, seen = deque([q_node]), {q_node}
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if node.op == "call_function" and node.target in CAT_OPS:
+            parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0)
+            if len(parts) == 2 and all("val" in p.meta for p in parts):
+                sizes = [_shape(p)[dim] for p in parts]
+                if sizes == [text, image]:
+                    return "text_first"
+                if sizes == [image, text]:
+                    return "image_first"
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return None
+
+
+# Ops that only move or re-view data; everything else counts as compute when checking that a
+# rewrite changed nothing but the attention call.
+_LAYOUT_WORDS = ("view", "permute", "transpose", "reshape", "flatten", "unflatten", "expand", "contiguous",
+                 "clone", "assert", "alias", "detach", "squeeze", "unsqueeze", "select", "slice", "split",
+                 "getitem", "to.", "_to_copy", "lift_fresh", "t.default")
+
+
+def _compute_op_counts(graph) -> dict[str, int]:
+    counts = Counter()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target in SDPA_OPS or node.target == CLEAR_OP:
+            continue
+        name = str(node.target)
+        if not any(word in name for word in _LAYOUT_WORDS):
+            counts[name] += 1
+    return dict(sorted(counts.items()))
+
+
+def _classify(model, node, text: int, image: int) -> AttentionSite:
+    is_clear = node.target == CLEAR_OP
+    q, k = node.args[0], node.args[1]
+    qs, ks = _shape(q), _shape(k)
+    # SDPA: (batch, heads, tokens, dim); clear::attention: (batch, tokens, heads, dim).
+    (q_len, heads), k_len = ((qs[1], qs[2]), ks[1]) if is_clear else ((qs[2], qs[1]), ks[2])
+    module = _owner(node)
+    try:
+        processor = model.get_submodule(module).processor if module != "<root>" else None
+    except AttributeError:
+        processor = None
+    order, reason = None, None
+    if q_len != k_len:
+        kind = "cross"
+    elif q_len == text + image:
+        order = ("text_first" if node.args[4] else "image_first") if is_clear else _find_order(q, text, image)
+        kind = "joint" if order else "other"
+    elif q_len == image:
+        kind = "image"
+    elif q_len == text:
+        kind = "text"
+    else:
+        kind = "other"
+
+    if is_clear:
+        reason = "already CLEAR"
+    elif kind != "joint":
+        reason = {"cross": "cross-attention (queries and keys are different streams)",
+                  "image": "image-only self-attention: no text segment, CLEAR targets joint attention",
+                  "text": "text-only attention"}.get(kind, f"sequence of {q_len} tokens is not text+image")
+    elif not is_clear and (len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None):
+        reason = "uses an attention mask"
+    elif processor is None:
+        reason = "no diffusers attention module owns this call"
+    else:
+        clear_cls = clear_processor_for(processor)
+        if clear_cls is None:
+            reason = f"processor {type(processor).__name__} has no CLEAR counterpart"
+        elif ("text_first" if clear_cls.text_first else "image_first") != order:
+            reason = f"segment order {order} differs from what {clear_cls.__name__} builds"
+    return AttentionSite(module=module, kind=kind, op="clear" if is_clear else "sdpa", order=order,
+                         query_tokens=q_len, key_tokens=k_len, heads=heads, head_dim=qs[-1],
+                         processor=type(processor).__name__ if processor is not None else None,
+                         supported=reason is None, reason=reason)
+
+
+def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text_tokens: int | None = None,
+            image_tokens: int | None = None, grid: tuple[int, int] | None = None) -> AnalysisReport:
+    """Trace ``model`` with torch.export on a small example call and report every attention site.
+
+    For a known family (FLUX, SD3 and their ControlNets) the example call is built from the
+    config; for other models pass ``example_inputs_`` (kwargs of forward) with the number of
+    text and image tokens in it, and the image ``grid`` (needed once the model holds CLEAR layers).
+    """
+    if example_inputs_ is None:
+        family_of(model)  # clear error for an unknown model
+        grid = EXAMPLE_GRID
+        example_inputs_ = example_inputs(model, EXAMPLE_TEXT_TOKENS, grid)
+        text_tokens, image_tokens = EXAMPLE_TEXT_TOKENS, grid[0] * grid[1]
+    elif text_tokens is None or image_tokens is None:
+        raise ValueError("with example inputs, also pass text_tokens and image_tokens")
+    with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
+        program = torch.export.export(model, (), dict(example_inputs_), strict=False)
+    report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
+    for node in program.graph.nodes:
+        if node.op == "call_function" and (node.target in SDPA_OPS or node.target == CLEAR_OP):
+            report.sites.append(_classify(model, node, text_tokens, image_tokens))
+    report.op_counts = _compute_op_counts(program.graph)
+    _mark_duplicate_owners(report)
+    return report
+
+
+def _mark_duplicate_owners(report: AnalysisReport) -> None:
+    # A processor swap converts every call of a module: two calls in one module must agree.
+    owners = Counter(s.module for s in report.sites)
+    for s in report.sites:
+        if owners[s.module] > 1 and s.supported:
+            s.supported, s.reason = False, f"module makes {owners[s.module]} attention calls"
+
+
+def is_converted(module) -> bool:
+    return is_clear_processor(getattr(module, "processor", None))

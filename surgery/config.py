@@ -1,0 +1,55 @@
+"""ClearConfig: what a CLEAR rewrite does, validated on construction (torchao-style)."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class ClearConfig:
+    """Settings of a CLEAR rewrite.
+
+    radius: image keys within this Euclidean distance (strict) on the token grid stay visible.
+    backend: 'auto' or a backend name of ``clear_surgery.plugins``.
+    target_modules: fnmatch patterns of attention-module names to convert (default: every
+        joint text-image attention site). exclude_modules: patterns to leave dense.
+    """
+
+    radius: float
+    backend: str = "auto"
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        from clear_surgery.plugins import backend_names
+
+        if isinstance(self.radius, bool) or not isinstance(self.radius, numbers.Real):
+            raise ValueError(f"radius must be a number, got {self.radius!r}")
+        if not self.radius > 0:
+            raise ValueError(f"radius must be > 0, got {self.radius}")
+        if self.backend not in backend_names():
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {backend_names()}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
+                raise ValueError(f"{name} must be a list of non-empty module-name patterns, got {value!r}")
+            setattr(self, name, list(value))
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClearConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ClearConfig keys: {unknown}")
+        return cls(**data)

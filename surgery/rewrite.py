@@ -1,0 +1,126 @@
+"""The in-place verb: turn a model's joint attention into CLEAR attention, and undo it."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from .analysis import AnalysisReport, AttentionSite, analyze
+from .config import ClearConfig
+from .families import family_of
+from .processors import ClearRuntime, clear_processor_for
+
+
+class NoJointAttentionError(ValueError):
+    pass
+
+
+class RewriteError(RuntimeError):
+    pass
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionSite]:
+    """The sites ``config`` asks to convert; every problem is reported together, before any change."""
+    if not report.joint_sites:
+        found = "; ".join(f"{s.module}: {s.reason}" for s in report.sites[:8])
+        raise NoJointAttentionError(f"{report.model_class} has no joint text-image attention to convert: found "
+                                    f"{report.describe()}{': ' + found if found else ''}")
+    problems = []
+    for pattern in [*(config.target_modules or []), *config.exclude_modules]:
+        if not any(fnmatch.fnmatchcase(s.module, pattern) for s in report.sites):
+            problems.append(f"pattern {pattern!r} matches no attention module")
+    if config.target_modules is None:
+        chosen = report.joint_sites
+    else:
+        chosen = [s for s in report.sites if _matches(s.module, config.target_modules)]
+    chosen = [s for s in chosen if not _matches(s.module, config.exclude_modules)]
+    problems += [f"{s.module}: {s.reason}" for s in chosen if not s.supported]
+    if problems:
+        raise ValueError("cannot convert to CLEAR (exclude unsupported sites with exclude_modules):\n  "
+                         + "\n  ".join(problems))
+    if not chosen:
+        raise ValueError("target_modules / exclude_modules leave no attention site to convert")
+    return chosen
+
+
+def _grid_hook(family, runtime: ClearRuntime):
+    def hook(model, args, kwargs):
+        runtime.grid = family.grid(model, args, kwargs)
+
+    return hook
+
+
+def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: AnalysisReport | None = None,
+                verify: bool = True) -> AnalysisReport:
+    """Convert ``model``'s joint attention to CLEAR, in place; returns the analysis of the result.
+
+    All targets are validated before anything changes. Weights and state-dict keys are untouched
+    (only attention processors are swapped), so ``remove_clear`` restores the model exactly.
+    With ``verify`` the model is traced again: every target must now be a ``clear::attention``
+    node and every other compute op must be unchanged, otherwise the rewrite is undone.
+    """
+    if getattr(model, "_clear_runtime", None) is not None:
+        raise ValueError("model already has CLEAR attention; call remove_clear(model) first")
+    family = family_of(model)
+    before = analysis if analysis is not None else analyze(model)
+    targets = select_sites(before, config)
+    modules = {s.module: model.get_submodule(s.module) for s in targets}
+    classes = {name: clear_processor_for(m.processor) for name, m in modules.items()}
+    missing = [name for name, cls in classes.items() if cls is None]
+    if missing:
+        raise ValueError(f"these modules' processors have no CLEAR counterpart: {missing}")
+
+    runtime = ClearRuntime()
+    for name, module in modules.items():
+        runtime.originals[name] = module.processor
+        module.set_processor(classes[name](runtime, config.radius, config.backend))
+    runtime.hook = model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True)
+    model._clear_runtime, model._clear_config = runtime, config
+    model._clear_sites = [s.module for s in targets]
+    model._clear_analysis = before.to_dict()
+    if not verify:
+        return before
+    try:
+        return verify_rewrite(model, before, set(modules))
+    except Exception:
+        remove_clear(model)
+        raise
+
+
+def verify_rewrite(model, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
+    after = analyze(model)
+    problems = []
+    if [s.module for s in after.sites] != [s.module for s in before.sites]:
+        problems.append("the attention sites changed")
+    for old, new in zip(before.sites, after.sites):
+        expected = "clear" if old.module in targets else old.op
+        if new.op != expected:
+            problems.append(f"{new.module}: expected {expected}, traced {new.op}")
+    if after.op_counts != before.op_counts:
+        diff = {k: (before.op_counts.get(k, 0), after.op_counts.get(k, 0))
+                for k in set(before.op_counts) | set(after.op_counts)
+                if before.op_counts.get(k, 0) != after.op_counts.get(k, 0)}
+        problems.append(f"compute ops besides attention changed (before, after): {diff}")
+    if problems:
+        raise RewriteError("CLEAR rewrite check failed, rewrite undone:\n  " + "\n  ".join(problems))
+    return after
+
+
+def remove_clear(model: torch.nn.Module) -> None:
+    """Undo ``apply_clear``: the original processors come back."""
+    runtime = getattr(model, "_clear_runtime", None)
+    if runtime is None:
+        raise ValueError("model has no CLEAR attention to remove")
+    for name, processor in runtime.originals.items():
+        model.get_submodule(name).set_processor(processor)
+    runtime.hook.remove()
+    del model._clear_runtime, model._clear_config, model._clear_sites, model._clear_analysis
+
+
+def clear_config_of(model) -> ClearConfig | None:
+    return getattr(model, "_clear_config", None)

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from clear_surgery.plugins import attention, flex_clear_attention, reference_attention
+from conftest import rel_err
+
+# (batch, heads, head_dim, text_len, text_first, height, width, radius)
+CASES = [
+    (2, 3, 16, 5, True, 6, 7, 1),
+    (2, 2, 16, 5, False, 6, 7, 2),
+    (1, 2, 32, 0, True, 9, 4, 2.5),
+    (2, 1, 16, 11, False, 1, 13, 3),
+    (1, 2, 16, 4, True, 12, 12, 4),
+    (2, 2, 16, 3, False, 5, 8, math.hypot(5, 8) + 1),  # beyond the grid diagonal: dense
+    (1, 4, 16, 130, True, 11, 13, 5),  # text segment spans more than a 128-token block
+    (1, 2, 64, 9, False, 17, 10, 7),
+]
+
+
+def _inputs(b, h, d, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
+
+
+def _run(fn, tensors, args):
+    q, k, v = tensors
+    out = fn(q, k, v, *args)
+    grad = torch.randn_like(out, dtype=torch.float32, generator=torch.Generator().manual_seed(99)).to(out.dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    return out, dq, dk, dv
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_matches_reference(case, dtype):
+    b, h, d, text_len, text_first, hh, ww, r = case
+    n = text_len + hh * ww
+    args = (text_len, text_first, hh, ww, r, None)
+    tensors = _inputs(b, h, d, n, dtype, seed=hash(case) % 1000)
+    # truth: the reference in float64
+    truth = _run(reference_attention, [t.detach().double().requires_grad_(True) for t in tensors], args)
+    flex = _run(flex_clear_attention, [t.detach().clone().requires_grad_(True) for t in tensors], args)
+    ref = _run(reference_attention, [t.detach().clone().requires_grad_(True) for t in tensors], args)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, f, r_, t in zip(("out", "dq", "dk", "dv"), flex, ref, truth):
+        assert rel_err(f, t) < tol, name
+        assert rel_err(r_, t) < tol, name
+
+
+def test_small_radius_changes_output_and_large_radius_is_dense():
+    q, k, v = (torch.randn(2, 4 + 30, 2, 16) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    big = attention(q, k, v, text_len=4, text_first=True, height=5, width=6, radius=100, backend="flex")
+    small = attention(q, k, v, text_len=4, text_first=True, height=5, width=6, radius=1.5, backend="flex")
+    assert rel_err(big, dense) < 1e-5
+    assert rel_err(small, dense) > 1e-2
+    # text queries keep full attention whatever the radius
+    assert rel_err(small[:, :4], dense[:, :4]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_op_autograd_matches_backend(backend):
+    args = dict(text_len=3, text_first=False, height=4, width=5, radius=2.2)
+    q, k, v = _inputs(2, 2, 16, 23, torch.float32, seed=5)
+    out = attention(q, k, v, backend=backend, **args)
+    out.square().sum().backward()
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = reference_attention(q2, k2, v2, 3, False, 4, 5, 2.2)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-5
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert rel_err(a.grad, b.grad) < 1e-5
+
+
+def test_opcheck():
+    q, k, v = _inputs(1, 2, 16, 3 + 12, torch.float32, seed=1)
+    torch.library.opcheck(torch.ops.clear.attention.default, (q, k, v, 3, True, 3, 4, 2.0, None, "reference"))
+
+
+def test_export_sees_one_node():
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attention(q, k, v, text_len=2, text_first=True, height=3, width=4, radius=2)
+
+    q = torch.randn(1, 14, 2, 16)
+    program = torch.export.export(Layer(), (q, q, q))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.clear.attention.default]
+    assert torch.equal(program.module()(q, q, q), Layer()(q, q, q))
+
+
+def test_compile_matches_eager():
+    q, k, v = (torch.randn(1, 14, 2, 16) for _ in range(3))
+
+    def f(q, k, v):
+        return attention(q * 2, k, v, text_len=2, text_first=True, height=3, width=4, radius=2) + 1
+
+    assert torch.allclose(torch.compile(f, backend="eager", fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_unknown_backend_and_bad_grid():
+    q = torch.randn(1, 14, 2, 16)
+    with pytest.raises(ValueError, match="unknown CLEAR backend"):
+        attention(q, q, q, text_len=2, text_first=True, height=3, width=4, radius=2, backend="nope")
+    with pytest.raises(ValueError, match="does not match the sequence"):
+        attention(q, q, q, text_len=2, text_first=True, height=3, width=5, radius=2)
