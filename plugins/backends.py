@@ -14,6 +14,7 @@ import torch
 
 from .flex import can_run_flex, flex_clear_attention
 from .reference import can_run_reference, reference_attention
+from .triton_backend import can_run_triton, triton, triton_clear_attention
 
 logger = logging.getLogger("clear_surgery")
 
@@ -23,14 +24,29 @@ class Backend:
     name: str
     forward: Callable[..., torch.Tensor]
     can_run: Callable[..., bool]
-    # (grad_out, q, k, v, *args) -> (dq, dk, dv); None: recompute the forward under autograd.
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # (grad_out, q, k, v, *args) -> (dq, dk, dv)
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def recompute_backward(forward):
+    """A backward that differentiates ``forward`` (recomputed; only q, k, v were saved)."""
+
+    def backward(grad_out, q, k, v, *args):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            return torch.autograd.grad(forward(*leaves, *args), leaves, grad_out)
+
+    return backward
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", reference_attention, can_run_reference),
-    "flex": Backend("flex", flex_clear_attention, can_run_flex),
+    "reference": Backend("reference", reference_attention, can_run_reference, recompute_backward(reference_attention)),
+    "flex": Backend("flex", flex_clear_attention, can_run_flex, recompute_backward(flex_clear_attention)),
 }
+if triton is not None:
+    # Inference kernel; training falls back to FlexAttention's backward (same math, same mask).
+    BACKENDS["triton"] = Backend("triton", triton_clear_attention, can_run_triton,
+                                 recompute_backward(flex_clear_attention))
 
 # Preference for backend="auto": the fast kernels first on GPU; on CPU the dense reference
 # beats FlexAttention's unfused fallback at the sizes a CPU can handle.
@@ -46,6 +62,7 @@ def backend_names() -> list[str]:
 
 
 def choose_backend(requested: str, q, k, v, *args) -> Backend:
+    """``args`` = (layout, radius, scale), as every backend takes them."""
     """The backend to run for this call; ``requested`` may be 'auto' or a backend name."""
     if requested != "auto":
         if requested not in BACKENDS:

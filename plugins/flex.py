@@ -9,14 +9,13 @@ import torch
 from torch.nn.attention import flex_attention as _flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .layout import TokenLayout, classify_blocks, validate_call
+from .layout import TokenLayout, classify_blocks, image_positions, validate_call
 
 BLOCK = 128
 
 
-def can_run_flex(q, k, v, text_len, text_first, height, width, radius, scale=None,
-                 raise_error: bool = False) -> bool:
-    validate_call(q, k, v, text_len, height, width, radius)
+def can_run_flex(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
+    validate_call(q, k, v, layout, radius)
     reason = None
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         reason = f"dtype {q.dtype} is not supported by FlexAttention"
@@ -30,15 +29,22 @@ def can_run_flex(q, k, v, text_len, text_first, height, width, radius, scale=Non
 
 
 def clear_mask_mod(layout: TokenLayout, radius: float):
-    """The CLEAR mask as a FlexAttention mask_mod, in closed form from token indices."""
-    start, count, width, r2 = layout.image_start, layout.image_tokens, layout.width, radius * radius
+    """The CLEAR mask as a FlexAttention mask_mod, in closed form from token indices.
+
+    The layout's numbers are Python ints on purpose: compiled, divisions by constants are cheap
+    (a version reading them from a tensor ran 5x slower on an H200, recipes/benchmarks/h200-run2).
+    Each layout is then its own compiled graph; see _compiled_flex for the recompile limit.
+    """
+    start, count, r2 = layout.image_start, layout.image_tokens, radius * radius
+    grid = (layout.height, layout.width, layout.tile)
 
     def mask_mod(b, h, q_idx, kv_idx):
         qi, ki = q_idx - start, kv_idx - start
         q_img = (qi >= 0) & (qi < count)
         k_img = (ki >= 0) & (ki < count)
-        dy = qi // width - ki // width
-        dx = qi % width - ki % width
+        qy, qx = image_positions(qi.clamp(0, count - 1), *grid)
+        ky, kx = image_positions(ki.clamp(0, count - 1), *grid)
+        dy, dx = qy - ky, qx - kx
         return ~q_img | ~k_img | (dy * dy + dx * dx < r2)
 
     return mask_mod
@@ -65,6 +71,13 @@ def clear_block_mask(layout: TokenLayout, radius: float, device: torch.device) -
 
 @functools.cache
 def _compiled_flex():
+    # One compiled graph per sequence length (dynamic=False keeps the fast static kernels). Each new
+    # resolution is a recompile, and dynamo's default limit (8) would silently fall back to the
+    # unfused path after a few resolutions, so the limits are raised (process-wide).
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -80,10 +93,8 @@ def _allow_cpu_autograd():
         _flex_module._validate_device = original
 
 
-def flex_clear_attention(q, k, v, text_len: int, text_first: bool, height: int, width: int,
-                         radius: float, scale: float | None = None) -> torch.Tensor:
+def flex_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
     """Same signature and result as reference_attention."""
-    layout = TokenLayout(int(text_len), bool(text_first), int(height), int(width))
     block_mask = clear_block_mask(layout, float(radius), q.device)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cuda":

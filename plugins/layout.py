@@ -1,8 +1,10 @@
 """Token geometry of a joint text+image sequence, shared by every backend.
 
 The joint sequence is a text segment of ``text_len`` tokens and an image segment of
-``height * width`` tokens in raster order, text first or last. Image token ``i`` sits at
-``y = i // width, x = i % width``. A text query sees every key; an image query sees every
+``height * width`` tokens, text first or last. In raster order image token ``i`` sits at
+``y = i // width, x = i % width``; in tile order (``tile=(th, tw)``) the grid is cut into bands of
+``th`` rows and each band into chunks of ``tw`` columns (edge bands/chunks are smaller), chunks
+follow each other band by band and tokens are in raster order inside a chunk. A text query sees every key; an image query sees every
 text key and the image keys with ``(dy² + dx²) < radius²`` (strict, truncated at borders).
 """
 
@@ -19,6 +21,7 @@ class TokenLayout:
     text_first: bool
     height: int
     width: int
+    tile: tuple[int, int] | None = None  # None: raster order
 
     @property
     def image_tokens(self) -> int:
@@ -36,13 +39,31 @@ class TokenLayout:
         """Per token: is_image, y, x (y = x = -1 for text tokens)."""
         idx = torch.arange(self.seq_len, device=device) - self.image_start
         is_image = (idx >= 0) & (idx < self.image_tokens)
-        y = torch.where(is_image, idx // self.width, -1)
-        x = torch.where(is_image, idx % self.width, -1)
-        return is_image, y, x
+        y, x = image_positions(idx.clamp(0, self.image_tokens - 1), self.height, self.width, self.tile)
+        return is_image, torch.where(is_image, y, -1), torch.where(is_image, x, -1)
 
 
-def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, height: int,
-                  width: int, radius: float) -> None:
+def image_positions(i: torch.Tensor, height: int, width: int, tile: tuple[int, int] | None):
+    """(y, x) of image tokens with indices ``i`` in raster or tile order (same arithmetic as the kernel)."""
+    if tile is None:
+        return i // width, i % width
+    th, tw = tile
+    band = i // (th * width)
+    band_h = torch.clamp(height - band * th, max=th)
+    j = i - band * th * width
+    chunk = j // (band_h * tw)
+    chunk_w = torch.clamp(width - chunk * tw, max=tw)
+    k = j - chunk * band_h * tw
+    return band * th + k // chunk_w, chunk * tw + k % chunk_w
+
+
+def tile_permutation(height: int, width: int, tile: tuple[int, int], device=None) -> torch.Tensor:
+    """perm such that tiled_tokens = raster_tokens[perm] (and raster = tiled[argsort(perm)])."""
+    y, x = image_positions(torch.arange(height * width, device=device), height, width, tile)
+    return y * width + x
+
+
+def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, radius: float) -> None:
     """One clear error for a malformed call; shared by the op and every backend's can_run."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (batch, tokens, heads, head_dim); got {tuple(q.shape)}, "
@@ -52,8 +73,11 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: i
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    text_len, height, width = layout.text_len, layout.height, layout.width
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
+    if layout.tile is not None and min(layout.tile) < 1:
+        raise ValueError(f"bad tile shape {layout.tile}")
     if height < 1 or width < 1 or text_len < 0:
         raise ValueError(f"bad image grid {height}x{width} or text length {text_len}")
     tokens = q.shape[1]

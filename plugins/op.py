@@ -1,8 +1,8 @@
 """The custom op ``clear::attention``: one graph node for torch.compile / torch.export.
 
 Layout as diffusers' attention dispatcher: q, k, v are (batch, tokens, heads, head_dim).
-A backend with a native backward (``Backend.backward``) runs it; the others recompute their
-forward under autograd in the backward pass (memory-light: only q, k, v are saved).
+The backward runs the chosen backend's ``Backend.backward`` (today: each recomputes a forward
+under autograd, so only q, k, v are saved; the triton backend uses FlexAttention's backward).
 """
 
 from __future__ import annotations
@@ -10,32 +10,29 @@ from __future__ import annotations
 import torch
 
 from .backends import choose_backend
-from .layout import validate_call
+from .layout import TokenLayout, validate_call
 
 
 @torch.library.custom_op("clear::attention", mutates_args=())
 def clear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int,
                     text_first: bool, height: int, width: int, radius: float,
-                    scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    args = (text_len, text_first, height, width, radius, scale)
+                    scale: float | None = None, backend: str = "auto", tile_h: int = 0,
+                    tile_w: int = 0) -> torch.Tensor:
+    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
     chosen = choose_backend(backend, q, k, v, *args)
     return chosen.forward(q, k, v, *args).contiguous()
 
 
+def _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w):
+    tile = (int(tile_h), int(tile_w)) if tile_h else None
+    return TokenLayout(int(text_len), bool(text_first), int(height), int(width), tile), float(radius), scale
+
+
 @clear_attention.register_fake
-def _(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto"):
+def _(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto", tile_h=0, tile_w=0):
     torch._check(text_len + height * width == q.shape[1],
                  lambda: "clear::attention: text_len + height * width must equal the token count")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-def _recompute_backward(forward, grad_out, q, k, v, *args):
-    # Backends without a native backward: differentiate their own forward (recomputed here, so
-    # the forward saved nothing but q, k, v).
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = forward(*leaves, *args)
-        return torch.autograd.grad(out, leaves, grad_out)
 
 
 def _setup_context(ctx, inputs, output):
@@ -46,23 +43,20 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v = ctx.saved_tensors
-    *args, backend = ctx.rest
-    chosen = choose_backend(backend, q, k, v, *args)
-    native = getattr(chosen, "backward", None)
-    if native is not None:
-        dq, dk, dv = native(grad_out, q, k, v, *args)
-    else:
-        dq, dk, dv = _recompute_backward(chosen.forward, grad_out, q, k, v, *args)
+    text_len, text_first, height, width, radius, scale, backend, tile_h, tile_w = ctx.rest
+    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
+    dq, dk, dv = choose_backend(backend, q, k, v, *args).backward(grad_out, q, k, v, *args)
     return dq, dk, dv, *([None] * len(ctx.rest))
 
 
 clear_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int,
-              radius: float, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int, radius: float,
+              scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check."""
     if not isinstance(height, torch.SymInt):
-        validate_call(q, k, v, text_len, height, width, radius)
+        validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile), radius)
+    tile_h, tile_w = tile or (0, 0)
     return torch.ops.clear.attention(q, k, v, text_len, text_first, height, width, float(radius),
-                                     scale, backend)
+                                     scale, backend, tile_h, tile_w)

@@ -63,6 +63,7 @@ def convert(
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
     backend: str = typer.Option("auto", help="CLEAR backend recorded in the config"),
+    token_layout: str = typer.Option("raster", help="raster | tiled (image tokens permuted into tiles)"),
     target: list[str] = typer.Option([], "--target", help="convert only modules matching this pattern"),
     exclude: list[str] = typer.Option([], "--exclude", help="leave modules matching this pattern dense"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
@@ -76,7 +77,8 @@ def convert(
 
     _quiet_libraries()
     try:
-        config = ClearConfig(radius=radius, backend=backend, target_modules=target or None, exclude_modules=exclude)
+        config = ClearConfig(radius=radius, backend=backend, target_modules=target or None, exclude_modules=exclude,
+                             token_layout=token_layout)
         if out.exists() and not overwrite:
             raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
         with tqdm(total=3, desc="convert", unit="stage", file=sys.stderr) as stages:
@@ -94,6 +96,68 @@ def convert(
         _fail(str(err))
     typer.echo(report.table())
     typer.echo(f"converted {len(loaded._clear_sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}")
+
+
+def _numbers(text: str, cast=int) -> list:
+    return [cast(x) for x in text.split(",") if x]
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="folder for JSON and PNG"),
+    sizes: str = typer.Option("1024,2048,4096,8192", help="image sides in pixels (16 px per token)"),
+    radii: str = typer.Option("8,16,32", help="CLEAR radii"),
+    backends: str = typer.Option("dense-cudnn,dense-flash,flex-raster,flex-tiled,triton-tiled",
+                                 help="attention backends to time"),
+    step: bool = typer.Option(True, help="also time a FLUX.1-dev-shaped transformer step"),
+    step_sizes: str = typer.Option("1024,2048,4096,8192", help="image sides for the step"),
+    step_radius: float = typer.Option(16, help="radius for the step"),
+    dense_step_max: int = typer.Option(8192, help="largest size at which the dense step is timed"),
+    device: str = typer.Option("cuda", help="cuda (cpu only for smoke tests at tiny sizes)"),
+    heads: int = typer.Option(24), head_dim: int = typer.Option(128), text: int = typer.Option(512),
+):
+    """Time one attention layer (dense, flex, triton) and a FLUX-shaped step; write JSON + PNG."""
+    import json
+
+    from clear_surgery.surgery import bench as b
+
+    _quiet_libraries()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch_device_name(device), "torch": _torch_version()}
+    rows = b.bench_attention(_numbers(sizes), _numbers(radii, float), backends.split(","), heads=heads,
+                             head_dim=head_dim, text=text, device=device)
+    (out / "attention.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    typer.echo(_attention_table(rows))
+    step_rows = []
+    if step:
+        step_rows = b.bench_step(_numbers(step_sizes), step_radius, dense_max=dense_step_max, device=device)
+        (out / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
+    b.plot(rows, step_rows, out / "bench.png")
+    typer.echo(f"wrote {out}/attention.json{', step.json' if step else ''}, bench.png")
+
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _attention_table(rows) -> str:
+    lines = [f"{'res':>5} {'r':>4} {'backend':<14} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} {'vs flex-raster':>14}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['res']:>5} {r['radius'] or '-':>4} {r['backend']:<14} error: {r['error'][:60]}")
+            continue
+        tf = r.get("tflops_effective", r.get("tflops", float("nan")))
+        lines.append(f"{r['res']:>5} {r['radius'] or '-':>4} {r['backend']:<14} {r['ms']:>9.3f} {tf:>8.1f} "
+                     f"{r.get('x_floor_dense-cudnn', float('nan')):>8.2f} {r.get('speedup_vs_flex_raster', float('nan')):>14.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:

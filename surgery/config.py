@@ -22,6 +22,8 @@ class ClearConfig:
     backend: str = "auto"
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
+    token_layout: str = "raster"
+    tile_shape: list[int] | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -40,6 +42,14 @@ class ClearConfig:
             if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
                 raise ValueError(f"{name} must be a list of non-empty module-name patterns, got {value!r}")
             setattr(self, name, list(value))
+        if self.token_layout not in ("raster", "tiled"):
+            raise ValueError(f"token_layout must be 'raster' or 'tiled', got {self.token_layout!r}")
+        if self.tile_shape is not None:
+            if self.token_layout != "tiled":
+                raise ValueError("tile_shape needs token_layout='tiled'")
+            if len(self.tile_shape) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile_shape):
+                raise ValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
+            self.tile_shape = list(self.tile_shape)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
 

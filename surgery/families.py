@@ -126,6 +126,17 @@ def _sd3_inputs(model, text_len, height, width, batch, dtype, device):
     return inputs
 
 
+def _pixart_inputs(model, text_len, height, width, batch, dtype, device):
+    # Analysis only: PixArt attends image-to-image and image-to-text (cross), never jointly.
+    cfg = model.config
+    p = cfg.patch_size
+    t = functools.partial(torch.randn, dtype=dtype, device=device)
+    return dict(hidden_states=t(batch, cfg.in_channels, height * p, width * p),
+                encoder_hidden_states=t(batch, text_len, cfg.caption_channels),
+                timestep=torch.full((batch,), 500, device=device),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -134,6 +145,10 @@ class ModelFamily:
     grid_from_call: Callable[..., tuple[int, int]]
 
     image_tokens: Callable[..., int]
+
+    @staticmethod
+    def bind(model, args, kwargs) -> dict:
+        return dict(_bound_arguments(model, args, kwargs))
 
     def grid(self, model, args, kwargs) -> tuple[int, int]:
         """The call's image grid, checked against the number of image tokens it carries."""
@@ -150,6 +165,7 @@ FAMILIES = (
                 _packed_tokens),
     ModelFamily("sd3", ("SD3Transformer2DModel", "SD3ControlNetModel"), _sd3_inputs, _grid_from_latent,
                 _latent_tokens),
+    ModelFamily("pixart", ("PixArtTransformer2DModel",), _pixart_inputs, _grid_from_latent, _latent_tokens),
 )
 
 

@@ -17,9 +17,11 @@ from clear_surgery.plugins import attention
 class ClearRuntime:
     """Per-model state shared by its CLEAR processors: the current call's image grid."""
 
+    family: object = None
     grid: tuple[int, int] | None = None
+    tile: tuple[int, int] | None = None  # tile token layout, None: raster
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
-    hook: object = None
+    hooks: list = field(default_factory=list)
 
     def current_grid(self) -> tuple[int, int]:
         if self.grid is None:
@@ -42,7 +44,7 @@ class _ClearProcessorBase:
         height, width = self.runtime.current_grid()
         text_len = query.shape[1] - height * width
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
-                         width=width, radius=self.radius, backend=self.backend)
+                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile)
 
     def __repr__(self):
         return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r})"

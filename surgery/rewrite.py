@@ -10,6 +10,7 @@ from .analysis import AnalysisReport, AttentionSite, analyze
 from .config import ClearConfig
 from .families import family_of
 from .processors import ClearRuntime, clear_processor_for
+from .tiling import TileLayout
 
 
 class NoJointAttentionError(ValueError):
@@ -75,21 +76,31 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     if missing:
         raise ValueError(f"these modules' processors have no CLEAR counterpart: {missing}")
 
-    runtime = ClearRuntime()
+    runtime = ClearRuntime(family=family)
     for name, module in modules.items():
         runtime.originals[name] = module.processor
         module.set_processor(classes[name](runtime, config.radius, config.backend))
-    runtime.hook = model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True)
+    runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
     model._clear_runtime, model._clear_config = runtime, config
     model._clear_sites = [s.module for s in targets]
     model._clear_analysis = before.to_dict()
-    if not verify:
-        return before
     try:
-        return verify_rewrite(model, before, set(modules))
+        # The re-trace checks the processors' math in raster order; the tile layout only adds
+        # permutations at the model's edges (checked by output equality in the tests).
+        after = verify_rewrite(model, before, set(modules)) if verify else before
+        if config.token_layout == "tiled":
+            runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim))
+            runtime.hooks.append(TileLayout(model, runtime, runtime.tile))
     except Exception:
         remove_clear(model)
         raise
+    return after
+
+
+def default_tile(head_dim: int) -> tuple[int, int]:
+    from clear_surgery.plugins.triton_backend import DEFAULT_TILE
+
+    return DEFAULT_TILE.get(head_dim, (8, 16))
 
 
 def verify_rewrite(model, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
@@ -118,7 +129,8 @@ def remove_clear(model: torch.nn.Module) -> None:
         raise ValueError("model has no CLEAR attention to remove")
     for name, processor in runtime.originals.items():
         model.get_submodule(name).set_processor(processor)
-    runtime.hook.remove()
+    for hook in runtime.hooks:
+        hook.remove()
     del model._clear_runtime, model._clear_config, model._clear_sites, model._clear_analysis
 
 

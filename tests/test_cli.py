@@ -79,7 +79,19 @@ def test_model_folder_without_joint_attention(tmp_path):
                                        caption_channels=16).save_pretrained(tmp_path / "pixart")
     result = run("convert", "--model", str(tmp_path / "pixart"), "--radius", "4", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "PixArtTransformer2DModel is not a model family clear-surgery knows" in result.output
+    assert ("PixArtTransformer2DModel has no joint text-image attention to convert: found 2 attention sites "
+            "(1 cross, 1 image)") in result.output
+
+
+def test_unknown_model_class(tmp_path):
+    import diffusers
+
+    diffusers.UNet2DModel(block_out_channels=(8, 16), norm_num_groups=8, sample_size=8,
+                          down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                          up_block_types=("AttnUpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "unet")
+    result = run("convert", "--model", str(tmp_path / "unet"), "--radius", "4", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "UNet2DModel is not a model family clear-surgery knows" in result.output
 
 
 def test_existing_output_folder(tmp_path):
@@ -89,3 +101,12 @@ def test_existing_output_folder(tmp_path):
     result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--out", str(tmp_path / "out"),
                  "--overwrite")
     assert result.exit_code == 0, result.output
+
+
+def test_convert_with_tile_layout_loads_back_tiled(tmp_path):
+    from clear_surgery.hub import load_converted
+
+    result = run("convert", "--model", "builtin:tiny-sd3", "--radius", "3", "--out", str(tmp_path / "out"),
+                 "--token-layout", "tiled")
+    assert result.exit_code == 0, result.output
+    assert load_converted(tmp_path / "out")._clear_runtime.tile == (8, 16)  # head dim 8: the generic default

@@ -1,0 +1,116 @@
+"""Triton backend of clear::attention: host side (block lists, launch, can_run, config table).
+
+Forward only; the backward falls back to the flex backend's (recomputed under autograd), which
+the op's autograd picks automatically through ``Backend.backward``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .layout import TokenLayout, classify_blocks, validate_call
+
+try:  # triton is optional (the `triton` extra); the backend registers only when it imports
+    import triton
+
+    from .triton_kernel import clear_fwd_kernel
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+# (head_dim, radius upper bound) -> kernel config; first matching row wins. BLOCK_M is also the
+# tile size of the tile token layout. head_dim 128: the fastest of 7 configs at r = 8, 16, 32 on an
+# H200 (recipes/benchmarks/tune-h200.json); 64/32/16: not measured yet.
+CONFIGS = [
+    # head_dim, max radius, BLOCK_M, BLOCK_N, num_warps, num_stages
+    (128, math.inf, 64, 64, 4, 3),
+    (64, math.inf, 64, 64, 4, 3),
+    (32, math.inf, 64, 32, 4, 2),
+    (16, math.inf, 32, 16, 4, 2),
+]
+DEFAULT_TILE = {128: (8, 8), 64: (8, 8), 32: (8, 8), 16: (4, 8)}
+
+
+def kernel_config(head_dim: int, radius: float):
+    for d, max_r, bm, bn, warps, stages in CONFIGS:
+        if d == head_dim and radius <= max_r:
+            return bm, bn, warps, stages
+    raise ValueError(f"no triton config for head dim {head_dim}")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
+    validate_call(q, k, v, layout, radius)
+    reason = None
+    if triton is None:
+        reason = "triton is not installed"
+    elif q.device.type != "cuda" and not interpreting():
+        reason = f"needs a CUDA device (or TRITON_INTERPRET=1), got {q.device.type}"
+    elif q.dtype not in (torch.bfloat16, torch.float16) and not (interpreting() and q.dtype == torch.float32):
+        reason = f"dtype {q.dtype} (bf16 and fp16 only)"
+    elif q.shape[-1] not in DEFAULT_TILE or v.shape[-1] != q.shape[-1]:
+        reason = f"head dim {q.shape[-1]} (supported: {sorted(DEFAULT_TILE)}, same for v)"
+    elif q.requires_grad or k.requires_grad or v.requires_grad:
+        pass  # forward here, backward through flex: see module docstring
+    if reason and raise_error:
+        raise ValueError(f"triton backend: {reason}")
+    return reason is None
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, nk) bool -> counts (nq,) int32 and indices (nq, max(counts, 1)) int32, chosen first."""
+    counts = mask.sum(1, dtype=torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    return counts.contiguous(), order.to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def image_block_lists(height: int, width: int, tile, radius: float, block_m: int, block_n: int,
+                      device: torch.device):
+    """Per image query block: the image key blocks to visit without and with the window mask, and
+    whether to visit the ragged last key block (bounds-checked and masked)."""
+    image_only = TokenLayout(0, True, height, width, tile)
+    any_true, all_true = classify_blocks(image_only, radius, block_m, block_n, device)
+    ragged = torch.zeros(any_true.shape[0], dtype=torch.int32, device=device)
+    if (height * width) % block_n:
+        ragged = any_true[:, -1].to(torch.int32).contiguous()
+        any_true[:, -1] = all_true[:, -1] = False
+    full = all_true & any_true
+    return (*_compact(full), *_compact(any_true & ~full), ragged)
+
+
+def max_visible_d2(radius: float) -> int:
+    """Largest integer d² with d² < r² (the kernel compares integers)."""
+    return min(math.ceil(radius * radius) - 1, 2**31 - 1)
+
+
+def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
+    """Same signature and result as reference_attention (inference forward)."""
+    batch, tokens, heads, head_dim = q.shape
+    block_m, block_n, warps, stages = kernel_config(head_dim, radius)
+    out = torch.empty_like(q)
+    text_start = 0 if layout.text_first else layout.image_tokens
+    full_count, full_index, part_count, part_index, ragged = image_block_lists(
+        layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
+    text_blocks = -(-layout.text_len // block_m)
+    image_blocks = -(-layout.image_tokens // block_m)
+    qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
+    th, tw = layout.tile or (1, 1)
+    grid = (text_blocks + image_blocks, batch * heads)
+    clear_fwd_kernel[grid](
+        q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
+        th, tw, max_visible_d2(radius), qk_scale, full_count, full_index, part_count, part_index, ragged,
+        full_index.shape[1], part_index.shape[1], text_blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, TILED=layout.tile is not None,
+        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+    )
+    return out

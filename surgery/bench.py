@@ -1,0 +1,245 @@
+"""Benchmarks: one CLEAR attention layer against dense SDPA and FlexAttention, and a
+FLUX.1-dev-shaped transformer step (random weights), dense vs CLEAR. Writes JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from clear_surgery.plugins import TokenLayout, flex_clear_attention
+from clear_surgery.plugins.triton_backend import DEFAULT_TILE, triton_clear_attention
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def window_pairs(height: int, width: int, radius: float) -> int:
+    """Image query/key pairs with dy² + dx² < r², windows truncated at the border (exact)."""
+    reach = math.ceil(radius) - 1 if float(radius).is_integer() else math.floor(radius)
+    total = 0
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            if dy * dy + dx * dx < radius * radius:
+                total += max(height - abs(dy), 0) * max(width - abs(dx), 0)
+    return total
+
+
+def needed_flops(text: int, height: int, width: int, radius: float, heads: int, head_dim: int, batch=1) -> float:
+    image = height * width
+    pairs = text * (text + image) + image * text + window_pairs(height, width, radius)
+    return 4.0 * pairs * head_dim * heads * batch
+
+
+def time_ms(fn, warmup: int = 2, rep: int = 5) -> float:
+    """Median wall time of fn in ms (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _dense(sdpa_backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, sdpa_backend)
+
+    def run(q, k, v, layout, radius):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    return run
+
+
+def _clear(fn, tile):
+    """tile: None (raster), 'kernel' (the triton kernel's tile for the head dim) or (rows, cols)."""
+
+    def run(q, k, v, layout, radius):
+        if tile is not None:
+            shape = DEFAULT_TILE[q.shape[-1]] if tile == "kernel" else tile
+            layout = TokenLayout(layout.text_len, layout.text_first, layout.height, layout.width, shape)
+        return fn(q, k, v, layout, radius)
+
+    return run
+
+
+LAYER_BACKENDS = {
+    "dense-cudnn": _dense("CUDNN_ATTENTION"),
+    "dense-flash": _dense("FLASH_ATTENTION"),
+    "dense-math": _dense("MATH"),
+    "flex-raster": _clear(flex_clear_attention, None),
+    "flex-tiled": _clear(flex_clear_attention, (8, 16)),  # 128 tokens: one FlexAttention block
+    "triton-raster": _clear(triton_clear_attention, None),
+    "triton-tiled": _clear(triton_clear_attention, "kernel"),
+}
+DENSE = ("dense-cudnn", "dense-flash", "dense-math")
+
+
+def bench_attention(sizes, radii, backends, *, heads=24, head_dim=128, text=512, dtype=torch.bfloat16,
+                    device="cuda", rep=5) -> list[dict]:
+    """sizes: image resolutions in pixels (FLUX: 16 pixels per token side)."""
+    rows = []
+    jobs = [(s, r, b) for s in sizes for r in radii for b in backends if not (b in DENSE and r != radii[0])]
+    progress = tqdm(jobs, desc="attention", unit="run")
+    tensors = {}
+    for size, radius, backend in progress:
+        progress.set_postfix_str(f"{size}² r{radius} {backend}")
+        side = size // 16
+        if size not in tensors:
+            tensors.clear()
+            torch.cuda.empty_cache() if device == "cuda" else None
+            gen = torch.Generator(device=device).manual_seed(0)
+            n = text + side * side
+            tensors[size] = [torch.randn(1, n, heads, head_dim, device=device, dtype=dtype, generator=gen)
+                             for _ in range(3)]
+        q, k, v = tensors[size]
+        layout = TokenLayout(text, True, side, side)
+        row = dict(res=size, grid=side, tokens=q.shape[1], radius=None if backend in DENSE else radius,
+                   backend=backend)
+        try:
+            fn = LAYER_BACKENDS[backend]
+            row["ms"] = time_ms(lambda: fn(q, k, v, layout, radius), warmup=2, rep=rep)
+        except Exception as err:  # a backend that cannot run at this size is recorded, not fatal
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        rows.append(row)
+    _add_rates(rows, heads, head_dim, text)
+    return rows
+
+
+def _add_rates(rows, heads, head_dim, text):
+    """Effective TFLOP/s (needed FLOPs / time), ratio to the FLOP floor (needed FLOPs at the dense
+    rate measured in the same run; cudnn and flash floors both given) and speedup over flex-raster."""
+    for row in rows:
+        if "ms" not in row:
+            continue
+        n = row["tokens"]
+        if row["backend"] in DENSE:
+            row["tflops"] = 4.0 * n * n * head_dim * heads / row["ms"] / 1e9
+    rate = {(r["res"], r["backend"]): r.get("tflops") for r in rows if r["backend"] in DENSE}
+    flex = {(r["res"], r["radius"]): r.get("ms") for r in rows if r["backend"] == "flex-raster"}
+    for row in rows:
+        if "ms" not in row or row["backend"] in DENSE:
+            continue
+        need = needed_flops(text, row["grid"], row["grid"], row["radius"], heads, head_dim)
+        row["needed_gflop"] = need / 1e9
+        row["tflops_effective"] = need / row["ms"] / 1e9
+        for dense in ("dense-cudnn", "dense-flash"):
+            if rate.get((row["res"], dense)):
+                floor = need / (rate[(row["res"], dense)] * 1e9)
+                row[f"floor_ms_{dense}"] = floor
+                row[f"x_floor_{dense}"] = row["ms"] / floor
+        if flex.get((row["res"], row["radius"])):
+            row["speedup_vs_flex_raster"] = flex[(row["res"], row["radius"])] / row["ms"]
+
+
+def build_flux_dev(device="cuda", dtype=torch.bfloat16, config=None):
+    """FLUX.1-dev-shaped transformer with random weights, built on meta and materialized on device."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**(config or FLUX_DEV))
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02, generator=gen)
+        for name, buf in model.named_buffers():
+            raise RuntimeError(f"unexpected buffer {name}")  # FLUX has none; fail loudly if that changes
+    return model.eval()
+
+
+def flux_inputs(model, size, text=512, batch=1):
+    from .families import example_inputs
+
+    side = size // 16
+    return example_inputs(model, text_len=text, grid=(side, side), batch=batch)
+
+
+def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_max=8192, device="cuda",
+               config=None) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .analysis import analyze
+    from .config import ClearConfig
+    from .rewrite import apply_clear, remove_clear
+
+    with torch.device("meta"):
+        from diffusers import FluxTransformer2DModel
+
+        skeleton = FluxTransformer2DModel(**(config or FLUX_DEV))
+    report = analyze(skeleton)  # traced on the meta device: no memory, no compute
+    model = build_flux_dev(device, config=config)
+    rows = []
+    for size in tqdm(sizes, desc="flux step", unit="size"):
+        inputs = flux_inputs(model, size)
+        row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius, backend=backend,
+                   token_layout=token_layout)
+        with torch.no_grad():
+            if size <= dense_max:
+                big = size >= 4096
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                  SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+                    row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if big else 1, rep=1 if big else 3)
+            apply_clear(model, ClearConfig(radius=radius, backend=backend, token_layout=token_layout),
+                        analysis=report, verify=False)
+            row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
+            remove_clear(model)
+        if "dense_ms" in row:
+            row["speedup"] = row["dense_ms"] / row["clear_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plot(attention_rows, step_rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    radii = sorted({r["radius"] for r in attention_rows if r["radius"] is not None})
+    fig, axes = plt.subplots(1, len(radii) + (1 if step_rows else 0), figsize=(5 * (len(radii) + 1), 4),
+                             squeeze=False)
+    for ax, radius in zip(axes[0], radii):
+        for backend in dict.fromkeys(r["backend"] for r in attention_rows):
+            pts = [(r["res"], r["ms"]) for r in attention_rows if r["backend"] == backend and "ms" in r
+                   and (r["radius"] == radius or backend in DENSE)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=backend, linestyle="--" if backend in DENSE else "-")
+        floor = [(r["res"], r["floor_ms_dense-cudnn"]) for r in attention_rows
+                 if r["backend"] == "triton-tiled" and r["radius"] == radius and "floor_ms_dense-cudnn" in r]
+        if floor:
+            ax.plot(*zip(*floor), color="black", linestyle=":", label="FLOP floor (cuDNN rate)")
+        ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel="ms per layer", title=f"r = {radius}")
+        ax.legend(fontsize=7)
+    if step_rows:
+        ax = axes[0][-1]
+        for key, label in (("dense_ms", "dense"), ("clear_ms", "CLEAR")):
+            pts = [(r["res"], r[key] / 1e3) for r in step_rows if key in r]
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel="s per step",
+               title=f"FLUX.1-dev-shaped step, r = {step_rows[0]['radius']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,98 @@
+"""Tile token layout: permute image tokens into 2-D tiles once at the model input and back once
+at the output, so every CLEAR layer runs on tile order (compact key blocks) with no per-layer
+permutation. Every op of an MMDiT other than attention is per token, so nothing else changes.
+
+FLUX-style models: hidden_states, controlnet_cond, img_ids and ControlNet residuals are
+permuted on entry. SD3-style models: the outputs of the patch embedders (pos_embed,
+pos_embed_input) and the ControlNet residuals on entry, proj_out's output on exit. On exit
+every (batch, image tokens, channels) tensor the model returns is permuted back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from diffusers.utils import BaseOutput
+
+from clear_surgery.plugins.layout import tile_permutation
+
+_ENTRY_TENSORS = ("hidden_states", "controlnet_cond")
+_ENTRY_LISTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states")
+_EMBEDDERS = ("pos_embed", "pos_embed_input")  # SD3: patch embedders produce the token stream
+
+
+@functools.lru_cache(maxsize=32)
+def permutations(height: int, width: int, tile: tuple[int, int], device: torch.device):
+    perm = tile_permutation(height, width, tile, device)
+    return perm, torch.argsort(perm)
+
+
+def _take(x, index, tokens):
+    if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == tokens:
+        return x.index_select(1, index)
+    return x
+
+
+def map_image_tensors(obj, index: torch.Tensor, tokens: int):
+    """Apply the permutation to every (batch, tokens, channels) tensor inside obj."""
+    if isinstance(obj, BaseOutput):
+        for key in list(obj.keys()):
+            obj[key] = map_image_tensors(obj[key], index, tokens)
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_image_tensors(x, index, tokens) for x in obj)
+    return _take(obj, index, tokens)
+
+
+class TileLayout:
+    """Hooks that run a model in tile order; owned by the model's ClearRuntime."""
+
+    def __init__(self, model, runtime, tile: tuple[int, int]):
+        self.runtime, self.tile, self.handles = runtime, tuple(tile), []
+        self.perm = self.inverse = None
+        self.handles.append(model.register_forward_pre_hook(self._entry, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._exit, with_kwargs=True))
+        if runtime.family.name == "sd3":  # tokens are made inside the model, by the patch embedders
+            for name in _EMBEDDERS:
+                module = getattr(model, name, None)
+                if module is not None:
+                    self.handles.append(module.register_forward_hook(self._to_tiles))
+            if isinstance(getattr(model, "proj_out", None), torch.nn.Module):
+                # SD3 transformer: proj_out is the last per-token op before unpatchify
+                self.handles.append(model.proj_out.register_forward_hook(self._to_raster))
+
+    def _tokens(self) -> int:
+        return self.perm.numel()
+
+    def _entry(self, model, args, kwargs):
+        height, width = self.runtime.current_grid()  # set by the grid hook, which runs first
+        self.perm, self.inverse = permutations(height, width, self.tile, self._device(model))
+        bound = self.runtime.family.bind(model, args, kwargs)
+        tokens = self._tokens()
+        for name in [n for n in _ENTRY_TENSORS if n in bound]:  # FLUX-style packed tokens; 4-D SD3 latents pass unchanged
+            bound[name] = _take(bound.get(name), self.perm, tokens)
+        for name in _ENTRY_LISTS:
+            if bound.get(name) is not None:
+                bound[name] = [_take(x, self.perm, tokens) for x in bound[name]]
+        if bound.get("img_ids") is not None:
+            ids = bound["img_ids"]
+            bound["img_ids"] = ids.index_select(ids.ndim - 2, self.perm)
+        return (), bound
+
+    def _exit(self, model, args, kwargs, output):
+        return map_image_tensors(output, self.inverse, self._tokens())
+
+    def _to_tiles(self, module, args, output):
+        return _take(output, self.perm, self._tokens())
+
+    def _to_raster(self, module, args, output):
+        return _take(output, self.inverse, self._tokens())
+
+    @staticmethod
+    def _device(model):
+        return next(model.parameters()).device
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from clear_surgery.plugins import TokenLayout, dense_mask
+from clear_surgery.surgery import bench
+from clear_surgery.surgery.cli import app
+from typer.testing import CliRunner
+
+
+@pytest.mark.parametrize("h,w,r", [(7, 9, 1), (7, 9, 2), (12, 5, 3.5), (16, 16, 8), (4, 6, 50)])
+def test_needed_flops_count_exactly_the_visible_pairs(h, w, r):
+    text, heads, head_dim = 5, 3, 16
+    pairs = dense_mask(TokenLayout(text, True, h, w), r).sum().item()
+    assert bench.needed_flops(text, h, w, r, heads, head_dim) == 4.0 * pairs * heads * head_dim
+
+
+def test_attention_bench_rows_on_cpu():
+    rows = bench.bench_attention([128], [2.0, 4.0], ["dense-math", "flex-raster", "flex-tiled"], heads=2, head_dim=16,
+                                 text=8, dtype=torch.float32, device="cpu", rep=1)
+    assert [r["backend"] for r in rows] == ["dense-math", "flex-raster", "flex-tiled", "flex-raster", "flex-tiled"]
+    for row in rows:
+        assert row["ms"] > 0 and "error" not in row
+    assert rows[1]["speedup_vs_flex_raster"] == 1.0
+    assert rows[1]["needed_gflop"] < rows[3]["needed_gflop"]  # a larger window needs more work
+
+
+def test_step_bench_on_a_tiny_flux(tmp_path):
+    config = dict(bench.FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), in_channels=16)
+    rows = bench.bench_step([128], 2, backend="reference", device="cpu", config=config)
+    assert rows[0]["dense_ms"] > 0 and rows[0]["clear_ms"] > 0 and rows[0]["speedup"] > 0
+    bench.plot([], rows, tmp_path / "step.png")
+    assert (tmp_path / "step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_cli_writes_json_and_png(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--sizes", "96", "--radii", "2",
+                                      "--backends", "dense-math,flex-raster", "--no-step", "--device", "cpu",
+                                      "--heads", "2", "--head-dim", "16", "--text", "4"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"dense-math", "flex-raster"}
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

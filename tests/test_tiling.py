@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, load_builtin, remove_clear, tiny_pipeline
+from conftest import model_call, rel_err
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-flux-controlnet", "tiny-sd3-controlnet"])
+@pytest.mark.parametrize("grid,tile", [((5, 7), [2, 4]), ((6, 8), [3, 4]), ((4, 9), [8, 16])])
+def test_tiled_model_equals_raster_model(name, grid, tile):
+    model = load_builtin(name)
+    inputs = example_inputs(model, text_len=6, grid=grid, batch=2)
+    apply_clear(model, ClearConfig(radius=2.5))
+    raster = model_call(model, inputs)
+    remove_clear(model)
+    apply_clear(model, ClearConfig(radius=2.5, token_layout="tiled", tile_shape=tile))
+    assert model._clear_runtime.tile == tuple(tile)
+    assert rel_err(model_call(model, inputs), raster) < 1e-6
+    remove_clear(model)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_tiled_controlnet_residuals_and_pipeline():
+    pipe = tiny_pipeline("tiny-flux-controlnet")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red robot", height=32, width=48, num_inference_steps=2, output_type="pt",
+                  max_sequence_length=16, control_image=torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3)))
+    for model in (pipe.transformer, pipe.controlnet):
+        apply_clear(model, ClearConfig(radius=2))
+    raster = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    for model in (pipe.transformer, pipe.controlnet):
+        remove_clear(model)
+        apply_clear(model, ClearConfig(radius=2, token_layout="tiled", tile_shape=[4, 4]))
+    tiled = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert rel_err(tiled, raster) < 1e-5
+
+
+def test_default_tile_follows_head_dim():
+    model = load_builtin("tiny-flux")  # head dim 16
+    apply_clear(model, ClearConfig(radius=2, token_layout="tiled"))
+    assert model._clear_runtime.tile == (4, 8)
+
+
+def test_tile_config_is_validated():
+    with pytest.raises(ValueError, match="token_layout must be"):
+        ClearConfig(radius=2, token_layout="zigzag")
+    with pytest.raises(ValueError, match="tile_shape needs token_layout='tiled'"):
+        ClearConfig(radius=2, tile_shape=[8, 16])
+    with pytest.raises(ValueError, match="tile_shape must be two positive ints"):
+        ClearConfig(radius=2, token_layout="tiled", tile_shape=[8, 0])

@@ -1,0 +1,145 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from clear_surgery.plugins import TokenLayout, attention, reference_attention  # noqa: E402
+from clear_surgery.plugins.triton_backend import CONFIGS, DEFAULT_TILE, image_block_lists, triton_clear_attention  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+# (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile, dtype)
+INTERPRET_CASES = [
+    (2, 2, 16, 5, True, 6, 7, 2, None, "float32"),
+    (1, 1, 16, 0, True, 9, 4, 1, None, "float32"),  # no text, r=1: only itself
+    (1, 2, 32, 40, False, 9, 13, 3, [4, 8], "float32"),  # text last, ragged tiles
+    (2, 1, 16, 3, False, 11, 5, 100, None, "float32"),  # r beyond the grid diagonal
+    (1, 1, 16, 20, True, 8, 8, 2.5, [4, 4], "bfloat16"),
+    (1, 2, 16, 33, True, 1, 29, 4, None, "bfloat16"),  # a single image row, text not a block multiple
+    (1, 1, 64, 7, False, 13, 11, 5, [8, 8], "float32"),
+    (1, 2, 16, 9, False, 7, 10, 2, [4, 4], "float16"),
+]
+
+
+def test_kernel_matches_reference_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = Path(__file__).with_name("triton_interpret_check.py")
+    done = subprocess.run([sys.executable, str(script), json.dumps(INTERPRET_CASES)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(INTERPRET_CASES)
+    for case, res in zip(INTERPRET_CASES, results):
+        tol = 1e-5 if case[-1] == "float32" else 2e-2
+        assert res["rel_err"] is not None and res["rel_err"] < tol, (case, res)
+
+
+@pytest.mark.parametrize("head_dim,tiled", [(128, True), (64, False)])
+def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from clear_surgery.plugins.triton_kernel import clear_fwd_kernel
+
+    bm, bn, warps, stages = next((c[2:] for c in CONFIGS if c[0] == head_dim))
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, TILED=tiled, UPCAST_DOT=False)
+    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "FULL_COUNT": "*i32", "FULL_INDEX": "*i32",
+                "PART_COUNT": "*i32", "PART_INDEX": "*i32", "RAGGED": "*i32", "qk_scale": "fp32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in clear_fwd_kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=clear_fwd_kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    assert len(compiled.asm["cubin"]) > 0
+    assert "wgmma.mma_async" in compiled.asm["ptx"]  # Hopper tensor-core instructions, not mma.sync
+
+
+def test_block_lists_never_skip_a_visible_block():
+    from clear_surgery.plugins.layout import dense_mask
+
+    h, w, r, bm, bn, tile = 13, 21, 3.5, 16, 8, (4, 4)  # 273 tokens: a ragged last key block
+    full_n, full_i, part_n, part_i, ragged = image_block_lists(h, w, tile, r, bm, bn, torch.device("cpu"))
+    mask = dense_mask(TokenLayout(0, True, h, w, tile), r)
+    last = h * w // bn  # (h * w) % bn != 0 here: the ragged block, listed apart
+    assert (h * w) % bn and ragged.any() and not ragged.all()
+    for qb in range(full_n.numel()):
+        listed_full = set(full_i[qb, :full_n[qb]].tolist())
+        listed = listed_full | set(part_i[qb, :part_n[qb]].tolist()) | ({last} if ragged[qb] else set())
+        assert last not in listed_full and last not in set(part_i[qb, :part_n[qb]].tolist())
+        for kb in range(-(-h * w // bn)):
+            tile_mask = mask[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+            if tile_mask.any():
+                assert kb in listed
+            if kb in listed_full:
+                assert tile_mask.all() and tile_mask.shape[1] == bn
+
+
+def test_default_tiles_match_query_blocks():
+    for head_dim, (th, tw) in DEFAULT_TILE.items():
+        bm = next(c[2] for c in CONFIGS if c[0] == head_dim)
+        assert th * tw == bm
+
+
+# ---- GPU (H200) -------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # FLUX shapes: 24 heads x 128, 512 text tokens; 1024² and 2048² images -> 64² and 128² grids
+    (1, 24, 128, 512, True, 64, 64, 16, (8, 16)),
+    (2, 24, 128, 512, False, 64, 64, 8, None),
+    (1, 24, 128, 512, True, 128, 128, 32, (8, 16)),
+    (1, 24, 128, 512, True, 128, 128, 16, None),
+    (1, 8, 64, 77, False, 37, 53, 12, (8, 8)),  # odd grid, SD3-like
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_kernel_matches_reference(shape, dtype):
+    b, h, d, text_len, text_first, gh, gw, r, tile = shape
+    n = text_len + gh * gw
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+    layout = TokenLayout(text_len, text_first, gh, gw, tile)
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    out.copy_(triton_clear_attention(q, k, v, layout, r))
+    assert not out.isnan().any()
+    ref = torch.cat([reference_attention(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(), layout, r)
+                     for i in range(b)])
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_output_is_fully_written():
+    layout = TokenLayout(512, True, 64, 64, (8, 16))
+    q = torch.randn(1, 512 + 64 * 64, 24, 128, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    out = triton_clear_attention(q, q, q, layout, 16)
+    poisoned = torch.full_like(out, float("nan"))
+    torch.cuda.synchronize()
+    # the kernel allocates its output with empty_like; run it into memory poisoned just before
+    del out
+    poisoned.fill_(float("nan"))
+    del poisoned
+    out = triton_clear_attention(q, q, q, layout, 16)
+    assert not out.isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [None, (8, 16)])
+def test_gpu_gradients_match_reference(tile):
+    layout = dict(text_len=512, text_first=True, height=48, width=40, radius=10, tile=tile)
+    n = 512 + 48 * 40
+    q, k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, backend="triton", **layout)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    q2, k2, v2 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = reference_attention(q2, k2, v2, TokenLayout(512, True, 48, 40, tile), 10)
+    rq, rk, rv = torch.autograd.grad(ref, (q2, k2, v2), grad.float())
+    assert rel_err(out, ref) < 1e-2
+    for a, b in ((dq, rq), (dk, rk), (dv, rv)):
+        assert rel_err(a, b) < 2e-2

@@ -1,0 +1,21 @@
+"""Run by test_triton.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported):
+compares the triton kernel with the float64 reference and prints one line per case."""
+import json
+import math
+import sys
+
+import torch
+
+from clear_surgery.plugins import TokenLayout, reference_attention
+from clear_surgery.plugins.triton_backend import triton_clear_attention
+
+cases = json.loads(sys.argv[1])
+for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype) in enumerate(cases):
+    gen = torch.Generator().manual_seed(1000 + i)
+    n = text_len + gh * gw
+    q, k, v = (torch.randn(b, n, h, d, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
+    layout = TokenLayout(text_len, text_first, gh, gw, tuple(tile) if tile else None)
+    out = triton_clear_attention(q, k, v, layout, r)
+    ref = reference_attention(q.double(), k.double(), v.double(), layout, r)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(json.dumps({"case": i, "rel_err": err if math.isfinite(err) else None}))
