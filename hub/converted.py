@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .model_card import write_model_card
 from .checkpoint import (CLEAR_CONFIG_NAME, FORMAT, FORMAT_VERSION, atomic_directory, package_version,
                          read_tensor_specs, save_state_dict, tensor_mismatches, weight_files, write_json)
 
@@ -29,27 +30,43 @@ def save_converted(model: torch.nn.Module, out: str | os.PathLike, *, base_model
         model.save_config(tmp)
         save_state_dict(model.state_dict(), tmp, max_shard_size, desc=f"saving {out.name}")
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()})
-        # Written last: a folder with clear_config.json is complete.
-        write_json(tmp / CLEAR_CONFIG_NAME, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
-            "config": config.to_dict(), "base_model": base_model or {}, "model_class": type(model).__name__,
-            "dtype": dtypes, "sites": list(model._clear_sites), "analysis": model._clear_analysis,
-        })
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
+                "config": config.to_dict(), "base_model": base_model or {}, "model_class": type(model).__name__,
+                "dtype": dtypes, "sites": list(model._clear_sites), "analysis": model._clear_analysis}
+        write_model_card(tmp, meta)
+        write_json(tmp / CLEAR_CONFIG_NAME, meta)  # last: a folder with clear_config.json is complete
     return out
 
 
-def read_clear_config(folder: Path) -> dict:
+def read_clear_config(folder: Path, expected_format: str = FORMAT) -> dict:
     path = folder / CLEAR_CONFIG_NAME
     if not path.is_file():
         raise ClearFolderError(f"{folder} is not a CLEAR folder: no {CLEAR_CONFIG_NAME}")
     data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise ClearFolderError(f"{path}: unsupported format {data.get('format')!r} "
-                               f"version {data.get('format_version')!r}")
+    if data.get("format") != expected_format or data.get("format_version") != FORMAT_VERSION:
+        raise ClearFolderError(f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}, "
+                               f"expected {expected_format!r} version {FORMAT_VERSION}")
     return data
 
 
-def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = False):
+def resolve_folder(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder, or a Hub repo id downloaded (or found in the cache; HF_HUB_OFFLINE works)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if str(source).startswith((".", "/", "~")):
+        raise ClearFolderError(f"no such folder: {source}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision))
+    except Exception as err:
+        raise ClearFolderError(f"cannot get {source!r} from the Hub (no such local folder either): "
+                               f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = False,
+                   revision: str | None = None):
     """Load a folder written by ``save_converted`` into a model with its CLEAR attention applied.
 
     Tensor names and shapes are checked against the model class first; a mismatch is one error
@@ -60,7 +77,7 @@ def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = Non
     from clear_surgery.surgery.loading import model_class
     from clear_surgery.surgery.rewrite import apply_clear
 
-    folder = Path(folder)
+    folder = resolve_folder(folder, revision)
     meta = read_clear_config(folder)
     cls = model_class(json.loads((folder / "config.json").read_text()).get("_class_name"))
     files = weight_files(folder)

@@ -57,8 +57,13 @@ def analyze(
 @app.command()
 def convert(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    radius: float = typer.Option(..., "--radius", "-r", help="CLEAR radius in tokens (strict: d < r)"),
+    radius: Optional[float] = typer.Option(None, "--radius", "-r",
+                                           help="CLEAR radius in tokens (strict: d < r); from the file name with --clear-layers"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
+    clear_layers: Optional[str] = typer.Option(None, "--clear-layers",
+                                               help="apply CLEAR layers: a safetensors file (e.g. the official "
+                                                    "clear_local_16.safetensors) or OWNER/REPO/FILE on the Hub"),
+    out_format: str = typer.Option("full", "--format", help="full (whole model) | layers (only the CLEAR layers)"),
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
@@ -72,11 +77,20 @@ def convert(
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
     from tqdm.auto import tqdm
 
-    from clear_surgery.hub import save_converted
-    from clear_surgery.surgery import ClearConfig, apply_clear
+    from clear_surgery.hub import save_clear_layers, save_converted
+    from clear_surgery.hub.clear_layers import apply_layer_tensors, official_radius, resolve_file
+    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
 
     _quiet_libraries()
     try:
+        if out_format not in ("full", "layers"):
+            raise ValueError(f"--format must be full or layers, got {out_format!r}")
+        layers_file = resolve_file(clear_layers, revision) if clear_layers else None
+        if layers_file is not None and (radius is None or "down" in layers_file.name):
+            file_radius = official_radius(layers_file.name)  # refuses the pooled-key "down" variants
+            radius = file_radius if radius is None else radius
+        if radius is None:
+            raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file)")
         config = ClearConfig(radius=radius, backend=backend, target_modules=target or None, exclude_modules=exclude,
                              token_layout=token_layout)
         if out.exists() and not overwrite:
@@ -87,15 +101,49 @@ def convert(
             stages.update()
             stages.set_postfix_str("analyze, rewrite, verify")
             report = apply_clear(loaded, config)
+            if layers_file is not None:
+                try:
+                    apply_layer_tensors(loaded, layers_file)
+                except ValueError:
+                    remove_clear(loaded)
+                    raise
             stages.update()
             stages.set_postfix_str(f"saving {out}")
-            save_converted(loaded, out, base_model=source.to_dict(), overwrite=overwrite,
-                           max_shard_size=max_shard_size)
+            if out_format == "layers":
+                save_clear_layers(loaded, out, base_model=source.to_dict(), overwrite=overwrite)
+            else:
+                save_converted(loaded, out, base_model=source.to_dict(), overwrite=overwrite,
+                               max_shard_size=max_shard_size)
             stages.update()
     except (ValueError, FileExistsError, RuntimeError) as err:
         _fail(str(err))
     typer.echo(report.table())
     typer.echo(f"converted {len(loaded._clear_sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}")
+
+
+@app.command("push-to-hub")
+def push_to_hub(
+    folder: Path = typer.Argument(..., help="a folder written by convert (model or CLEAR layers)"),
+    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hub"),
+    private: bool = typer.Option(False, help="create the repo private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to (created if needed)"),
+    commit_message: Optional[str] = typer.Option(None, help="commit message"),
+    dry_run: bool = typer.Option(False, help="list what would be uploaded, with sizes, and stop"),
+):
+    """Validate a CLEAR folder and upload it (token from HF_TOKEN or `hf auth login`, never printed)."""
+    from clear_surgery.hub.push import push_to_hub as push
+
+    _quiet_libraries()
+    try:
+        result = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      dry_run=dry_run)
+    except Exception as err:  # one line; huggingface_hub's messages carry no token
+        _fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    if dry_run:
+        typer.echo(result.describe())
+        typer.echo(f"dry run: nothing uploaded to {repo_id}")
+    else:
+        typer.echo(f"uploaded {folder} to {repo_id}" + (f": {result.commit_url}" if result is not None else ""))
 
 
 def _numbers(text: str, cast=int) -> list:

@@ -78,8 +78,16 @@ def _load_hub(repo_id, subfolder, dtype, revision):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+    from clear_surgery.hub import CLEAR_CONFIG_NAME, load_converted
+
     try:
         if subfolder is None:
+            try:  # a converted CLEAR model on the Hub
+                hf_hub_download(repo_id, CLEAR_CONFIG_NAME, revision=revision)
+                model = load_converted(repo_id, dtype=dtype, revision=revision)
+                return model, ModelSource(repo_id, revision, None, type(model).__name__)
+            except EntryNotFoundError:
+                pass
             try:
                 hf_hub_download(repo_id, "model_index.json", revision=revision)
                 subfolder = "transformer"

@@ -1,0 +1,213 @@
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from clear_surgery.hub import (ClearLayersError, load_clear_layers, load_converted, render_model_card,
+                               save_clear_layers, save_converted)
+from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, load_builtin
+from clear_surgery.surgery.cli import app
+from conftest import model_call
+from hub_server import FakeHub
+
+TOKEN = "hf_clearSurgeryTestToken0123456789"
+
+
+def _trained(name="tiny-flux", radius=3, seed=5):
+    """A converted tiny model whose attention projections moved (as after CLEAR training)."""
+    model = load_builtin(name)
+    apply_clear(model, ClearConfig(radius=radius))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if any(f".attn.{p}." in key for p in ("to_q", "to_k", "to_v", "to_out")):
+                value.add_(torch.randn(value.shape, generator=gen) * 0.05)
+    return model
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_clear_layers_round_trip_is_bit_exact(tmp_path):
+    model = _trained()
+    save_clear_layers(model, tmp_path / "layers", base_model={"id": "builtin:tiny-flux"})
+    meta = json.loads((tmp_path / "layers" / "clear_config.json").read_text())
+    assert all(".attn.to_" in n and "to_add_out" not in n for n in meta["tensors"])
+    assert len(meta["tensors"]) == 2 * (4 * 2 + 3 * 2)  # weight+bias of q,k,v,out (double) and q,k,v (single)
+    base = load_builtin("tiny-flux")
+    load_clear_layers(base, tmp_path / "layers")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    inputs = example_inputs(model, text_len=4, grid=(4, 5))
+    assert torch.equal(model_call(base, inputs), model_call(model, inputs))
+
+
+def test_clear_layers_transfer_changes_exactly_those_tensors(tmp_path):
+    save_clear_layers(_trained("tiny-flux"), tmp_path / "layers")  # "dev"
+    schnell = load_builtin("tiny-flux-schnell")  # same blocks, different embedder (no guidance)
+    before = {k: v.clone() for k, v in schnell.state_dict().items()}
+    load_clear_layers(schnell, tmp_path / "layers")
+    changed = {k for k, v in schnell.state_dict().items() if not torch.equal(v, before[k])}
+    stored = set(json.loads((tmp_path / "layers" / "clear_config.json").read_text())["tensors"])
+    assert changed == stored == set(schnell._clear_changed)
+    assert schnell._clear_config.radius == 3
+
+
+def test_clear_layers_on_another_architecture_list_the_mismatches(tmp_path):
+    save_clear_layers(_trained("tiny-flux"), tmp_path / "layers")
+    sd3 = load_builtin("tiny-sd3")
+    before = {k: v.clone() for k, v in sd3.state_dict().items()}
+    with pytest.raises(ClearLayersError) as err:
+        load_clear_layers(sd3, tmp_path / "layers")
+    message = str(err.value)
+    assert "do not fit SD3Transformer2DModel" in message
+    assert "unexpected: single_transformer_blocks.0.attn.to_q.weight [32, 32]" in message
+    assert "shape of transformer_blocks.0.attn.to_q.weight: expected [32, 32], found [32, 32]" not in message
+    assert all(torch.equal(v, before[k]) for k, v in sd3.state_dict().items())
+    assert not hasattr(sd3, "_clear_runtime")
+
+
+def test_official_release_import_and_down_variant_refused(tmp_path):
+    model = _trained("tiny-flux", radius=16)
+    official = {k: v for k, v in model.state_dict().items() if any(f".attn.{p}." in k for p in ("to_q", "to_k", "to_v"))}
+    save_file(official, tmp_path / "clear_local_16.safetensors")
+    save_file({**official, "transformer_blocks.0.attn.spatial_weight": torch.ones(4)},
+              tmp_path / "clear_local_16_down_4.safetensors")
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--clear-layers",
+                                 str(tmp_path / "clear_local_16.safetensors"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    loaded = load_converted(tmp_path / "out")
+    assert loaded._clear_config.radius == 16
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in official.items())
+    result = runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--clear-layers",
+                                 str(tmp_path / "clear_local_16_down_4.safetensors"), "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "'down' variant" in result.output and not (tmp_path / "out2").exists()
+
+
+def test_convert_layers_format_from_cli(tmp_path):
+    result = CliRunner().invoke(app, ["convert", "--model", "builtin:tiny-sd3", "--radius", "2", "--format", "layers",
+                                      "--out", str(tmp_path / "layers")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["README.md", "clear_config.json",
+                                                                        "clear_layers.safetensors"]
+
+
+def test_model_card_parses_and_carries_metadata(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from clear_surgery.hub import model_card
+
+    model = _trained()
+    with monkeypatch.context() as patch:  # the base model's own card, as the Hub would serve it
+        patch.setattr(ModelCard, "load", classmethod(lambda cls, repo: cls.from_template(ModelCardData(license="other"))))
+        save_converted(model, tmp_path / "full", base_model={"id": "black-forest-labs/FLUX.1-dev",
+                                                              "revision": "a" * 40, "subfolder": "transformer"})
+        save_clear_layers(model, tmp_path / "layers", base_model={"id": "black-forest-labs/FLUX.1-dev"})
+        meta = json.loads((tmp_path / "full" / "clear_config.json").read_text())
+        assert render_model_card(meta) == (tmp_path / "full" / "README.md").read_text()  # generated, reproducible
+    for folder, relation in (("full", "finetune"), ("layers", "adapter")):
+        card = ModelCard.load(tmp_path / folder / "README.md")
+        data = card.data.to_dict()
+        assert data["base_model"] == "black-forest-labs/FLUX.1-dev" and data["base_model_relation"] == relation
+        assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
+        assert {"clear", "linear-attention"} <= set(data["tags"]) and data["license"] == "other"
+        assert "r = 3" in card.text and "```python" in card.text
+    assert model_card.base_model_license("builtin:tiny-flux") is None
+
+
+def _push(hub_url, *args):
+    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    exe = shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")
+    return subprocess.run([exe, "push-to-hub", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_push_to_hub_uploads_the_folder_through_huggingface_hub(tmp_path):
+    save_converted(_trained(), tmp_path / "full", base_model={"id": "builtin:tiny-flux"})
+    before = _digest(tmp_path / "full")
+    with FakeHub() as hub:
+        done = _push(hub.url, str(tmp_path / "full"), "--repo-id", "me/tiny-clear", "--revision", "v1")
+        assert done.returncode == 0, done.stderr
+        received = hub.files["me/tiny-clear@v1"]
+        assert hub.branches == ["v1"] and set(hub.authorization) == {f"Bearer {TOKEN}"}
+    local = {p.name: p.read_bytes() for p in (tmp_path / "full").iterdir()}
+    assert set(received) == set(local)
+    for name, content in local.items():
+        expected = content.replace(b"REPO_ID", b"me/tiny-clear") if name == "README.md" else content
+        assert received[name] == expected, name
+    assert b'load_converted("me/tiny-clear")' in received["README.md"]
+    assert _digest(tmp_path / "full") == before
+    assert TOKEN not in done.stdout + done.stderr
+    assert all(TOKEN.encode() not in p.read_bytes() for p in (tmp_path / "full").iterdir())
+
+
+def test_failed_upload_leaves_the_folder_untouched_and_hides_the_token(tmp_path):
+    save_clear_layers(_trained(), tmp_path / "layers")
+    before = _digest(tmp_path / "layers")
+    with FakeHub() as hub:
+        hub.fail_commit = True
+        done = _push(hub.url, str(tmp_path / "layers"), "--repo-id", "me/tiny-layers")
+    assert done.returncode == 2 and "error:" in done.stderr
+    assert _digest(tmp_path / "layers") == before
+    assert TOKEN not in done.stdout + done.stderr
+
+
+def test_push_dry_run_and_validation(tmp_path):
+    save_clear_layers(_trained(), tmp_path / "layers")
+    result = CliRunner().invoke(app, ["push-to-hub", str(tmp_path / "layers"), "--repo-id", "me/x", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "clear_layers.safetensors" in result.output and "3 files" in result.output
+    assert "dry run: nothing uploaded" in result.output
+    (tmp_path / "layers" / "README.md").unlink()
+    result = CliRunner().invoke(app, ["push-to-hub", str(tmp_path / "layers"), "--repo-id", "me/x", "--dry-run"])
+    assert result.exit_code == 2 and "has no model card" in result.output
+    (tmp_path / "plain").mkdir()
+    result = CliRunner().invoke(app, ["push-to-hub", str(tmp_path / "plain"), "--repo-id", "me/x", "--dry-run"])
+    assert result.exit_code == 2 and "not a CLEAR folder" in result.output
+
+
+def _cache_repo(hf_home: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshot)."""
+    sha = "c" * 40
+    repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / sha)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+
+
+def test_hub_ids_load_from_the_cache_offline(tmp_path):
+    model = _trained()
+    save_converted(model, tmp_path / "full", base_model={"id": "builtin:tiny-flux"})
+    save_clear_layers(model, tmp_path / "layers", base_model={"id": "builtin:tiny-flux"})
+    _cache_repo(tmp_path / "hf", "me/tiny-full", tmp_path / "full")
+    _cache_repo(tmp_path / "hf", "me/tiny-layers", tmp_path / "layers")
+    _cache_repo(tmp_path / "hf", "someone/clear-release", tmp_path / "layers")
+    os.rename(tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_layers.safetensors",
+              tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_local_3.safetensors")
+    script = f"""
+import torch
+from clear_surgery.hub import load_converted, load_clear_layers
+from clear_surgery.hub.clear_layers import resolve_file
+from clear_surgery.surgery import load_builtin
+full = load_converted("me/tiny-full")
+layers = load_clear_layers(load_builtin("tiny-flux"), "me/tiny-layers")
+ok = all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), layers.state_dict().values()))
+path = resolve_file("someone/clear-release/clear_local_3.safetensors")
+print("OK" if ok and path.name == "clear_local_3.safetensors" else "MISMATCH", full._clear_config.radius)
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["OK", "3"]
+    result = subprocess.run([shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery"),
+                             "analyze", "--model", "me/tiny-full"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "single_transformer_blocks.1.attn" in result.stdout, result.stderr[-2000:]
