@@ -64,6 +64,7 @@ def convert(
                                                help="apply CLEAR layers: a safetensors file (e.g. the official "
                                                     "clear_local_16.safetensors) or OWNER/REPO/FILE on the Hub"),
     out_format: str = typer.Option("full", "--format", help="full (whole model) | layers (only the CLEAR layers)"),
+    radius_for: list[str] = typer.Option([], "--radius-for", help="PATTERN=R: another radius for matching modules"),
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
@@ -92,7 +93,7 @@ def convert(
         if radius is None:
             raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file)")
         config = ClearConfig(radius=radius, backend=backend, target_modules=target or None, exclude_modules=exclude,
-                             token_layout=token_layout)
+                             token_layout=token_layout, radius_overrides=_radius_rules(radius_for))
         if out.exists() and not overwrite:
             raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
         with tqdm(total=3, desc="convert", unit="stage", file=sys.stderr) as stages:
@@ -119,6 +120,19 @@ def convert(
         _fail(str(err))
     typer.echo(report.table())
     typer.echo(f"converted {len(loaded._clear_sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}")
+
+
+def _radius_rules(rules: list[str]) -> dict[str, float]:
+    parsed = {}
+    for rule in rules:
+        pattern, sep, value = rule.rpartition("=")
+        try:
+            parsed[pattern] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise ValueError(f"--radius-for takes PATTERN=RADIUS, got {rule!r}")
+    return parsed
 
 
 @app.command("push-to-hub")

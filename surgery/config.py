@@ -22,6 +22,7 @@ class ClearConfig:
     backend: str = "auto"
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
+    radius_overrides: dict[str, float] = field(default_factory=dict)
     token_layout: str = "raster"
     tile_shape: list[int] | None = None
     version: int = CONFIG_VERSION
@@ -29,10 +30,15 @@ class ClearConfig:
     def __post_init__(self):
         from clear_surgery.plugins import backend_names
 
-        if isinstance(self.radius, bool) or not isinstance(self.radius, numbers.Real):
-            raise ValueError(f"radius must be a number, got {self.radius!r}")
-        if not self.radius > 0:
-            raise ValueError(f"radius must be > 0, got {self.radius}")
+        for where, value in [("radius", self.radius), *((f"radius for {k!r}", v) for k, v in
+                                                         dict(self.radius_overrides).items())]:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{where} must be a number, got {value!r}")
+            if not value > 0:
+                raise ValueError(f"{where} must be > 0, got {value}")
+        if not all(isinstance(k, str) and k for k in self.radius_overrides):
+            raise ValueError(f"radius_overrides keys must be module-name patterns, got {list(self.radius_overrides)}")
+        self.radius_overrides = dict(self.radius_overrides)
         if self.backend not in backend_names():
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {backend_names()}")
         for name in ("target_modules", "exclude_modules"):
@@ -52,6 +58,14 @@ class ClearConfig:
             self.tile_shape = list(self.tile_shape)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
+
+    def radius_for(self, module: str) -> float:
+        import fnmatch
+
+        for pattern, radius in self.radius_overrides.items():
+            if fnmatch.fnmatchcase(module, pattern):
+                return radius
+        return self.radius
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,9 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
         chosen = [s for s in report.sites if _matches(s.module, config.target_modules)]
     chosen = [s for s in chosen if not _matches(s.module, config.exclude_modules)]
     problems += [f"{s.module}: {s.reason}" for s in chosen if not s.supported]
+    for pattern in config.radius_overrides:
+        if not any(fnmatch.fnmatchcase(s.module, pattern) for s in chosen):
+            problems.append(f"radius_overrides pattern {pattern!r} matches no converted attention module")
     if problems:
         raise ValueError("cannot convert to CLEAR (exclude unsupported sites with exclude_modules):\n  "
                          + "\n  ".join(problems))
@@ -79,7 +82,7 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     runtime = ClearRuntime(family=family)
     for name, module in modules.items():
         runtime.originals[name] = module.processor
-        module.set_processor(classes[name](runtime, config.radius, config.backend))
+        module.set_processor(classes[name](runtime, config.radius_for(name), config.backend))
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
     model._clear_runtime, model._clear_config = runtime, config
     model._clear_sites = [s.module for s in targets]

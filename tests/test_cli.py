@@ -110,3 +110,18 @@ def test_convert_with_tile_layout_loads_back_tiled(tmp_path):
                  "--token-layout", "tiled")
     assert result.exit_code == 0, result.output
     assert load_converted(tmp_path / "out")._clear_runtime.tile == (8, 16)  # head dim 8: the generic default
+
+
+def test_convert_with_per_layer_radius(tmp_path):
+    result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--radius-for", "single_*=8",
+                 "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "clear_config.json").read_text())
+    assert meta["config"]["radius_overrides"] == {"single_*": 8.0}
+    assert "per-layer radii" in (tmp_path / "out" / "README.md").read_text()
+    result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--radius-for", "nope.*=8",
+                 "--out", str(tmp_path / "bad"))
+    assert result.exit_code == 2 and "'nope.*' matches no converted attention module" in result.output
+    result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--radius-for", "single_*",
+                 "--out", str(tmp_path / "bad"))
+    assert result.exit_code == 2 and "--radius-for takes PATTERN=RADIUS" in result.output

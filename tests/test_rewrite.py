@@ -157,3 +157,33 @@ def test_converted_models_run_in_stock_pipelines(name):
     assert dense.shape == (1, 3, 32, 48)
     assert rel_err(same, dense) < 1e-5
     assert rel_err(local, dense) > 1e-4
+
+
+def test_per_layer_radius_converts_saves_loads_and_runs(tmp_path):
+    from clear_surgery.hub import load_converted, save_converted
+
+    model = load_builtin("tiny-flux")
+    inputs = example_inputs(model, text_len=5, grid=(5, 6))
+    apply_clear(model, ClearConfig(radius=1.5))
+    small = model_call(model, inputs)
+    remove_clear(model)
+    config = ClearConfig(radius=1.5, radius_overrides={"transformer_blocks.*": 100, "single_transformer_blocks.1.*": 3})
+    apply_clear(model, config)
+    radii = {n: m.processor.radius for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert radii == {"transformer_blocks.0.attn": 100, "transformer_blocks.1.attn": 100,
+                     "single_transformer_blocks.0.attn": 1.5, "single_transformer_blocks.1.attn": 3}
+    mixed = model_call(model, inputs)
+    assert rel_err(mixed, small) > 1e-3
+    save_converted(model, tmp_path / "mixed")
+    loaded = load_converted(tmp_path / "mixed")
+    assert loaded._clear_config == config
+    assert torch.equal(model_call(loaded, inputs), mixed)
+
+
+def test_per_layer_radius_rules_are_validated():
+    model = load_builtin("tiny-flux")
+    with pytest.raises(ValueError, match="radius_overrides pattern 'blocks.9.*' matches no converted attention module"):
+        apply_clear(model, ClearConfig(radius=2, radius_overrides={"blocks.9.*": 4}))
+    assert not hasattr(model, "_clear_runtime")
+    with pytest.raises(ValueError, match="radius for 'transformer_blocks.0.attn' must be > 0"):
+        ClearConfig(radius=2, radius_overrides={"transformer_blocks.0.attn": 0})
