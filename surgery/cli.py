@@ -135,6 +135,49 @@ def _radius_rules(rules: list[str]) -> dict[str, float]:
     return parsed
 
 
+@app.command()
+def profile(
+    model: str = typer.Option(..., "--model", "-m", help="builtin:NAME (whole tiny pipeline), Hub id or pipeline folder"),
+    prompt: str = typer.Option("a photo of a cat in a city at night", help="prompt for the denoising run"),
+    resolution: int = typer.Option(512, help="image side in pixels"),
+    steps: int = typer.Option(4, help="denoising steps"),
+    radii: str = typer.Option("2,4,8,16,32", help="radii to measure"),
+    keep: float = typer.Option(0.95, help="attention-mass share a recommended radius must keep"),
+    queries: int = typer.Option(256, help="sampled image queries per attention call"),
+    out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs"),
+):
+    """Measure how local a model's attention is (dense run) and recommend a CLEAR radius."""
+    from clear_surgery.surgery.profile import profile_pipeline
+
+    _quiet_libraries()
+    try:
+        pipe, extra = _load_pipeline(model)
+        pipe.set_progress_bar_config(desc="denoising")
+        results = profile_pipeline(pipe, prompt, resolution, resolution, steps, _numbers(radii, float), keep=keep,
+                                   queries_per_call=queries, out=out, **extra)
+    except ValueError as err:
+        _fail(str(err))
+    for r, kept in zip(results["radii"], results["kept_share_mean"]):
+        typer.echo(f"r = {r:>5g}: mean attention mass kept (text + window) {kept:.3f}")
+    typer.echo(f"recommended radius (keeps >= {keep:g}): {results['recommended_radius']}")
+    typer.echo(f"wrote {out}/locality.json, locality_heatmap.png, attention_maps.png")
+
+
+def _load_pipeline(model: str):
+    """A diffusers pipeline for ``model`` and the call kwargs it needs."""
+    from clear_surgery.surgery.builtin import BUILTIN_PREFIX, tiny_pipeline
+
+    if model.startswith(BUILTIN_PREFIX):
+        pipe = tiny_pipeline(model)
+        return pipe, ({"max_sequence_length": 16} if "flux" in model else {})
+    import diffusers
+
+    try:
+        return diffusers.DiffusionPipeline.from_pretrained(model), {}
+    except Exception as err:
+        raise ValueError(f"cannot load a pipeline from {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
+
+
 @app.command("push-to-hub")
 def push_to_hub(
     folder: Path = typer.Argument(..., help="a folder written by convert (model or CLEAR layers)"),

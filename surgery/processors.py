@@ -22,6 +22,7 @@ class ClearRuntime:
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
     hooks: list = field(default_factory=list)
+    observer: object = None  # set by the locality profiler: sees q/k of every call, attention stays dense
 
     def current_grid(self) -> tuple[int, int]:
         if self.grid is None:
@@ -32,8 +33,8 @@ class ClearRuntime:
 class _ClearProcessorBase:
     text_first: bool  # segment order the processor builds
 
-    def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto"):
-        self.runtime = runtime
+    def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = ""):
+        self.runtime, self.name = runtime, name
         self.radius = float(radius)
         self.backend = backend
 
@@ -43,6 +44,8 @@ class _ClearProcessorBase:
             raise ValueError(f"{type(self).__name__}: attention masks are not supported by CLEAR attention")
         height, width = self.runtime.current_grid()
         text_len = query.shape[1] - height * width
+        if self.runtime.observer is not None:
+            return self.runtime.observer(self, query, key, value, text_len, height, width)
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
                          width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile)
 

@@ -82,7 +82,7 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     runtime = ClearRuntime(family=family)
     for name, module in modules.items():
         runtime.originals[name] = module.processor
-        module.set_processor(classes[name](runtime, config.radius_for(name), config.backend))
+        module.set_processor(classes[name](runtime, config.radius_for(name), config.backend, name))
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
     model._clear_runtime, model._clear_config = runtime, config
     model._clear_sites = [s.module for s in targets]
