@@ -178,6 +178,15 @@ def _load_pipeline(model: str):
         raise ValueError(f"cannot load a pipeline from {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
 
 
+@app.command()
+def coverage():
+    """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
+    from clear_surgery.surgery.coverage import coverage_table
+
+    _quiet_libraries()
+    typer.echo(coverage_table())
+
+
 @app.command("push-to-hub")
 def push_to_hub(
     folder: Path = typer.Argument(..., help="a folder written by convert (model or CLEAR layers)"),

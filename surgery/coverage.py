@@ -1,0 +1,142 @@
+"""Coverage of MMDiT families in the installed diffusers: analysis (and rewrite where it fits) on
+tiny configs. ``clear-surgery coverage`` prints the table README.md carries (a test keeps them equal)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+T, GRID = 7, (3, 5)  # text tokens and image grid of the example call (as analysis uses)
+
+
+def _randn(*shape):
+    return torch.randn(*shape)
+
+
+def _ids(columns, values):
+    ids = torch.zeros(GRID[0] * GRID[1], columns)
+    index = torch.arange(GRID[0] * GRID[1])
+    for column, value in values.items():
+        ids[:, column] = value(index)
+    return ids
+
+
+def _flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    model = Flux2Transformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                    joint_attention_dim=32, in_channels=16, axes_dims_rope=(4, 4, 4, 4),
+                                    timestep_guidance_channels=32)
+    img = _ids(4, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([0.5]), img_ids=img[None], txt_ids=torch.zeros(1, T, 4),
+                       guidance=torch.tensor([3.5]), return_dict=False)
+
+
+def _chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    model = ChromaTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                     joint_attention_dim=32, in_channels=16, axes_dims_rope=(4, 6, 6),
+                                     approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
+    img = _ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
+    # ChromaPipeline always passes the text padding mask (as a joint text+image mask)
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([0.5]), img_ids=img, txt_ids=torch.zeros(T, 3),
+                       attention_mask=torch.ones(1, T + 15), return_dict=False)
+
+
+def _qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=32, in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
+                       encoder_hidden_states_mask=torch.ones(1, T), timestep=torch.tensor([0.5]),
+                       img_shapes=[[(1, *GRID)]], return_dict=False)
+
+
+def _qwenimage_controlnet():
+    from diffusers import QwenImageControlNetModel
+
+    model = QwenImageControlNetModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                     joint_attention_dim=32, in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
+    model, inputs = model, _qwenimage()[1]
+    inputs["controlnet_cond"] = _randn(1, 15, 16)
+    return model, inputs
+
+
+def _hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4],
+                                           text_emb_dim=8, num_routed_experts=2, num_activated_experts=1,
+                                           axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=[0, 1])
+    # its text stream is the T5 tokens followed by one Llama layer's tokens: 2 * T text tokens
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), timesteps=torch.tensor([500]),
+                       encoder_hidden_states_t5=_randn(1, T, 8), encoder_hidden_states_llama3=_randn(2, 1, T, 4),
+                       pooled_embeds=_randn(1, 8), return_dict=False), 2 * T
+
+
+def _builtin(name):
+    from .builtin import load_builtin
+
+    return load_builtin(name), None
+
+
+FAMILIES = {
+    "FLUX.1 (FluxTransformer2DModel)": functools.partial(_builtin, "tiny-flux"),
+    "FLUX.1 ControlNet (FluxControlNetModel)": functools.partial(_builtin, "tiny-flux-controlnet"),
+    "SD3 (SD3Transformer2DModel)": functools.partial(_builtin, "tiny-sd3"),
+    "SD3.5 (SD3Transformer2DModel, dual attention)": functools.partial(_builtin, "tiny-sd35"),
+    "SD3 ControlNet (SD3ControlNetModel)": functools.partial(_builtin, "tiny-sd3-controlnet"),
+    "FLUX.2 (Flux2Transformer2DModel)": _flux2,
+    "Chroma (ChromaTransformer2DModel)": _chroma,
+    "QwenImage (QwenImageTransformer2DModel)": _qwenimage,
+    "QwenImage ControlNet (QwenImageControlNetModel)": _qwenimage_controlnet,
+    "HiDream (HiDreamImageTransformer2DModel)": _hidream,
+}
+
+
+def coverage_rows() -> list[dict]:
+    from .analysis import analyze
+
+    rows = []
+    for family, build in FAMILIES.items():
+        row = {"family": family}
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model, inputs, *text = build()
+            model.eval()
+            report = analyze(model) if inputs is None else analyze(
+                model, inputs, text_tokens=text[0] if text else T, image_tokens=GRID[0] * GRID[1])
+        except Exception as err:  # reported, never hidden
+            row.update(sites="-", layout="-", rewrite=f"no: analysis failed: {type(err).__name__}: "
+                                                      f"{str(err).splitlines()[0][:90]}")
+            rows.append(row)
+            continue
+        kinds = {}
+        for site in report.sites:
+            kinds[site.kind] = kinds.get(site.kind, 0) + 1
+        orders = sorted({s.order for s in report.joint_sites})
+        reasons = sorted({s.reason for s in report.sites if s.kind == "joint" and not s.supported})
+        row["sites"] = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        row["layout"] = ", ".join(orders) or "-"
+        if report.joint_sites and not reasons:
+            row["rewrite"] = "yes"
+        elif reasons:
+            row["rewrite"] = "no: " + "; ".join(reasons)
+        else:
+            row["rewrite"] = "no: no joint text-image attention"
+        rows.append(row)
+    return rows
+
+
+def coverage_table(rows=None) -> str:
+    rows = rows or coverage_rows()
+    lines = ["| family | attention sites (tiny config) | segment order | CLEAR rewrite |", "|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['sites']} | {r['layout']} | {r['rewrite']} |" for r in rows]
+    return "\n".join(lines)
