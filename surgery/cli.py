@@ -179,6 +179,47 @@ def _load_pipeline(model: str):
 
 
 @app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="CLEAR folder or Hub repo, pipeline, or builtin:NAME"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
+    height: Optional[int] = typer.Option(None, help="default 1024"),
+    width: Optional[int] = typer.Option(None, help="default 1024"),
+    steps: Optional[int] = typer.Option(None, help="default 28"),
+    guidance: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    from_size: Optional[int] = typer.Option(None, help="SDEdit: generate at this size first, then refine"),
+    strength: Optional[float] = typer.Option(None, help="SDEdit strength in (0, 1], default 0.7"),
+    ntk_factor: Optional[float] = typer.Option(None, help="scale RoPE theta (NTK) for high resolution"),
+    proportional_attention: Optional[bool] = typer.Option(None, help="scale = sqrt(log_4608(N) / d)"),
+    radius: Optional[float] = typer.Option(None, help="convert a dense model on the fly with this radius"),
+    require_clear: Optional[bool] = typer.Option(None, help="refuse a model without CLEAR attention"),
+    recipe: Optional[Path] = typer.Option(None, help="TOML recipe with a [generate] table (flags override it)"),
+    out: Path = typer.Option(Path("image.png"), "--out", "-o"),
+):
+    """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
+    from clear_surgery.surgery.generate import GenerateSettings, generate as run, load_pipeline
+
+    _quiet_libraries()
+    try:
+        flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                     from_size=from_size, strength=strength, ntk_factor=ntk_factor,
+                     proportional_attention=proportional_attention, require_clear=require_clear)
+        if recipe is not None:
+            settings = GenerateSettings.from_recipe(recipe, **flags)
+        else:
+            if prompt is None:
+                raise ValueError("--prompt is required (or a --recipe that sets it)")
+            settings = GenerateSettings(**{"height": 1024, "width": 1024, **{k: v for k, v in flags.items()
+                                                                              if v is not None}})
+        pipe = load_pipeline(model, radius)
+        image = run(pipe, settings)
+    except ValueError as err:
+        _fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    typer.echo(f"wrote {out} ({image.width}x{image.height})")
+
+
+@app.command()
 def coverage():
     """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
     from clear_surgery.surgery.coverage import coverage_table

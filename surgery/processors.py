@@ -3,6 +3,7 @@ replaced by ``clear::attention``. Modules keep their weights (state-dict keys un
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ class ClearRuntime:
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
     hooks: list = field(default_factory=list)
     observer: object = None  # set by the locality profiler: sees q/k of every call, attention stays dense
+    proportional_attention: bool = False  # scale = sqrt(log_4608(tokens) / head_dim), for resolution extrapolation
 
     def current_grid(self) -> tuple[int, int]:
         if self.grid is None:
@@ -46,8 +48,11 @@ class _ClearProcessorBase:
         text_len = query.shape[1] - height * width
         if self.runtime.observer is not None:
             return self.runtime.observer(self, query, key, value, text_len, height, width)
+        scale = None
+        if self.runtime.proportional_attention:  # the official high-resolution setting (4608 = 1024² FLUX tokens)
+            scale = math.sqrt(math.log(query.shape[1], 4608) / query.shape[-1])
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
-                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile)
+                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile, scale=scale)
 
     def __repr__(self):
         return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r})"

@@ -1,0 +1,178 @@
+"""Ultra-resolution generation with a CLEAR model in the stock diffusers pipelines: text-to-image,
+optionally SDEdit from a base size (generate small, upscale, img2img at the target size), NTK-scaled
+RoPE and proportional attention, VAE tiling for large sizes, progress per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .builtin import BUILTIN_PREFIX, tiny_pipeline
+
+
+class GenerateError(ValueError):
+    pass
+
+
+@dataclass
+class GenerateSettings:
+    prompt: str
+    height: int
+    width: int
+    steps: int = 28
+    guidance: float | None = None
+    seed: int = 0
+    from_size: int | None = None
+    strength: float = 0.7
+    ntk_factor: float | None = None
+    proportional_attention: bool = False
+    require_clear: bool = False
+    base_steps: int | None = None  # SDEdit base stage (default: steps)
+    base_guidance: float | None = None  # SDEdit base stage (default: guidance)
+    refine_shift: float | None = None  # SDEdit refine stage: static scheduler shift (no dynamic shifting)
+
+    @classmethod
+    def from_recipe(cls, path, **overrides) -> "GenerateSettings":
+        """Settings from a TOML recipe's [generate] table, then ``overrides`` (None values ignored)."""
+        import dataclasses
+        import tomllib
+
+        table = tomllib.loads(Path(path).read_text()).get("generate", {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise GenerateError(f"{path}: unknown [generate] keys {unknown}; known: {sorted(known)}")
+        values = {**table, **{k: v for k, v in overrides.items() if v is not None}}
+        missing = [k for k in ("prompt", "height", "width") if k not in values]
+        if missing:
+            raise GenerateError(f"{path}: {missing} not given by the recipe or the command line")
+        return cls(**values)
+
+
+def load_pipeline(model: str, radius: float | None = None):
+    """A stock pipeline around ``model``: builtin:NAME (tiny, converted on the fly with ``radius``), a
+    CLEAR folder / Hub repo (its base pipeline + the converted transformer) or a diffusers pipeline."""
+    from clear_surgery.hub import CLEAR_CONFIG_NAME, load_converted, resolve_folder
+
+    from .config import ClearConfig
+    from .rewrite import apply_clear
+
+    if model.startswith(BUILTIN_PREFIX):
+        pipe = tiny_pipeline(model)
+        if radius is not None:
+            apply_clear(pipe.transformer, ClearConfig(radius=radius))
+        return pipe
+    folder = resolve_folder(model) if not Path(model).is_dir() or (Path(model) / CLEAR_CONFIG_NAME).exists() else None
+    if folder is not None and (folder / CLEAR_CONFIG_NAME).is_file():
+        transformer = load_converted(folder)
+        base = json.loads((folder / CLEAR_CONFIG_NAME).read_text())["base_model"].get("id")
+        if base and base.startswith(BUILTIN_PREFIX):
+            pipe = tiny_pipeline(base)
+            pipe.transformer = transformer
+            return pipe
+        import diffusers
+
+        return diffusers.DiffusionPipeline.from_pretrained(base, transformer=transformer, torch_dtype=transformer.dtype)
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model)
+    if radius is not None:
+        apply_clear(pipe.transformer, ClearConfig(radius=radius))
+    return pipe
+
+
+def size_multiple(pipe) -> int:
+    patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
+    packing = 2 if "Flux" in type(pipe).__name__ else patch  # FLUX packs 2x2 latents into one token
+    return pipe.vae_scale_factor * packing
+
+
+def check_settings(pipe, s: GenerateSettings) -> None:
+    multiple = size_multiple(pipe)
+    for name, value in (("height", s.height), ("width", s.width), ("from-size", s.from_size)):
+        if value is not None and (value <= 0 or value % multiple):
+            raise GenerateError(f"{name} {value} is not a positive multiple of {multiple} (this pipeline's size step)")
+    if not 0 < s.strength <= 1:
+        raise GenerateError(f"strength must be in (0, 1], got {s.strength}")
+    if s.ntk_factor is not None and s.ntk_factor <= 0:
+        raise GenerateError(f"ntk-factor must be > 0, got {s.ntk_factor}")
+    if s.require_clear and getattr(pipe.transformer, "_clear_runtime", None) is None:
+        raise GenerateError(f"{type(pipe.transformer).__name__} has no CLEAR attention (--require-clear)")
+
+
+@contextlib.contextmanager
+def _high_resolution(pipe, s: GenerateSettings):
+    """NTK-scaled RoPE (FLUX: theta * factor) and proportional attention, for the call only."""
+    pos = getattr(pipe.transformer, "pos_embed", None)
+    theta = getattr(pos, "theta", None)
+    runtime = getattr(pipe.transformer, "_clear_runtime", None)
+    if s.ntk_factor and theta is None:
+        raise GenerateError(f"--ntk-factor needs a RoPE model; {type(pipe.transformer).__name__} has none")
+    if s.proportional_attention and runtime is None:
+        raise GenerateError("--proportional-attention needs a CLEAR model")
+    try:
+        if s.ntk_factor:
+            pos.theta = theta * s.ntk_factor
+        if runtime is not None:
+            runtime.proportional_attention = s.proportional_attention
+        yield
+    finally:
+        if theta is not None:
+            pos.theta = theta
+        if runtime is not None:
+            runtime.proportional_attention = False
+
+
+def _call_kwargs(pipe, s: GenerateSettings, height, width) -> dict:
+    kwargs = dict(prompt=s.prompt, height=height, width=width, num_inference_steps=s.steps,
+                  generator=torch.Generator().manual_seed(s.seed))
+    if s.guidance is not None:
+        kwargs["guidance_scale"] = s.guidance
+    tokenizer = getattr(pipe, "tokenizer_2", None)
+    if "Flux" in type(pipe).__name__ and tokenizer is not None:
+        kwargs["max_sequence_length"] = min(512, tokenizer.model_max_length)
+    return kwargs
+
+
+def _base_size(s: GenerateSettings, multiple: int) -> tuple[int, int]:
+    scale = s.from_size / max(s.height, s.width)
+    return (max(multiple, round(s.height * scale / multiple) * multiple),
+            max(multiple, round(s.width * scale / multiple) * multiple))
+
+
+def generate(pipe, s: GenerateSettings, *, progress=None):
+    """Returns a PIL image of s.width x s.height."""
+    from tqdm.auto import tqdm
+
+    check_settings(pipe, s)
+    if max(s.height, s.width) > 2048 and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()  # decode 4K-8K within memory
+    stages = tqdm(total=2 if s.from_size else 1, desc="generate", unit="stage", disable=progress is False)
+    with _high_resolution(pipe, s):
+        if not s.from_size:
+            image = pipe(**_call_kwargs(pipe, s, s.height, s.width)).images[0]
+            stages.update()
+        else:
+            import diffusers
+
+            height, width = _base_size(s, size_multiple(pipe))
+            stages.set_postfix_str(f"base {width}x{height}")
+            base_settings = dataclasses.replace(s, steps=s.base_steps or s.steps,
+                                                guidance=s.guidance if s.base_guidance is None else s.base_guidance)
+            base = pipe(**_call_kwargs(pipe, base_settings, height, width)).images[0]
+            stages.update()
+            stages.set_postfix_str(f"SDEdit {s.width}x{s.height}, strength {s.strength:g}")
+            refine = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+            if s.refine_shift is not None:
+                refine.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                                    shift=s.refine_shift)
+            upscaled = base.resize((s.width, s.height), resample=3)  # bicubic
+            image = refine(image=upscaled, strength=s.strength, **_call_kwargs(pipe, s, s.height, s.width)).images[0]
+            stages.update()
+    stages.close()
+    return image

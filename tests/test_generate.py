@@ -1,0 +1,97 @@
+import hashlib
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clear_surgery.surgery.cli import app
+from clear_surgery.surgery.generate import GenerateError, GenerateSettings, generate, load_pipeline
+
+runner = CliRunner()
+
+
+def gen(tmp_path, name, *args):
+    out = tmp_path / name
+    result = runner.invoke(app, ["generate", "--prompt", "a red robot in the city", "--steps", "2", "--out", str(out),
+                                 *args])
+    return result, out
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_flux_two_resolutions_and_sdedit_deterministic(tmp_path):
+    common = ["--model", "builtin:tiny-flux", "--radius", "2"]
+    for name, size in (("a.png", ["--height", "64", "--width", "96"]), ("b.png", ["--height", "128", "--width", "128"]),
+                       ("c.png", ["--height", "128", "--width", "96", "--from-size", "64", "--strength", "0.6"])):
+        result, out = gen(tmp_path, name, *common, *size)
+        assert result.exit_code == 0, result.output
+        image = Image.open(out)
+        assert image.format == "PNG" and image.size == (int(size[3]), int(size[1]))
+    again, out = gen(tmp_path, "c2.png", *common, "--height", "128", "--width", "96", "--from-size", "64",
+                     "--strength", "0.6")
+    assert again.exit_code == 0 and digest(out) == digest(tmp_path / "c.png")
+    other_seed, out = gen(tmp_path, "c3.png", *common, "--height", "128", "--width", "96", "--from-size", "64",
+                          "--strength", "0.6", "--seed", "1")
+    assert digest(out) != digest(tmp_path / "c.png")
+
+
+def test_generate_from_a_converted_folder_and_sd3(tmp_path):
+    assert runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--radius", "3", "--out",
+                               str(tmp_path / "conv")]).exit_code == 0
+    result, out = gen(tmp_path, "f.png", "--model", str(tmp_path / "conv"), "--require-clear", "--height", "64",
+                      "--width", "64")
+    assert result.exit_code == 0, result.output
+    result, out = gen(tmp_path, "s.png", "--model", "builtin:tiny-sd3", "--radius", "2", "--height", "64",
+                      "--width", "32", "--from-size", "32")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (32, 64)
+
+
+def test_high_resolution_settings_change_the_image():
+    pipe = load_pipeline("builtin:tiny-flux", radius=2)
+    base = GenerateSettings("a cat", 64, 64, steps=2)
+    plain = generate(pipe, base, progress=False).tobytes()
+    assert generate(pipe, GenerateSettings("a cat", 64, 64, steps=2, ntk_factor=4), progress=False).tobytes() != plain
+    assert generate(pipe, GenerateSettings("a cat", 64, 64, steps=2, proportional_attention=True),
+                    progress=False).tobytes() != plain
+    assert generate(pipe, base, progress=False).tobytes() == plain  # settings are undone after each call
+    assert pipe.transformer.pos_embed.theta == 10000 and not pipe.transformer._clear_runtime.proportional_attention
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--height", "62"], "height 62 is not a positive multiple of 4"),
+    (["--from-size", "30"], "from-size 30 is not a positive multiple of 4"),
+    (["--strength", "0"], "strength must be in (0, 1]"),
+    (["--strength", "1.5"], "strength must be in (0, 1]"),
+])
+def test_bad_settings_fail_with_one_message(tmp_path, args, message):
+    result, out = gen(tmp_path, "x.png", "--model", "builtin:tiny-flux", "--radius", "2", "--width", "64", *args)
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
+def test_require_clear_refuses_a_dense_model(tmp_path):
+    result, out = gen(tmp_path, "x.png", "--model", "builtin:tiny-flux", "--require-clear", "--height", "64",
+                      "--width", "64")
+    assert result.exit_code == 2 and "has no CLEAR attention (--require-clear)" in result.output
+    with pytest.raises(GenerateError, match="needs a CLEAR model"):
+        generate(load_pipeline("builtin:tiny-flux"), GenerateSettings("a", 64, 64, steps=1, proportional_attention=True))
+
+
+def test_highres_recipe_parses_and_runs_scaled_down(tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "highres-flux-dev.toml"
+    settings = GenerateSettings.from_recipe(recipe, prompt="a castle")
+    assert (settings.height, settings.width, settings.from_size, settings.ntk_factor) == (2048, 4096, 1024, 10)
+    assert settings.proportional_attention and settings.require_clear and settings.refine_shift == 10
+    # the same recipe on the tiny model, at a size a CPU can do
+    result, out = gen(tmp_path, "r.png", "--model", "builtin:tiny-flux", "--radius", "2", "--recipe", str(recipe),
+                      "--height", "64", "--width", "128", "--from-size", "64")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (128, 64)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[generate]\nheight = 64\nwidht = 64\n")
+    with pytest.raises(GenerateError, match=r"unknown \[generate\] keys \['widht'\]"):
+        GenerateSettings.from_recipe(bad, prompt="x")
