@@ -80,6 +80,38 @@ def _hidream():
                        pooled_embeds=_randn(1, 8), return_dict=False), 2 * T
 
 
+def _flux_like(class_name):
+    """FLUX-style models (packed tokens, img_ids/txt_ids): Bria, LongCat-Image, Ovis-Image."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    config = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, in_channels=16, axes_dims_rope=(4, 6, 6), pooled_projection_dim=32,
+                  out_channels=16)
+    model = cls(**{k: v for k, v in config.items() if k in accepted})
+    img = _ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
+    inputs = dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32), timestep=torch.tensor([0.5]),
+                  img_ids=img, txt_ids=torch.zeros(T, 3), return_dict=False)
+    if "pooled_projections" in inspect.signature(cls.forward).parameters:
+        inputs["pooled_projections"] = _randn(1, 32)
+    return model, inputs
+
+
+def _cogview4():
+    from diffusers import CogView4Transformer2DModel
+
+    model = CogView4Transformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2, text_embed_dim=32,
+                                       time_embed_dim=16, condition_dim=8, in_channels=4, out_channels=4,
+                                       rope_axes_dim=(8, 8))
+    size = torch.tensor([[GRID[0] * 16, GRID[1] * 16]])
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([500]), original_size=size, target_size=size,
+                       crop_coords=torch.zeros(1, 2), return_dict=False)
+
+
 def _builtin(name):
     from .builtin import load_builtin
 
@@ -97,6 +129,10 @@ FAMILIES = {
     "QwenImage (QwenImageTransformer2DModel)": _qwenimage,
     "QwenImage ControlNet (QwenImageControlNetModel)": _qwenimage_controlnet,
     "HiDream (HiDreamImageTransformer2DModel)": _hidream,
+    "Bria (BriaTransformer2DModel)": functools.partial(_flux_like, "BriaTransformer2DModel"),
+    "LongCat-Image (LongCatImageTransformer2DModel)": functools.partial(_flux_like, "LongCatImageTransformer2DModel"),
+    "Ovis-Image (OvisImageTransformer2DModel)": functools.partial(_flux_like, "OvisImageTransformer2DModel"),
+    "CogView4 (CogView4Transformer2DModel)": _cogview4,
 }
 
 
