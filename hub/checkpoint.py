@@ -77,7 +77,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: Path, max_shard
     split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS_PATTERN,
                                                max_shard_size=max_shard_size)
     files = list(split.filename_to_tensors.items())
-    for filename, names in tqdm(files, desc=desc, unit="file", disable=len(files) < 2 and None):
+    for filename, names in tqdm(files, desc=desc, unit="file", disable=len(files) < 2):
         shard = {n: state_dict[n].detach().contiguous().cpu() for n in names}
         save_file(shard, folder / filename, metadata={"format": "pt"})
     if split.is_sharded:

@@ -65,7 +65,7 @@ def render_model_card(meta: dict) -> str:
         "token grid, so attention cost grows linearly with resolution.", "",
         "## What was done", "",
         f"- radius: {config['radius']:g} tokens (strict: distance < r), token layout: {config['token_layout']}",
-        *([f"- per-layer radii: " + ", ".join(f"`{k}`: {v:g}" for k, v in config["radius_overrides"].items())]
+        *(["- per-layer radii: " + ", ".join(f"`{k}`: {v:g}" for k, v in config["radius_overrides"].items())]
           if config.get("radius_overrides") else []),
         f"- converted attention modules: {len(sites)} ({', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''})",
     ]

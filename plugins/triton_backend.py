@@ -56,8 +56,6 @@ def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, rais
         reason = f"dtype {q.dtype} (bf16 and fp16 only)"
     elif q.shape[-1] not in DEFAULT_TILE or v.shape[-1] != q.shape[-1]:
         reason = f"head dim {q.shape[-1]} (supported: {sorted(DEFAULT_TILE)}, same for v)"
-    elif q.requires_grad or k.requires_grad or v.requires_grad:
-        pass  # forward here, backward through flex: see module docstring
     if reason and raise_error:
         raise ValueError(f"triton backend: {reason}")
     return reason is None

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS, example_inputs, family_of, image_grid
-from .processors import clear_processor_for, is_clear_processor
+from .processors import clear_processor_for
 
 aten = torch.ops.aten
 SDPA_OPS = {
@@ -221,7 +221,3 @@ def _mark_duplicate_owners(report: AnalysisReport) -> None:
     for s in report.sites:
         if owners[s.module] > 1 and s.supported:
             s.supported, s.reason = False, f"module makes {owners[s.module]} attention calls"
-
-
-def is_converted(module) -> bool:
-    return is_clear_processor(getattr(module, "processor", None))

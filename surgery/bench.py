@@ -207,8 +207,8 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
             row["speedup"] = row["dense_ms"] / row["clear_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del inputs
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -137,7 +137,3 @@ CLEAR_PROCESSORS = {
 
 def clear_processor_for(processor) -> type[_ClearProcessorBase] | None:
     return CLEAR_PROCESSORS.get(type(processor))
-
-
-def is_clear_processor(processor) -> bool:
-    return isinstance(processor, _ClearProcessorBase)

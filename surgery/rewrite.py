@@ -135,7 +135,3 @@ def remove_clear(model: torch.nn.Module) -> None:
     for hook in runtime.hooks:
         hook.remove()
     del model._clear_runtime, model._clear_config, model._clear_sites, model._clear_analysis
-
-
-def clear_config_of(model) -> ClearConfig | None:
-    return getattr(model, "_clear_config", None)

@@ -193,7 +193,7 @@ def test_hub_ids_load_from_the_cache_offline(tmp_path):
     _cache_repo(tmp_path / "hf", "someone/clear-release", tmp_path / "layers")
     os.rename(tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_layers.safetensors",
               tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_local_3.safetensors")
-    script = f"""
+    script = """
 import torch
 from clear_surgery.hub import load_converted, load_clear_layers
 from clear_surgery.hub.clear_layers import resolve_file
