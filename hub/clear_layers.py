@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CLEAR_CONFIG_NAME, atomic_directory, package_version, tensor_mismatches, write_json
+from .checkpoint import (CLEAR_CONFIG_NAME, atomic_directory, package_version, read_tensor_specs,
+                         tensor_mismatches, write_json)
 
 LAYERS_FORMAT = "clear-surgery/clear-layers"
 LAYERS_FILE = "clear_layers.safetensors"
@@ -58,16 +58,15 @@ def save_clear_layers(model, out: str | os.PathLike, *, trained=DEFAULT_TRAINED,
     return out
 
 
-def _specs(path: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+def layer_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, (shape, _) in read_tensor_specs([path]).items()}
 
 
 def apply_layer_tensors(model, path: str | os.PathLike) -> list[str]:
     """Copy the tensors of a safetensors file into ``model`` (in place) after checking every name and
     shape; returns the names written. Nothing is changed when anything mismatches."""
     path = Path(path)
-    found = _specs(path)
+    found = layer_shapes(path)
     state = model.state_dict()
     expected = {n: tuple(state[n].shape) for n in found if n in state}
     problems = [p for p in tensor_mismatches(expected, found) if not p.startswith("missing")]

@@ -34,7 +34,7 @@ class UploadPlan:
 
 def validate_folder(folder: str | Path) -> UploadPlan:
     """Complete, loadable, with a model card: otherwise one error saying what is wrong."""
-    from .clear_layers import LAYERS_FILE, LAYERS_FORMAT, _specs
+    from .clear_layers import LAYERS_FILE, LAYERS_FORMAT, layer_shapes, read_layers_folder
     from .converted import FORMAT, read_clear_config, weight_files
 
     folder = Path(folder)
@@ -43,10 +43,8 @@ def validate_folder(folder: str | Path) -> UploadPlan:
     meta = json.loads((folder / CLEAR_CONFIG_NAME).read_text()) if (folder / CLEAR_CONFIG_NAME).is_file() else {}
     kind = meta.get("format")
     if kind == LAYERS_FORMAT:
-        meta = read_clear_config(folder, LAYERS_FORMAT)
-        if not (folder / LAYERS_FILE).is_file():
-            raise ValueError(f"{folder} is incomplete: no {LAYERS_FILE}")
-        if set(_specs(folder / LAYERS_FILE)) != set(meta["tensors"]):
+        meta = read_layers_folder(folder)  # raises when the layers file is missing
+        if set(layer_shapes(folder / LAYERS_FILE)) != set(meta["tensors"]):
             raise ValueError(f"{folder / LAYERS_FILE} does not hold the tensors clear_config.json lists")
     elif kind == FORMAT:
         from .converted import load_converted

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +53,29 @@ class GenerateSettings:
         return cls(**values)
 
 
+def _clear_folder(model: str) -> Path | None:
+    """The folder of the converted CLEAR model ``model`` names (local or Hub), or None for anything else.
+    On the Hub only clear_config.json is fetched to decide, not the whole repository."""
+    from huggingface_hub import hf_hub_download
+
+    from clear_surgery.hub import CLEAR_CONFIG_NAME, resolve_folder
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path if (path / CLEAR_CONFIG_NAME).is_file() else None
+    if model.startswith((".", "/", "~")):
+        return resolve_folder(model)  # raises: no such folder
+    try:
+        hf_hub_download(model, CLEAR_CONFIG_NAME)
+    except Exception:  # not a CLEAR repo (or unreachable): load it as a pipeline, which reports its own error
+        return None
+    return resolve_folder(model)
+
+
 def load_pipeline(model: str, radius: float | None = None):
     """A stock pipeline around ``model``: builtin:NAME (tiny, converted on the fly with ``radius``), a
     CLEAR folder / Hub repo (its base pipeline + the converted transformer) or a diffusers pipeline."""
-    from clear_surgery.hub import CLEAR_CONFIG_NAME, load_converted, resolve_folder
+    from clear_surgery.hub import load_converted, read_clear_config
 
     from .config import ClearConfig
     from .rewrite import apply_clear
@@ -67,10 +85,10 @@ def load_pipeline(model: str, radius: float | None = None):
         if radius is not None:
             apply_clear(pipe.transformer, ClearConfig(radius=radius))
         return pipe
-    folder = resolve_folder(model) if not Path(model).is_dir() or (Path(model) / CLEAR_CONFIG_NAME).exists() else None
-    if folder is not None and (folder / CLEAR_CONFIG_NAME).is_file():
+    folder = _clear_folder(model)
+    if folder is not None:
         transformer = load_converted(folder)
-        base = json.loads((folder / CLEAR_CONFIG_NAME).read_text())["base_model"].get("id")
+        base = read_clear_config(folder)["base_model"].get("id")
         if base and base.startswith(BUILTIN_PREFIX):
             pipe = tiny_pipeline(base)
             pipe.transformer = transformer
