@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -226,6 +227,35 @@ def coverage():
 
     _quiet_libraries()
     typer.echo(coverage_table())
+
+
+@app.command()
+def distill(
+    recipe: Path = typer.Option(..., "--recipe", help="TOML distillation recipe (see recipes/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: table.key=value (TOML value)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (overrides output.dir)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard an earlier run in the output folder"),
+    device: Optional[str] = typer.Option(None, help="default: cuda when available (torchrun: this process's GPU)"),
+):
+    """Heal a CLEAR model against its dense teacher; writes CLEAR layers to OUT/clear-layers.
+
+    Several GPUs: torchrun --nproc_per_node N -m clear_surgery.surgery.cli distill --recipe R.toml
+    """
+    from clear_surgery.surgery.distillation import distill as run, load_recipe
+
+    _quiet_libraries()
+    overrides = [*set_, *([f"output.dir={json.dumps(str(out))}"] if out else [])]
+    try:
+        parsed = load_recipe(recipe, overrides)
+        result = run(parsed, resume=resume, overwrite=overwrite, device=device)
+    except (ValueError, FileExistsError) as err:
+        _fail(str(err))
+    if result is not None:
+        metrics = json.loads((result / "clear_config.json").read_text())["metrics"]
+        typer.echo(f"held-out student-teacher MSE: zero-shot {metrics['zero_shot_student_teacher_mse']:.4g} -> "
+                   f"distilled {metrics['eval_student_teacher_mse']:.4g}")
+        typer.echo(f"wrote {result}")
 
 
 @app.command("push-to-hub")

@@ -72,9 +72,10 @@ def _clear_folder(model: str) -> Path | None:
     return resolve_folder(model)
 
 
-def load_pipeline(model: str, radius: float | None = None):
+def load_pipeline(model: str, radius: float | None = None, dtype: torch.dtype | None = None):
     """A stock pipeline around ``model``: builtin:NAME (tiny, converted on the fly with ``radius``), a
-    CLEAR folder / Hub repo (its base pipeline + the converted transformer) or a diffusers pipeline."""
+    CLEAR folder / Hub repo (its base pipeline + the converted transformer) or a diffusers pipeline;
+    ``dtype`` is the dtype of a pipeline loaded from the Hub or a folder (builtins stay float32)."""
     from clear_surgery.hub import load_converted, read_clear_config
 
     from .config import ClearConfig
@@ -98,7 +99,7 @@ def load_pipeline(model: str, radius: float | None = None):
         return diffusers.DiffusionPipeline.from_pretrained(base, transformer=transformer, torch_dtype=transformer.dtype)
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     if radius is not None:
         apply_clear(pipe.transformer, ClearConfig(radius=radius))
     return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 
 import torch
@@ -135,3 +136,20 @@ def remove_clear(model: torch.nn.Module) -> None:
     for hook in runtime.hooks:
         hook.remove()
     del model._clear_runtime, model._clear_config, model._clear_sites, model._clear_analysis
+
+
+@contextlib.contextmanager
+def dense_attention(model: torch.nn.Module):
+    """Run a CLEAR model with its original dense processors inside the block (the distillation
+    teacher shares every weight with the student this way); CLEAR comes back afterwards."""
+    runtime = getattr(model, "_clear_runtime", None)
+    if runtime is None:
+        raise ValueError("model has no CLEAR attention")
+    clear = {name: model.get_submodule(name).processor for name in runtime.originals}
+    try:
+        for name, processor in runtime.originals.items():
+            model.get_submodule(name).set_processor(processor)
+        yield model
+    finally:
+        for name, processor in clear.items():
+            model.get_submodule(name).set_processor(processor)

@@ -1,0 +1,454 @@
+"""Heal a CLEAR model against its dense teacher (the paper's distillation).
+
+One model in memory: the student is the teacher with CLEAR processors; the teacher's forward
+swaps the dense processors back in and, through ``functional_call``, its original copies of the
+trained tensors (the only extra memory). Loss = w_fm * flow matching + lambda * MSE(student
+output, teacher output) + mu * MSE of chosen layers' attention outputs.
+
+Multi-GPU: start with ``torchrun --nproc_per_node N -m clear_surgery.surgery.cli distill ...``;
+every process trains on its own slice of each global batch under DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import SampleCache, collate, generate_samples, samples_family
+from .recipe import OFFICIAL_ATTENTION_LAYERS, DistillRecipe
+from .state import TrainingState, checkpoints, load_checkpoint, restore_rng, rng_state, save_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+LAYERS_FOLDER = "clear-layers"
+EVAL_SEED_OFFSET = 7919
+
+
+class DistillError(ValueError):
+    pass
+
+
+def attention_layer_names(model, rule) -> list[str]:
+    """Converted attention modules whose outputs the attention loss compares."""
+    sites = list(model._clear_sites)
+    if rule == OFFICIAL_ATTENTION_LAYERS:
+        for stack in ("single_transformer_blocks", "transformer_blocks"):  # SD3 has no single-stream blocks
+            chosen = [s for s in sites if (m := re.fullmatch(rf"{stack}\.(\d+)\.attn", s)) and int(m[1]) % 4 == 0]
+            if chosen:
+                return chosen
+        return []
+    chosen = [s for s in sites if any(fnmatch.fnmatchcase(s, p) for p in rule)]
+    if not chosen:
+        raise DistillError(f"loss.attention_layers {rule} match no converted attention module; "
+                           f"converted: {sites[:6]}{' ...' if len(sites) > 6 else ''}")
+    return chosen
+
+
+class AttentionCapture:
+    """Forward hooks keeping the outputs of some attention modules while ``active``."""
+
+    def __init__(self, model, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.active = False
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            if self.active:  # gradient checkpointing re-runs blocks in backward: ignore those calls
+                parts = output if isinstance(output, tuple) else (output,)
+                self.outputs[name] = torch.cat([p.flatten(1) for p in parts], dim=1)
+        return hook
+
+    @contextlib.contextmanager
+    def record(self):
+        self.outputs, self.active = {}, True
+        try:
+            yield self.outputs
+        finally:
+            self.active = False
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def lr_lambda(train):
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        if train.schedule == "linear":
+            return max(0.0, 1 - progress)
+        if train.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def sample_sigmas(train, count: int, generator: torch.Generator) -> torch.Tensor:
+    if train.timestep_sampling == "uniform":
+        sigma = torch.rand(count, generator=generator)
+    else:  # logit-normal, as SD3/FLUX training
+        sigma = torch.sigmoid(torch.randn(count, generator=generator))
+    shift = train.timestep_shift
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+class Distiller:
+    """Owns the model, data, optimizer and loop of one distillation run."""
+
+    def __init__(self, recipe: DistillRecipe, *, model=None, dataset=None, device=None, progress: bool = True):
+        self.recipe, self.progress = recipe, progress
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                                              else "cpu"))
+        self.out = recipe.output_dir
+        t = recipe.train
+        self.autocast = t.precision == "bf16"
+        self.model = model if model is not None else self._load_model()
+        self.family = samples_family(self.model)
+        self._prepare_parameters()
+        self.dataset = dataset if dataset is not None else SampleCache(recipe.data_folder)
+        self.train_set, self.eval_set = self._split(self.dataset)
+        layers = attention_layer_names(self.model, recipe.loss.attention_layers) if recipe.loss.attention else []
+        self.capture = AttentionCapture(self.model, layers)
+        self.student = self.model
+        if self.world > 1:
+            self.student = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = [self.trained[n] for n in self.trained_names]
+        if t.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.betas),
+                                               weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.state = TrainingState(0, 0)
+        self._orders: dict[int, list[int]] = {}
+        global_batch = t.batch_size * self.world * t.gradient_accumulation_steps
+        self.fingerprint = {**recipe.training_fingerprint(), "global_batch": {"size": global_batch}}
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def _load_model(self):
+        from clear_surgery.surgery.loading import load_model
+        from clear_surgery.surgery.rewrite import apply_clear
+
+        r = self.recipe
+        model, self.source = load_model(r.model.teacher, subfolder=r.model.subfolder, revision=r.model.revision,
+                                        dtype=getattr(torch, r.model.dtype))
+        apply_clear(model, r.clear_config(), verify=False)  # the convert command verifies; here it costs a trace
+        return model.to(self.device)
+
+    def _prepare_parameters(self):
+        from clear_surgery.hub.clear_layers import trained_names
+
+        model = self.model
+        self.trained_names = trained_names(model, self.recipe.train.trained)
+        named = dict(model.named_parameters())
+        not_params = [n for n in self.trained_names if n not in named]
+        if not_params:
+            raise DistillError(f"train.trained selects buffers, which cannot be trained: {not_params[:5]}")
+        model.requires_grad_(False)
+        self.frozen_dtype = next(iter(named.values())).dtype
+        # The teacher keeps the original values; the student trains fp32 master copies (bf16 runs autocast).
+        self.teacher_tensors = {n: named[n].detach().clone() for n in self.trained_names}
+        for n in self.trained_names:
+            named[n].data = named[n].data.float()
+            named[n].requires_grad_(True)
+        self.trained = {n: named[n] for n in self.trained_names}
+        if self.recipe.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+
+    def _split(self, dataset):
+        holdout = self.recipe.data.holdout
+        if len(dataset) <= holdout:
+            raise DistillError(f"{len(dataset)} samples cannot leave {holdout} held out for evaluation")
+        if isinstance(dataset, SampleCache):
+            return dataset.split(holdout)
+        n = len(dataset) - holdout
+        return (torch.utils.data.Subset(dataset, range(n)), torch.utils.data.Subset(dataset, range(n, len(dataset))))
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def _amp(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _teacher(self, inputs):
+        from clear_surgery.surgery.rewrite import dense_attention
+
+        with torch.no_grad(), self._amp(), dense_attention(self.model), self.capture.record() as attn:
+            out = torch.func.functional_call(self.model, self.teacher_tensors, (), inputs, strict=False)[0]
+        return out, dict(attn)
+
+    def _batch(self, indices, dataset) -> dict:
+        return {k: v.to(self.device) for k, v in collate([dataset[i] for i in indices]).items()}
+
+    def _noised(self, batch, generators):
+        """Flow-matching inputs; each sample's noise and timestep come from its own generator."""
+        x0 = batch["latents"].float()
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(self.device)
+        sigma = torch.cat([sample_sigmas(self.recipe.train, 1, g) for g in generators]).to(self.device)
+        s = sigma.view(-1, *[1] * (x0.dim() - 1))
+        noisy = ((1 - s) * x0 + s * noise).to(batch["latents"].dtype)
+        inputs = self.family.model_inputs(self.model, batch, noisy, sigma, self.recipe.data.guidance)
+        return inputs, noise - x0
+
+    def _generators(self, seed: int, positions) -> list[torch.Generator]:
+        # Noise is a function of (seed, sample position): the same for any number of processes and
+        # after a resume, without carrying generator states around.
+        return [torch.Generator().manual_seed(seed * 1_000_003 + p) for p in positions]
+
+    def losses(self, batch, generators) -> dict[str, torch.Tensor]:
+        w = self.recipe.loss
+        inputs, target = self._noised(batch, generators)
+        teacher_out, teacher_attn = self._teacher(inputs) if (w.teacher_output or w.attention) else (None, {})
+        with self._amp(), self.capture.record() as attn:
+            out = self.student(**inputs)[0]
+        parts = {"flow_matching": F.mse_loss(out.float(), target.float())}
+        if w.teacher_output:
+            parts["teacher_output"] = F.mse_loss(out.float(), teacher_out.float())
+        if w.attention and attn:
+            parts["attention"] = torch.stack([F.mse_loss(attn[n].float(), teacher_attn[n].float())
+                                              for n in attn]).mean()
+        parts["loss"] = sum(getattr(w, k) * v for k, v in parts.items())
+        return parts
+
+    def _positions(self, micro: int) -> range:
+        """This process's slice of micro-batch ``micro`` of the current step in the sample stream."""
+        batch = self.recipe.train.batch_size
+        start = self.state.samples_seen + (micro * self.world + self.rank) * batch
+        return range(start, start + batch)
+
+    def _indices(self, positions) -> list[int]:
+        """Samples at these stream positions (a fresh shuffled order each epoch)."""
+        n = len(self.train_set)
+        out = []
+        for position in positions:
+            epoch, i = divmod(position, n)
+            if epoch not in self._orders:
+                generator = torch.Generator().manual_seed(self.recipe.train.seed + epoch)
+                self._orders = {epoch: torch.randperm(n, generator=generator).tolist()}
+            out.append(self._orders[epoch][i])
+        return out
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches per process."""
+        t = self.recipe.train
+        accum = t.gradient_accumulation_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(accum):
+            positions = self._positions(micro)
+            batch = self._batch(self._indices(positions), self.train_set)
+            last = micro == accum - 1
+            # DDP: all-reduce gradients once, after the last micro-batch
+            sync = self.student.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                parts = self.losses(batch, self._generators(t.seed, positions))
+                (parts["loss"] / accum).backward()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+        if t.max_grad_norm is not None:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.trained.values()), t.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.samples_seen += t.batch_size * self.world * accum
+        if self.world > 1:  # report the mean over processes
+            tensor = torch.tensor(list(totals.values()), device=self.device)
+            dist.all_reduce(tensor)
+            totals = dict(zip(totals, (tensor / self.world).tolist()))
+        return totals
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean MSE between student and teacher velocity on the held-out samples, with fixed noise
+        and timesteps (the same every call, so values are comparable across the run)."""
+        total, count = 0.0, 0
+        for i in range(len(self.eval_set)):
+            batch = self._batch([i], self.eval_set)
+            inputs, _ = self._noised(batch, self._generators(self.recipe.train.seed + EVAL_SEED_OFFSET, [i]))
+            teacher, _ = self._teacher(inputs)
+            with self._amp():
+                student = self.model(**inputs)[0]
+            total += float(F.mse_loss(student.float(), teacher.float()))
+            count += 1
+        return total / count
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        found = checkpoints(self.out)
+        if not found:
+            return False
+        state, trained, optim, rng = load_checkpoint(found[-1], self.fingerprint)
+        with torch.no_grad():
+            for name, value in trained.items():
+                self.trained[name].copy_(value)
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.scheduler.load_state_dict(optim["scheduler"])
+        restore_rng(rng)
+        self.state = state
+        return True
+
+    def _save(self):
+        rng = rng_state()
+        if self.rank == 0:
+            save_checkpoint(self.out, self.state, self.trained, self.optimizer, self.scheduler, rng,
+                            self.fingerprint, self.recipe.train.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+
+    def run(self, *, resume: bool = False) -> Path | None:
+        from tqdm.auto import tqdm
+
+        t = self.recipe.train
+        log = MetricsLog(self.out, enabled=self.rank == 0)
+        resumed = resume and self.resume()
+        if resumed:
+            log.truncate_after(self.state.step)
+        else:
+            log.reset()
+            log.write({"step": 0, "eval/student_teacher_mse": self.evaluate()})
+        bar = tqdm(total=t.steps, initial=self.state.step, desc="distill", unit="step",
+                   disable=not self.progress or self.rank != 0)
+        while self.state.step < t.steps:
+            started = time.perf_counter()
+            values = self.step()
+            values["step_time_s"] = time.perf_counter() - started
+            values["lr"] = self.scheduler.get_last_lr()[0]
+            if self.device.type == "cuda":
+                values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            step = self.state.step
+            if step % t.log_every == 0 or step == t.steps:
+                log.write({"step": step, **{f"train/{k}" if k not in ("lr",) else k: v for k, v in values.items()}})
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                log.write({"step": step, "eval/student_teacher_mse": self.evaluate()})
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                self._save()
+            bar.update()
+            bar.set_postfix(loss=f"{values['loss']:.4g}")
+        bar.close()
+        final = self.evaluate()
+        log.write({"step": self.state.step, "eval/student_teacher_mse": final})
+        log.close()
+        return self.save_layers(final) if self.rank == 0 else None
+
+    def save_layers(self, final_mse: float) -> Path:
+        from clear_surgery.hub.clear_layers import save_clear_layers
+
+        self.capture.remove()
+        zero_shot = MetricsLog.first_eval(self.out)
+        for param in self.trained.values():  # back to the model's own dtype for release
+            param.data = param.data.to(self.frozen_dtype)
+        metrics = {"distill_steps": self.state.step, "eval_student_teacher_mse": final_mse,
+                   "zero_shot_student_teacher_mse": zero_shot}
+        base = {"id": self.recipe.model.teacher, "revision": self.recipe.model.revision}
+        return save_clear_layers(self.model, self.out / LAYERS_FOLDER, trained=self.recipe.train.trained,
+                                 base_model=base, metrics=metrics, overwrite=True)
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed); a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled, self.tensorboard = out / METRICS_FILE, enabled, None
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    @staticmethod
+    def first_eval(out: Path) -> float | None:
+        for line in (out / METRICS_FILE).read_text().splitlines():
+            record = json.loads(line)
+            if "eval/student_teacher_mse" in record:
+                return record["eval/student_teacher_mse"]
+        return None
+
+
+def _init_distributed() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def check_output(recipe: DistillRecipe, *, resume: bool, overwrite: bool) -> None:
+    out = recipe.output_dir
+    if (out / LAYERS_FOLDER).exists() and not overwrite:
+        raise DistillError(f"{out / LAYERS_FOLDER} already exists: this run is finished (pass --overwrite to "
+                           "train again)")
+    if checkpoints(out) and not resume and not overwrite:
+        raise DistillError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                           "or --overwrite to start over")
+
+
+def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+            device=None) -> Path | None:
+    """Generate (or reuse) the teacher samples, train, save CLEAR layers to <output.dir>/clear-layers."""
+    import shutil
+
+    check_output(recipe, resume=resume, overwrite=overwrite)
+    started = _init_distributed()
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if overwrite and rank == 0:
+            for name in (LAYERS_FOLDER, "checkpoints", METRICS_FILE, "tensorboard"):
+                path = recipe.output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if recipe.data.generates and rank == 0:
+            generate_samples(recipe, device=device, progress=progress)
+        if dist.is_initialized():
+            dist.barrier()
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        (recipe.output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        return Distiller(recipe, device=device, progress=progress).run(resume=resume)
+    finally:
+        if started:
+            dist.destroy_process_group()
