@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .layout import TokenLayout, classify_blocks, validate_call
+from .layout import TokenLayout, classify_blocks, image_positions, validate_call
 
 try:  # triton is optional (the `triton` extra); the backend registers only when it imports
     import triton
@@ -39,6 +39,11 @@ def kernel_config(head_dim: int, radius: float):
         if d == head_dim and radius <= max_r:
             return bm, bn, warps, stages
     raise ValueError(f"no triton config for head dim {head_dim}")
+
+
+def use_mask_table() -> bool:
+    """Window masks of regular block pairs from a precomputed table (CLEAR_MASK_TABLE=0: always computed)."""
+    return os.environ.get("CLEAR_MASK_TABLE", "1") != "0"
 
 
 def interpreting() -> bool:
@@ -73,7 +78,8 @@ def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def image_block_lists(height: int, width: int, tile, radius: float, block_m: int, block_n: int,
                       device: torch.device):
     """Per image query block: the image key blocks to visit without and with the window mask, and
-    whether to visit the ragged last key block (bounds-checked and masked)."""
+    whether to visit the ragged last key block (bounds-checked and masked); plus, for the partial
+    blocks, an entry of a table of precomputed window masks (or -1: compute the mask) and the table."""
     image_only = TokenLayout(0, True, height, width, tile)
     any_true, all_true = classify_blocks(image_only, radius, block_m, block_n, device)
     ragged = torch.zeros(any_true.shape[0], dtype=torch.int32, device=device)
@@ -81,7 +87,54 @@ def image_block_lists(height: int, width: int, tile, radius: float, block_m: int
         ragged = any_true[:, -1].to(torch.int32).contiguous()
         any_true[:, -1] = all_true[:, -1] = False
     full = all_true & any_true
-    return (*_compact(full), *_compact(any_true & ~full), ragged)
+    part_count, part_index = _compact(any_true & ~full)
+    entries, table = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
+    return (*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device))
+
+
+def regular_blocks(height: int, width: int, tile, block: int):
+    """Blocks whose tokens fill one rectangle of the block shape (tile, or 1 x block in raster order),
+    so that the window mask between two of them depends only on their offset: (regular, y0, x0)."""
+    bh, bw = tile if tile is not None else (1, block)
+    count = height * width // block
+    if bh * bw != block or count == 0:
+        return torch.zeros(0, dtype=torch.bool), None, None
+    y, x = image_positions(torch.arange(count * block).view(count, block), height, width, tile)
+    c = torch.arange(block)
+    y0, x0 = y[:, :1], x[:, :1]
+    regular = ((y == y0 + c // bw) & (x == x0 + c % bw)).all(1)
+    return regular, y0[:, 0], x0[:, 0]
+
+
+def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index):
+    """(entries like part_index: table row or -1, table (rows, block_m, block_n) int8 window masks)."""
+    part_count, part_index = part_count.cpu(), part_index.cpu()
+    entries = torch.full(part_index.shape, -1, dtype=torch.int32)
+    empty = torch.zeros(1, block_m, block_n, dtype=torch.int8)
+    if block_m != block_n:
+        return entries, empty
+    regular, y0, x0 = regular_blocks(height, width, tile, block_m)
+    if not regular.any():
+        return entries, empty
+    listed = torch.arange(part_index.shape[1])[None, :] < part_count[:, None]
+    qb = torch.arange(part_index.shape[0])[:, None].expand_as(part_index)
+    kb = part_index.long()
+    n = regular.numel()
+    usable = listed & (qb < n) & (kb < n)
+    usable &= regular[qb.clamp(max=n - 1)] & regular[kb.clamp(max=n - 1)]
+    dy = (y0[qb.clamp(max=n - 1)] - y0[kb.clamp(max=n - 1)])[usable]
+    dx = (x0[qb.clamp(max=n - 1)] - x0[kb.clamp(max=n - 1)])[usable]
+    if dy.numel() == 0:
+        return entries, empty
+    offsets, row = torch.unique(torch.stack([dy, dx], 1), dim=0, return_inverse=True)
+    entries[usable] = row.to(torch.int32)
+    bh, bw = tile if tile is not None else (1, block_m)
+    c = torch.arange(block_m)
+    ry, rx = c // bw, c % bw  # position of a token inside its block
+    d_y = offsets[:, 0, None, None] + ry[None, :, None] - ry[None, None, :]
+    d_x = offsets[:, 1, None, None] + rx[None, :, None] - rx[None, None, :]
+    table = (d_y * d_y + d_x * d_x <= max_visible_d2(radius)).to(torch.int8)
+    return entries, table.contiguous()
 
 
 def max_visible_d2(radius: float) -> int:
@@ -95,20 +148,21 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     block_m, block_n, warps, stages = kernel_config(head_dim, radius)
     out = torch.empty_like(q)
     text_start = 0 if layout.text_first else layout.image_tokens
-    full_count, full_index, part_count, part_index, ragged = image_block_lists(
+    full_count, full_index, part_count, part_index, ragged, entries, table = image_block_lists(
         layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
     text_blocks = -(-layout.text_len // block_m)
     image_blocks = -(-layout.image_tokens // block_m)
     qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
     th, tw = layout.tile or (1, 1)
-    grid = (text_blocks + image_blocks, batch * heads)
+    grid = ((text_blocks + image_blocks) * batch * heads,)
     clear_fwd_kernel[grid](
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
+        heads, batch * heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
         th, tw, max_visible_d2(radius), qk_scale, full_count, full_index, part_count, part_index, ragged,
-        full_index.shape[1], part_index.shape[1], text_blocks,
+        full_index.shape[1], part_index.shape[1], text_blocks, image_blocks, entries, table,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, TILED=layout.tile is not None,
+        USE_TABLE=use_mask_table() and bool((entries >= 0).any()),
         UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
     )
     return out

@@ -35,7 +35,7 @@ def _positions(i, GH, GW, TH, TW, TILED: tl.constexpr):
 def _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, limit, offs_n, offs_d,
                   qy, qx, R2, GH, GW, TH, TW,
                   MASK_BOUNDS: tl.constexpr, MASK_WINDOW: tl.constexpr, TILED: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr):
+                  UPCAST_DOT: tl.constexpr, TABLE=None, offs_m=None, MASK_TABLE: tl.constexpr = False):
     kn = start + offs_n
     # k is loaded as (BLOCK_N, HEAD_DIM) rows and transposed for the dot
     if MASK_BOUNDS:
@@ -49,7 +49,10 @@ def _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, l
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k))  # q carries the softmax scale (log2 units)
-    if MASK_WINDOW:
+    if MASK_TABLE:  # the window mask of this block pair, precomputed for its (query, key) block offset
+        keep = tl.load(TABLE + offs_m[:, None] * offs_n.shape[0] + offs_n[None, :])
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_WINDOW:
         ky, kx = _positions(kn, GH, GW, TH, TW, TILED)
         dy = qy[:, None] - ky[None, :]
         dx = qx[:, None] - kx[None, :]
@@ -84,13 +87,27 @@ def _attend_segment(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, length
 @triton.jit
 def _attend_listed(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, image_len, offs_n, offs_d, qy, qx,
                    R2, GH, GW, TH, TW, COUNT, INDEX, width, block, BLOCK_N: tl.constexpr,
-                   MASK_WINDOW: tl.constexpr, TILED: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """The image key blocks listed for this query block (full ones unmasked, partial ones masked)."""
+                   MASK_WINDOW: tl.constexpr, TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   OFFSET=None, TABLE=None, offs_m=None, USE_TABLE: tl.constexpr = False):
+    """The image key blocks listed for this query block (full ones unmasked, partial ones masked:
+    from the mask table when the pair has a table entry, else computed from token positions)."""
     for i in range(0, tl.load(COUNT + block)):
         kb = tl.load(INDEX + block * width + i)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
-                                      image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
-                                      False, MASK_WINDOW, TILED, UPCAST_DOT)
+        if USE_TABLE:
+            entry = tl.load(OFFSET + block * width + i)
+            if entry >= 0:
+                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
+                                              image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
+                                              False, True, TILED, UPCAST_DOT, TABLE + entry * (BLOCK_N * BLOCK_N),
+                                              offs_m, True)
+            else:
+                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
+                                              image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
+                                              False, True, TILED, UPCAST_DOT)
+        else:
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
+                                          image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
+                                          False, MASK_WINDOW, TILED, UPCAST_DOT)
     return acc, l_i, m_i
 
 
@@ -99,27 +116,32 @@ def clear_fwd_kernel(
     Q, K, V, O,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
-    HEADS, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, GH, GW, TH, TW, R2, qk_scale,
-    FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks,
+    HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, GH, GW, TH, TW, R2, qk_scale,
+    FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks, image_q_blocks,
+    PART_OFFSET, MASK_TABLE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TILED: tl.constexpr,
-    UPCAST_DOT: tl.constexpr = False,
+    USE_TABLE: tl.constexpr = False, UPCAST_DOT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HEADS
-    h = pid_bh % HEADS
+    # 1-D grid: the long text-query programs of every (batch, head) first, so they start at once
+    # and overlap the short image-query programs instead of forming a tail at the end.
+    pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    is_text = pid_m < text_q_blocks
+    n_text = text_q_blocks * BH
+    is_text = pid < n_text
     if is_text:
         q_start = TEXT_START
         q_len = TEXT_LEN
-        block = pid_m
+        block = pid % text_q_blocks
+        pid_bh = pid // text_q_blocks
     else:
         q_start = IMAGE_START
         q_len = IMAGE_LEN
-        block = pid_m - text_q_blocks
+        block = (pid - n_text) % image_q_blocks
+        pid_bh = (pid - n_text) // image_q_blocks
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
     rows = block * BLOCK_M + offs_m
     row_ok = rows < q_len
     q_ptr = Q + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_qn + offs_d[None, :]
@@ -147,7 +169,7 @@ def clear_fwd_kernel(
                                        BLOCK_N, False, TILED, UPCAST_DOT)
         acc, l_i, m_i = _attend_listed(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, IMAGE_LEN, offs_n,
                                        offs_d, qy, qx, R2, GH, GW, TH, TW, PART_COUNT, PART_INDEX, max_part, block,
-                                       BLOCK_N, True, TILED, UPCAST_DOT)
+                                       BLOCK_N, True, TILED, UPCAST_DOT, PART_OFFSET, MASK_TABLE, offs_m, USE_TABLE)
         if tl.load(RAGGED + block) != 0:
             last = (IMAGE_LEN // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, last,

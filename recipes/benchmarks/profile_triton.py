@@ -1,6 +1,7 @@
 """Where the triton kernel's time goes, by ablation (H200, FLUX shapes, one layer). Each variant
 changes only the host-side block lists, so the same compiled kernel runs:
-  full          the real kernel
+  full          the real kernel (window masks of regular block pairs from the mask table)
+  computed-mask the real kernel with every window mask computed from token positions (CLEAR_MASK_TABLE=0)
   no-mask       partial blocks visited without the window mask (wrong output: timing only)
   text-only     image queries visit only the text keys (and text queries everything)
   dense-kernel  r beyond the grid: every block full, i.e. our kernel as a dense attention
@@ -30,14 +31,16 @@ def to_mask(counts, index, blocks):
 def variant_lists(kind):
     @functools.lru_cache(maxsize=8)  # built once per shape, outside the timed calls
     def lists(height, width, tile, radius, bm, bn, device):
-        fc, fi, pc, pi, ragged = real_lists(height, width, tile, radius, bm, bn, device)
+        fc, fi, pc, pi, ragged, entries, table = real_lists(height, width, tile, radius, bm, bn, device)
+        none = torch.full_like(entries[:, :1], -1)
         if kind == "no-mask":  # visit the same blocks, none masked (the ragged last one stays masked)
             blocks = -(-height * width // bn)
             visit = to_mask(fc, fi, blocks) | to_mask(pc, pi, blocks)
-            return (*tb._compact(visit), torch.zeros_like(pc), pi[:, :1], ragged)
+            return (*tb._compact(visit), torch.zeros_like(pc), pi[:, :1], ragged, none, table)
         if kind == "text-only":
-            return torch.zeros_like(fc), fi[:, :1], torch.zeros_like(pc), pi[:, :1], torch.zeros_like(ragged)
-        return fc, fi, pc, pi, ragged
+            return (torch.zeros_like(fc), fi[:, :1], torch.zeros_like(pc), pi[:, :1], torch.zeros_like(ragged), none,
+                    table)
+        return fc, fi, pc, pi, ragged, entries, table
     return lists
 
 
@@ -47,10 +50,11 @@ for size, radius in [(4096, 16), (8192, 16), (4096, 8), (4096, 32)]:
     q, k, v = (torch.randn(1, T + side * side, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     layout = TokenLayout(T, True, side, side, tb.DEFAULT_TILE[D])
     dense_ms = time_ms(lambda: LAYER_BACKENDS["dense-cudnn"](q, k, v, None, None), 1, 3)
-    for kind in ("full", "no-mask", "text-only", "dense-kernel"):
+    for kind in ("full", "computed-mask", "no-mask", "text-only", "dense-kernel"):
         r = 10 * side if kind == "dense-kernel" else radius
         if kind == "dense-kernel" and size == 8192:
             continue
+        os.environ["CLEAR_MASK_TABLE"] = "0" if kind == "computed-mask" else "1"
         tb.image_block_lists = variant_lists(kind)
         tb.triton_clear_attention(q, k, v, layout, r)  # builds and caches the lists
         ms = time_ms(lambda: tb.triton_clear_attention(q, k, v, layout, r), 2, 10)
