@@ -19,7 +19,7 @@ dtype = torch.float32 if TINY else torch.bfloat16
 VAE = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
            norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-           use_post_quant_conv=False)
+           use_post_quant_conv=False, sample_size=1024)  # sample_size sets the VAE tile size (FLUX: 1024)
 config = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
               joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)) if TINY else FLUX_DEV
 vae_config = dict(VAE, block_out_channels=(32, 32, 32, 32), norm_num_groups=8) if TINY else VAE
