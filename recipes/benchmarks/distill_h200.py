@@ -2,7 +2,8 @@
 trained as recipes/flux-dev-r16.toml does (bf16 autocast, fp32 master copies of the trained
 attention tensors, AdamW, gradient checkpointing, flow-matching + output + attention loss), at
 1024x1024, batch 2, for the flex and triton backends. Writes $OUT/distill.json.
-    python recipes/benchmarks/distill_h200.py [--tiny]   (--tiny: a toy model on the CPU)"""
+    python recipes/benchmarks/distill_h200.py [--tiny]   (--tiny: a toy model on the CPU)
+    torchrun --nproc_per_node 2 recipes/benchmarks/distill_h200.py   (DDP, triton only: distill-ddp.json)"""
 import json
 import os
 import sys
@@ -15,9 +16,12 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from clear_surgery.surgery import ClearConfig, analyze, apply_clear
 from clear_surgery.surgery.bench import FLUX_DEV, build_flux_dev
 from clear_surgery.surgery.distillation import Distiller, RandomSamples, load_recipe
+from clear_surgery.surgery.distillation.trainer import _init_distributed
 
 TINY = "--tiny" in sys.argv
-device = "cpu" if TINY else "cuda"
+DDP = _init_distributed()
+rank = torch.distributed.get_rank() if DDP else 0
+device = "cpu" if TINY else f"cuda:{torch.cuda.current_device()}"
 config = dict(FLUX_DEV, num_layers=1, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
               joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)) if TINY else FLUX_DEV
 size, batch, steps, warmup = (128, 2, 3, 1) if TINY else (1024, 2, 6, 2)
@@ -32,36 +36,41 @@ shapes = dict(latents=(side * side, config["in_channels"]), prompt_embeds=(text,
 with torch.device("meta"):
     report = analyze(FluxTransformer2DModel(**config))
 rows = []
-for backend in ["reference", "flex"] if TINY else ["flex", "triton"]:
+for backend in ["reference", "flex"] if TINY else ["triton"] if DDP else ["flex", "triton"]:
     recipe = load_recipe(recipe_file, [f'output.dir="{out / ("distill-" + backend)}"', f"train.batch_size={batch}",
                                        "train.gradient_accumulation_steps=1", "data.holdout=1",
                                        f'clear.backend="{backend}"', f"train.steps={steps}"])
     model = build_flux_dev(device, torch.bfloat16, config)
     apply_clear(model, recipe.clear_config(), analysis=report, verify=False)
-    if device == "cuda":
+    if device != "cpu":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if device != "cpu" else None
     distiller = Distiller(recipe, model=model, dataset=RandomSamples(shapes, 64, fixed=ids), device=device,
                           progress=False)
     times = []
     for i in range(steps):
-        if device == "cuda":
+        if device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         values = distiller.step()
-        if device == "cuda":
+        if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        print(backend, i, f"{times[-1]:.3f}s", {k: round(v, 4) for k, v in values.items()}, flush=True)
-    row = dict(backend=backend, res=size, batch=batch, token_layout=recipe.clear.token_layout,
+        if rank == 0:
+            print(backend, i, f"{times[-1]:.3f}s", {k: round(v, 4) for k, v in values.items()}, flush=True)
+    row = dict(backend=backend, res=size, batch=batch, processes=distiller.world, token_layout=recipe.clear.token_layout,
                radius=recipe.clear.radius, trained_tensors=len(distiller.trained_names),
                trained_params=sum(p.numel() for p in distiller.trained.values()),
                step_s=sorted(times[warmup:])[len(times[warmup:]) // 2], step_times_s=times,
                weights_gib=weights_gib,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None)
     rows.append(row)
-    print(json.dumps(row), flush=True)
+    if rank == 0:
+        print(json.dumps(row), flush=True)
     del distiller, model
-json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows},
-          open(out / "distill.json", "w"), indent=1)
+if rank == 0:
+    json.dump({"device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "rows": rows},
+              open(out / ("distill-ddp.json" if DDP else "distill.json"), "w"), indent=1)
+if DDP:
+    torch.distributed.destroy_process_group()
