@@ -112,6 +112,80 @@ def _cogview4():
                        crop_coords=torch.zeros(1, 2), return_dict=False)
 
 
+def _auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    model = AuraFlowTransformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                       num_single_dit_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                       joint_attention_dim=32, caption_projection_dim=32, out_channels=4,
+                                       pos_embed_max_size=64)
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([500.0]), return_dict=False)
+
+
+def _flux3():
+    from diffusers import Flux3Transformer2DModel
+
+    model = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    timestep_channels=32, axes_dims_rope=(4, 4, 4, 4))
+    img = _ids(4, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([0.5]), img_ids=img, txt_ids=torch.zeros(T, 4), return_dict=False)
+
+
+def _hunyuanimage():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    model = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, text_embed_dim=32,
+                                           rope_axes_dim=(8, 8))
+    return model, dict(hidden_states=_randn(1, 4, *GRID), timestep=torch.tensor([500.0]),
+                       encoder_hidden_states=_randn(1, T, 32),
+                       encoder_attention_mask=torch.ones(1, T, dtype=torch.bool), return_dict=False)
+
+
+def _cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    model = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
+                                           num_attention_heads=2, out_channels=4, text_embed_dim=32, time_embed_dim=16,
+                                           condition_dim=8, pos_embed_max_size=32, sample_size=16)
+    size = torch.tensor([[GRID[0] * 16, GRID[1] * 16]])
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([500]), original_size=size, target_size=size,
+                       crop_coords=torch.zeros(1, 2), return_dict=False)
+
+
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    model = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
+                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                      axes_dim_rope=(4, 6, 6), axes_lens=(64, 64, 64), cap_feat_dim=32)
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), timestep=torch.tensor([0.5]),
+                       encoder_hidden_states=_randn(1, T, 32),
+                       encoder_attention_mask=torch.ones(1, T, dtype=torch.bool), return_dict=False)
+
+
+def _zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                     cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 64, 64])
+    return model, dict(x=[_randn(4, 1, GRID[0] * 2, GRID[1] * 2)], t=torch.tensor([0.5]), cap_feats=[_randn(T, 32)],
+                       return_dict=False)
+
+
+def _ernie_image():
+    from diffusers import ErnieImageTransformer2DModel
+
+    model = ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=64,
+                                         in_channels=4, out_channels=4, text_in_dim=32, rope_axes_dim=(4, 6, 6))
+    return model, dict(hidden_states=_randn(1, 4, *GRID), timestep=torch.tensor([0.5]), text_bth=_randn(1, T, 32),
+                       text_lens=torch.tensor([T]), return_dict=False)
+
+
 def _builtin(name):
     from .builtin import load_builtin
 
@@ -133,6 +207,13 @@ FAMILIES = {
     "LongCat-Image (LongCatImageTransformer2DModel)": functools.partial(_flux_like, "LongCatImageTransformer2DModel"),
     "Ovis-Image (OvisImageTransformer2DModel)": functools.partial(_flux_like, "OvisImageTransformer2DModel"),
     "CogView4 (CogView4Transformer2DModel)": _cogview4,
+    "CogView3-Plus (CogView3PlusTransformer2DModel)": _cogview3plus,
+    "FLUX.3 (Flux3Transformer2DModel)": _flux3,
+    "HunyuanImage (HunyuanImageTransformer2DModel)": _hunyuanimage,
+    "AuraFlow (AuraFlowTransformer2DModel)": _auraflow,
+    "Ernie-Image (ErnieImageTransformer2DModel)": _ernie_image,
+    "Lumina2 (Lumina2Transformer2DModel)": _lumina2,
+    "Z-Image (ZImageTransformer2DModel)": _zimage,
 }
 
 
@@ -166,7 +247,8 @@ def coverage_rows() -> list[dict]:
         elif reasons:
             row["rewrite"] = "no: " + "; ".join(reasons)
         else:
-            row["rewrite"] = "no: no joint text-image attention"
+            others = sorted({s.reason for s in report.sites if s.kind == "other" and s.reason})
+            row["rewrite"] = "no: no joint text-image attention" + (f" ({'; '.join(others)})" if others else "")
         rows.append(row)
     return rows
 
