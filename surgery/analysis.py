@@ -143,6 +143,14 @@ def _compute_op_counts(graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _known_family(model) -> bool:
+    try:
+        family_of(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _classify(model, node, text: int, image: int) -> AttentionSite:
     is_clear = node.target == CLEAR_OP
     q, k = node.args[0], node.args[1]
@@ -179,9 +187,11 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
         reason = "no diffusers attention module owns this call"
     else:
         clear_cls = clear_processor_for(processor)
-        if clear_cls is None:
-            reason = f"processor {type(processor).__name__} has no CLEAR counterpart"
-        elif ("text_first" if clear_cls.text_first else "image_first") != order:
+        if clear_cls is None and not _known_family(model):
+            # the generic route (ClearSDPAProcessor) needs the family to read each call's image grid
+            reason = (f"processor {type(processor).__name__} has no CLEAR counterpart, and {type(model).__name__} "
+                      "is no family whose image grid clear-surgery can read")
+        elif clear_cls is not None and ("text_first" if clear_cls.text_first else "image_first") != order:
             reason = f"segment order {order} differs from what {clear_cls.__name__} builds"
     return AttentionSite(module=module, kind=kind, op="clear" if is_clear else "sdpa", order=order,
                          query_tokens=q_len, key_tokens=k_len, heads=heads, head_dim=qs[-1],

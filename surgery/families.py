@@ -109,6 +109,28 @@ def _flux_inputs(model, text_len, height, width, batch, dtype, device):
     return inputs
 
 
+def _flux_like_inputs(model, text_len, height, width, batch, dtype, device):
+    """FLUX-style models of other families (packed tokens, img_ids / txt_ids with one column per
+    RoPE axis, rows and columns in axes 1 and 2), built from the config and forward's signature."""
+    cfg = model.config
+    params = _forward_signature(type(model)).parameters
+    axes = len(cfg.axes_dims_rope)
+    ids = torch.zeros(height, width, axes)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    t = functools.partial(torch.randn, dtype=dtype, device=device)
+    inputs = dict(hidden_states=t(batch, height * width, cfg.in_channels),
+                  encoder_hidden_states=t(batch, text_len, cfg.joint_attention_dim),
+                  timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
+                  img_ids=ids.reshape(-1, axes).to(device=device, dtype=dtype),
+                  txt_ids=torch.zeros(text_len, axes, device=device, dtype=dtype), return_dict=False)
+    if "pooled_projections" in params and getattr(cfg, "pooled_projection_dim", None):
+        inputs["pooled_projections"] = t(batch, cfg.pooled_projection_dim)
+    if "guidance" in params and getattr(cfg, "guidance_embeds", False):
+        inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+    return inputs
+
+
 def _sd3_inputs(model, text_len, height, width, batch, dtype, device):
     cfg = model.config
     p = cfg.patch_size
@@ -165,6 +187,11 @@ FAMILIES = (
                 _packed_tokens),
     ModelFamily("sd3", ("SD3Transformer2DModel", "SD3ControlNetModel"), _sd3_inputs, _grid_from_latent,
                 _latent_tokens),
+    # Their attention processors have no dedicated CLEAR version: the generic one routes their
+    # single SDPA call (the rewrite's re-trace checks that nothing else changed).
+    ModelFamily("flux-like", ("Flux2Transformer2DModel", "Flux3Transformer2DModel", "BriaTransformer2DModel",
+                              "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel"),
+                _flux_like_inputs, _grid_from_ids, _packed_tokens),
     ModelFamily("pixart", ("PixArtTransformer2DModel",), _pixart_inputs, _grid_from_latent, _latent_tokens),
 )
 

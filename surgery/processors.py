@@ -3,6 +3,7 @@ replaced by ``clear::attention``. Modules keep their weights (state-dict keys un
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ class _ClearProcessorBase:
         self.radius = float(radius)
         self.backend = backend
 
-    def _attend(self, query, key, value, attention_mask):
+    def _attend(self, query, key, value, attention_mask, scale=None):
         """(batch, tokens, heads, head_dim) in, same out."""
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__}: attention masks are not supported by CLEAR attention")
@@ -48,7 +49,6 @@ class _ClearProcessorBase:
         text_len = query.shape[1] - height * width
         if self.runtime.observer is not None:
             return self.runtime.observer(self, query, key, value, text_len, height, width)
-        scale = None
         if self.runtime.proportional_attention:  # the official high-resolution setting (4608 = 1024² FLUX tokens)
             scale = math.sqrt(math.log(query.shape[1], 4608) / query.shape[-1])
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
@@ -126,6 +126,59 @@ class ClearJointAttnProcessor(_ClearProcessorBase):
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class _RouteSDPA(torch.overrides.TorchFunctionMode):
+    """Sends scaled_dot_product_attention calls to a CLEAR processor (other ops run unchanged)."""
+
+    def __init__(self, processor):
+        super().__init__()
+        self.processor = processor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return self.processor.sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class ClearSDPAProcessor(_ClearProcessorBase):
+    """Any stock processor whose joint attention is one scaled_dot_product_attention over the
+    concatenated text+image sequence: the stock processor runs unchanged and that one call goes
+    to ``clear::attention``. Used where no dedicated CLEAR processor exists; the rewrite re-traces
+    the model and undoes itself unless exactly the attention call changed."""
+
+    def __init__(self, original, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = "",
+                 text_first: bool = True):
+        super().__init__(runtime, radius, backend, name)
+        self.original, self.text_first = original, text_first
+        # Attention modules read the processor's __call__ signature to filter their kwargs.
+        def call(attn, *args, **kwargs):
+            return self._call(attn, *args, **kwargs)
+
+        self.__call__ = functools.wraps(original.__call__)(call)
+
+    def __call__(self, attn, *args, **kwargs):
+        return self._call(attn, *args, **kwargs)
+
+    def _call(self, attn, *args, **kwargs):
+        with _RouteSDPA(self):
+            return self.original(attn, *args, **kwargs)
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """scaled_dot_product_attention's signature, (batch, heads, tokens, head_dim) layout."""
+        if dropout_p or is_causal or (enable_gqa and key.shape[1] != query.shape[1]):
+            raise ValueError(f"{type(self.original).__name__}: CLEAR supports plain attention only "
+                             f"(dropout_p={dropout_p}, is_causal={is_causal}, enable_gqa={enable_gqa})")
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, scale)
+        return out.transpose(1, 2)
+
+    def __getattr__(self, name):  # diffusers reads backend settings off its processors
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __repr__(self):
+        return f"ClearSDPAProcessor({type(self.original).__name__}, radius={self.radius:g}, backend={self.backend!r})"
 
 
 # Stock processor class -> its CLEAR counterpart. Exact classes only: a subclass may change the math.

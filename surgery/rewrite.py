@@ -10,7 +10,7 @@ import torch
 from .analysis import AnalysisReport, AttentionSite, analyze
 from .config import ClearConfig
 from .families import family_of
-from .processors import ClearRuntime, clear_processor_for
+from .processors import ClearRuntime, ClearSDPAProcessor, clear_processor_for
 from .tiling import TileLayout
 
 
@@ -75,15 +75,16 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     before = analysis if analysis is not None else analyze(model)
     targets = select_sites(before, config)
     modules = {s.module: model.get_submodule(s.module) for s in targets}
-    classes = {name: clear_processor_for(m.processor) for name, m in modules.items()}
-    missing = [name for name, cls in classes.items() if cls is None]
-    if missing:
-        raise ValueError(f"these modules' processors have no CLEAR counterpart: {missing}")
+    text_first = {s.module: s.order == "text_first" for s in targets}
 
     runtime = ClearRuntime(family=family)
     for name, module in modules.items():
-        runtime.originals[name] = module.processor
-        module.set_processor(classes[name](runtime, config.radius_for(name), config.backend, name))
+        original = module.processor
+        dedicated = clear_processor_for(original)
+        args = (runtime, config.radius_for(name), config.backend, name)
+        runtime.originals[name] = original
+        # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
+        module.set_processor(dedicated(*args) if dedicated else ClearSDPAProcessor(original, *args, text_first[name]))
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
     model._clear_runtime, model._clear_config = runtime, config
     model._clear_sites = [s.module for s in targets]

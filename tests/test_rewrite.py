@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from clear_surgery.surgery import (ClearConfig, analyze, apply_clear, example_inputs, image_grid, load_builtin,
+from clear_surgery.surgery import (ClearConfig, RewriteError, analyze, apply_clear, example_inputs, image_grid,
+                                   load_builtin,
                                    remove_clear, tiny_pipeline)
 from clear_surgery.surgery.processors import ClearFluxAttnProcessor
 from conftest import model_call, rel_err
@@ -95,21 +96,43 @@ def test_target_and_exclude_patterns():
 
 
 def test_unsupported_site_is_reported_not_skipped():
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    class CustomProcessor(JointAttnProcessor2_0):  # a subclass may change the math: not converted
-        pass
-
     model = load_builtin("tiny-sd35")
     with pytest.raises(ValueError, match="transformer_blocks.0.attn2: image-only"):
         apply_clear(model, ClearConfig(radius=2, target_modules=["*"]))
+
+
+def test_processor_without_dedicated_version_takes_the_generic_route():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from clear_surgery.surgery.processors import ClearSDPAProcessor
+
+    class CustomProcessor(JointAttnProcessor2_0):  # a subclass may change the math: not the dedicated one
+        pass
+
+    inputs = example_inputs(load_builtin("tiny-sd35"), grid=(4, 5))
+    reference = load_builtin("tiny-sd35")
+    apply_clear(reference, ClearConfig(radius=1.5))
+    model = load_builtin("tiny-sd35")
     model.transformer_blocks[1].attn.set_processor(CustomProcessor())
-    report = analyze(model)
-    assert report.site("transformer_blocks.1.attn").reason == "processor CustomProcessor has no CLEAR counterpart"
-    with pytest.raises(ValueError, match="transformer_blocks.1.attn: processor CustomProcessor has no CLEAR"):
+    assert analyze(model).site("transformer_blocks.1.attn").supported
+    apply_clear(model, ClearConfig(radius=1.5))
+    assert isinstance(model.transformer_blocks[1].attn.processor, ClearSDPAProcessor)
+    assert torch.equal(model_call(model, inputs), model_call(reference, inputs))
+    remove_clear(model)
+    assert type(model.transformer_blocks[1].attn.processor) is CustomProcessor
+
+
+def test_generic_route_is_undone_when_the_retrace_finds_other_changes(monkeypatch):
+    from clear_surgery.surgery.processors import ClearSDPAProcessor
+
+    model = load_builtin("tiny-flux")
+    monkeypatch.setattr("clear_surgery.surgery.rewrite.clear_processor_for", lambda processor: None)
+    original = ClearSDPAProcessor._attend
+    monkeypatch.setattr(ClearSDPAProcessor, "_attend", lambda self, q, *a, **k: original(self, q * 1.0001, *a, **k))
+    with pytest.raises(RewriteError, match="compute ops besides attention changed"):
         apply_clear(model, ClearConfig(radius=2))
-    apply_clear(model, ClearConfig(radius=2, exclude_modules=["transformer_blocks.1.attn"]))
-    assert model._clear_sites == ["transformer_blocks.0.attn"]
+    assert not hasattr(model, "_clear_runtime")
+    assert type(model.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"
 
 
 def test_verification_catches_a_changed_graph(monkeypatch):
