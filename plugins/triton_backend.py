@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -74,6 +75,17 @@ def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.contiguous(), order.to(torch.int32).contiguous()
 
 
+class BlockLists(NamedTuple):
+    full_count: torch.Tensor  # per image query block: key blocks wholly inside every window ...
+    full_index: torch.Tensor
+    part_count: torch.Tensor  # ... and key blocks that need the window mask
+    part_index: torch.Tensor
+    ragged: torch.Tensor  # visit the ragged last key block (bounds-checked and masked)
+    table_entries: torch.Tensor  # like part_index: row of mask_table, or -1 (mask computed)
+    mask_table: torch.Tensor
+    table_mode: int  # 0: no pair has a table entry, 2: every listed pair has one, 1: some (kernel branches)
+
+
 @functools.lru_cache(maxsize=64)
 def image_block_lists(height: int, width: int, tile, radius: float, block_m: int, block_n: int,
                       device: torch.device):
@@ -89,7 +101,10 @@ def image_block_lists(height: int, width: int, tile, radius: float, block_m: int
     full = all_true & any_true
     part_count, part_index = _compact(any_true & ~full)
     entries, table = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
-    return (*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device))
+    listed = torch.arange(entries.shape[1])[None, :] < part_count.cpu()[:, None]
+    used = entries[listed] >= 0
+    mode = 0 if not used.any() else 2 if used.all() else 1
+    return BlockLists(*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device), mode)
 
 
 def regular_blocks(height: int, width: int, tile, block: int):
@@ -148,8 +163,7 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     block_m, block_n, warps, stages = kernel_config(head_dim, radius)
     out = torch.empty_like(q)
     text_start = 0 if layout.text_first else layout.image_tokens
-    full_count, full_index, part_count, part_index, ragged, entries, table = image_block_lists(
-        layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
+    lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
     text_blocks = -(-layout.text_len // block_m)
     image_blocks = -(-layout.image_tokens // block_m)
     qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
@@ -159,10 +173,11 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, batch * heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
-        th, tw, max_visible_d2(radius), qk_scale, full_count, full_index, part_count, part_index, ragged,
-        full_index.shape[1], part_index.shape[1], text_blocks, image_blocks, entries, table,
+        th, tw, max_visible_d2(radius), qk_scale, lists.full_count, lists.full_index, lists.part_count,
+        lists.part_index, lists.ragged, lists.full_index.shape[1], lists.part_index.shape[1], text_blocks,
+        image_blocks, lists.table_entries, lists.mask_table,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, TILED=layout.tile is not None,
-        USE_TABLE=use_mask_table() and bool((entries >= 0).any()),
+        USE_TABLE=lists.table_mode if use_mask_table() else 0,
         UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
     )
     return out

@@ -88,12 +88,19 @@ def _attend_segment(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, length
 def _attend_listed(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, image_len, offs_n, offs_d, qy, qx,
                    R2, GH, GW, TH, TW, COUNT, INDEX, width, block, BLOCK_N: tl.constexpr,
                    MASK_WINDOW: tl.constexpr, TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   OFFSET=None, TABLE=None, offs_m=None, USE_TABLE: tl.constexpr = False):
+                   OFFSET=None, TABLE=None, offs_m=None, USE_TABLE: tl.constexpr = 0):
     """The image key blocks listed for this query block (full ones unmasked, partial ones masked:
-    from the mask table when the pair has a table entry, else computed from token positions)."""
+    from the mask table when the pair has a table entry, else computed from token positions).
+    USE_TABLE: 0 no table, 1 some pairs have an entry (branch per block), 2 all pairs have one."""
     for i in range(0, tl.load(COUNT + block)):
         kb = tl.load(INDEX + block * width + i)
-        if USE_TABLE:
+        if USE_TABLE == 2:  # every listed pair has a table entry: no branch, so the loads pipeline
+            entry = tl.load(OFFSET + block * width + i)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
+                                          image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
+                                          False, True, TILED, UPCAST_DOT, TABLE + entry * (BLOCK_N * BLOCK_N),
+                                          offs_m, True)
+        elif USE_TABLE == 1:
             entry = tl.load(OFFSET + block * width + i)
             if entry >= 0:
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
@@ -120,7 +127,7 @@ def clear_fwd_kernel(
     FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks, image_q_blocks,
     PART_OFFSET, MASK_TABLE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TILED: tl.constexpr,
-    USE_TABLE: tl.constexpr = False, UPCAST_DOT: tl.constexpr = False,
+    USE_TABLE: tl.constexpr = 0, UPCAST_DOT: tl.constexpr = False,
 ):
     # 1-D grid: the long text-query programs of every (batch, head) first, so they start at once
     # and overlap the short image-query programs instead of forming a tail at the end.

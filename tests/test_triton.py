@@ -24,7 +24,8 @@ INTERPRET_CASES = [
     (1, 1, 64, 7, False, 13, 11, 5, [8, 8], "float32"),
     (1, 2, 16, 9, False, 7, 10, 2, [4, 4], "float16"),
     (2, 1, 64, 10, True, 3, 128, 3, None, "float32"),  # raster rows of whole blocks: mask table used
-    (1, 2, 64, 5, False, 24, 16, 9.5, [8, 8], "bfloat16"),  # every tile full: mask table used
+    (1, 2, 64, 5, False, 24, 16, 9.5, [8, 8], "bfloat16"),  # every tile full: table for every pair
+    (1, 1, 64, 6, True, 13, 11, 5, [8, 8], "float32"),  # ragged tiles: table for some pairs (branch)
 ]
 
 
@@ -49,7 +50,7 @@ def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled):
     from clear_surgery.plugins.triton_kernel import clear_fwd_kernel
 
     bm, bn, warps, stages = next((c[2:] for c in CONFIGS if c[0] == head_dim))
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=True, UPCAST_DOT=False)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False)
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "FULL_COUNT": "*i32", "FULL_INDEX": "*i32",
                 "PART_COUNT": "*i32", "PART_INDEX": "*i32", "RAGGED": "*i32", "PART_OFFSET": "*i32",
                 "MASK_TABLE": "*i8", "qk_scale": "fp32"}
@@ -64,7 +65,7 @@ def test_block_lists_never_skip_a_visible_block():
     from clear_surgery.plugins.layout import dense_mask
 
     h, w, r, bm, bn, tile = 13, 21, 3.5, 16, 8, (4, 4)  # 273 tokens: a ragged last key block
-    full_n, full_i, part_n, part_i, ragged, _, _ = image_block_lists(h, w, tile, r, bm, bn, torch.device("cpu"))
+    full_n, full_i, part_n, part_i, ragged, *_ = image_block_lists(h, w, tile, r, bm, bn, torch.device("cpu"))
     mask = dense_mask(TokenLayout(0, True, h, w, tile), r)
     last = h * w // bn  # (h * w) % bn != 0 here: the ragged block, listed apart
     assert (h * w) % bn and ragged.any() and not ragged.all()
@@ -86,7 +87,8 @@ def test_mask_table_entries_equal_the_window_mask(h, w, tile, r):
     from clear_surgery.plugins.layout import dense_mask
 
     block = 64
-    _, _, part_n, part_i, _, entries, table = image_block_lists(h, w, tile, r, block, block, torch.device("cpu"))
+    _, _, part_n, part_i, _, entries, table, mode = image_block_lists(h, w, tile, r, block, block,
+                                                                     torch.device("cpu"))
     mask = dense_mask(TokenLayout(0, True, h, w, tile), r)
     used = 0
     for qb in range(part_n.numel()):
@@ -98,6 +100,7 @@ def test_mask_table_entries_equal_the_window_mask(h, w, tile, r):
             want = mask[qb * block:(qb + 1) * block, kb * block:(kb + 1) * block]
             assert want.shape == (block, block) and torch.equal(table[entry].bool(), want), (qb, kb)
     assert used > 0 or (h * w) // block < 2
+    assert mode == (0 if used == 0 else 2 if used == int(part_n.sum()) else 1)
 
 
 def test_default_tiles_match_query_blocks():

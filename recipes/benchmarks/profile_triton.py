@@ -31,16 +31,17 @@ def to_mask(counts, index, blocks):
 def variant_lists(kind):
     @functools.lru_cache(maxsize=8)  # built once per shape, outside the timed calls
     def lists(height, width, tile, radius, bm, bn, device):
-        fc, fi, pc, pi, ragged, entries, table = real_lists(height, width, tile, radius, bm, bn, device)
+        lists = real_lists(height, width, tile, radius, bm, bn, device)
+        fc, fi, pc, pi, ragged, entries, table, mode = lists
         none = torch.full_like(entries[:, :1], -1)
         if kind == "no-mask":  # visit the same blocks, none masked (the ragged last one stays masked)
             blocks = -(-height * width // bn)
             visit = to_mask(fc, fi, blocks) | to_mask(pc, pi, blocks)
-            return (*tb._compact(visit), torch.zeros_like(pc), pi[:, :1], ragged, none, table)
+            return tb.BlockLists(*tb._compact(visit), torch.zeros_like(pc), pi[:, :1], ragged, none, table, 0)
         if kind == "text-only":
-            return (torch.zeros_like(fc), fi[:, :1], torch.zeros_like(pc), pi[:, :1], torch.zeros_like(ragged), none,
-                    table)
-        return fc, fi, pc, pi, ragged, entries, table
+            return tb.BlockLists(torch.zeros_like(fc), fi[:, :1], torch.zeros_like(pc), pi[:, :1],
+                                 torch.zeros_like(ragged), none, table, 0)
+        return lists
     return lists
 
 
