@@ -67,16 +67,18 @@ def generate_table(run="h200-run6"):
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["current"]:
-        attention_table([("h200-run6", lambda r: True)])
+    if sys.argv[1:2] in (["current"], ["run6"]):  # current: h200-run7 (kernel), h200-run6 (distill, generate)
+        run = "h200-run7" if sys.argv[1] == "current" else "h200-run6"
+        attention_table([(run, lambda r: True)])
         print()
-        step_table("h200-run6")
+        step_table(run)
         print()
-        profile_table()
-        print()
-        distill_table()
-        print()
-        generate_table()
+        profile_table(run)
+        if sys.argv[1] == "current":
+            print()
+            distill_table()
+            print()
+            generate_table()
         sys.exit()
     attention_table([
         ("h200-run1", lambda r: r["res"] == 1024 or r["backend"] in ("dense-cudnn", "dense-flash", "triton-tiled")
