@@ -178,7 +178,9 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
     if is_clear:
         reason = "already CLEAR"
     elif kind != "joint":
-        reason = {"cross": "cross-attention (queries and keys are different streams)",
+        reason = ("image queries over text+image keys (no text queries): not the CLEAR layout"
+                  if kind == "cross" and q_len == image and k_len == text + image else None) or {
+                  "cross": "cross-attention (queries and keys are different streams)",
                   "image": "image-only self-attention: no text segment, CLEAR targets joint attention",
                   "text": "text-only attention"}.get(kind, f"sequence of {q_len} tokens is not text+image")
     elif not is_clear and (len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None):
@@ -189,8 +191,8 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
         clear_cls = clear_processor_for(processor)
         if clear_cls is None and not _known_family(model):
             # the generic route (ClearSDPAProcessor) needs the family to read each call's image grid
-            reason = (f"processor {type(processor).__name__} has no CLEAR counterpart, and {type(model).__name__} "
-                      "is no family whose image grid clear-surgery can read")
+            reason = (f"processor {type(processor).__name__} has no dedicated CLEAR version, and clear-surgery cannot "
+                      f"read {type(model).__name__}'s image grid for the generic route")
         elif clear_cls is not None and ("text_first" if clear_cls.text_first else "image_first") != order:
             reason = f"segment order {order} differs from what {clear_cls.__name__} builds"
     return AttentionSite(module=module, kind=kind, op="clear" if is_clear else "sdpa", order=order,

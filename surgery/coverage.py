@@ -188,6 +188,63 @@ def _ernie_image():
                        text_lens=torch.tensor([T]), return_dict=False)
 
 
+def _krea2():
+    from diffusers import Krea2Transformer2DModel
+
+    model = Krea2Transformer2DModel(in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                    num_key_value_heads=2, intermediate_size=64, timestep_embed_dim=32,
+                                    text_hidden_dim=32, num_text_layers=2, text_num_attention_heads=2,
+                                    text_num_key_value_heads=2, text_intermediate_size=64,
+                                    num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6))
+    positions = torch.zeros(T + GRID[0] * GRID[1], 3)  # text tokens first, then the image grid
+    index = torch.arange(GRID[0] * GRID[1])
+    positions[T:, 1], positions[T:, 2] = index // GRID[1], index % GRID[1]
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 2, 32),
+                       timestep=torch.tensor([0.5]), position_ids=positions, return_dict=False)
+
+
+def _prx():
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=32, hidden_size=32, mlp_ratio=2.0,
+                                  num_heads=2, depth=1, axes_dim=[8, 8])
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), timestep=torch.tensor([0.5]),
+                       encoder_hidden_states=_randn(1, T, 32), return_dict=False)
+
+
+def _nucleus_moe():
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    # MoE off: expert routing does not touch attention
+    model = NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+                                              moe_enabled=False)
+    return model, dict(hidden_states=_randn(1, 15, 16), img_shapes=[(1, *GRID)], encoder_hidden_states=_randn(1, T, 32),
+                       encoder_hidden_states_mask=torch.ones(1, T), timestep=torch.tensor([0.5]), return_dict=False)
+
+
+def _bria_fibo():
+    from diffusers import BriaFiboTransformer2DModel
+
+    model = BriaFiboTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
+                                       text_encoder_dim=32)
+    img = _ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
+    return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
+                       text_encoder_layers=[_randn(1, T, 32)] * 2, timestep=torch.tensor([0.5]), img_ids=img,
+                       txt_ids=torch.zeros(T, 3), return_dict=False)
+
+
+def _sana():
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                   num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                   cross_attention_dim=32, caption_channels=32, sample_size=16)
+    return model, dict(hidden_states=_randn(1, 4, *GRID), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([500]), return_dict=False)
+
+
 def _builtin(name):
     from .builtin import load_builtin
 
@@ -216,6 +273,11 @@ FAMILIES = {
     "Ernie-Image (ErnieImageTransformer2DModel)": _ernie_image,
     "Lumina2 (Lumina2Transformer2DModel)": _lumina2,
     "Z-Image (ZImageTransformer2DModel)": _zimage,
+    "Krea2 (Krea2Transformer2DModel)": _krea2,
+    "Bria FIBO (BriaFiboTransformer2DModel)": _bria_fibo,
+    "PRX (PRXTransformer2DModel)": _prx,
+    "NucleusMoE-Image (NucleusMoEImageTransformer2DModel, MoE off)": _nucleus_moe,
+    "Sana (SanaTransformer2DModel)": _sana,
 }
 
 
@@ -278,7 +340,7 @@ def coverage_rows() -> list[dict]:
         elif reasons:
             row["rewrite"] = "no: " + "; ".join(reasons)
         else:
-            others = sorted({s.reason for s in report.sites if s.kind == "other" and s.reason})
+            others = sorted({s.reason for s in report.sites if s.kind in ("other", "cross") and s.reason})
             row["rewrite"] = "no: no joint text-image attention" + (f" ({'; '.join(others)})" if others else "")
         rows.append(row)
     return rows
