@@ -245,6 +245,20 @@ def _sana():
                        timestep=torch.tensor([500]), return_dict=False)
 
 
+def _qwenimage21():
+    from diffusers import QwenImage21Transformer2DModel
+
+    model = QwenImage21Transformer2DModel(in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                                          num_attention_heads=2, context_in_dim=32, axes_dims_rope=(4, 6, 6))
+    # image latents fill 2x2-token slots placed after the text in the vision-language sequence: an even grid
+    height, width = 4, 6
+    slots = height * width // 4
+    img_mask = torch.cat([torch.zeros(1, T, dtype=torch.bool), torch.ones(1, slots, dtype=torch.bool)], 1)
+    return model, dict(hidden_states=_randn(1, height * width, 16), encoder_hidden_states=_randn(1, T, 32),
+                       timestep=torch.tensor([0.5]), img_shapes=[[(1, height, width)]], img_mask=img_mask,
+                       return_dict=False), T, height * width
+
+
 def _builtin(name):
     from .builtin import load_builtin
 
@@ -261,6 +275,7 @@ FAMILIES = {
     "Chroma (ChromaTransformer2DModel)": _chroma,
     "QwenImage (QwenImageTransformer2DModel)": _qwenimage,
     "QwenImage ControlNet (QwenImageControlNetModel)": _qwenimage_controlnet,
+    "QwenImage 2.1 (QwenImage21Transformer2DModel)": _qwenimage21,
     "HiDream (HiDreamImageTransformer2DModel, no routed experts)": _hidream,
     "Bria (BriaTransformer2DModel)": functools.partial(_flux_like, "BriaTransformer2DModel"),
     "LongCat-Image (LongCatImageTransformer2DModel)": functools.partial(_flux_like, "LongCatImageTransformer2DModel"),
@@ -319,10 +334,11 @@ def coverage_rows() -> list[dict]:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model, inputs, *text = build()
+                model, inputs, *tokens = build()  # optionally (text tokens, image tokens) of the example call
             model.eval()
-            report = analyze(model) if inputs is None else analyze(
-                model, inputs, text_tokens=text[0] if text else T, image_tokens=GRID[0] * GRID[1])
+            defaults = (T, GRID[0] * GRID[1])
+            text, image = (*tokens, *defaults[len(tokens):])
+            report = analyze(model) if inputs is None else analyze(model, inputs, text_tokens=text, image_tokens=image)
         except Exception as err:  # reported, never hidden
             row.update(sites="-", layout="-", rewrite=f"no: analysis failed: {type(err).__name__}: "
                                                       f"{str(err).splitlines()[0][:90]}")
