@@ -182,7 +182,10 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
                   if kind == "cross" and q_len == image and k_len == text + image else None) or {
                   "cross": "cross-attention (queries and keys are different streams)",
                   "image": "image-only self-attention: no text segment, CLEAR targets joint attention",
-                  "text": "text-only attention"}.get(kind, f"sequence of {q_len} tokens is not text+image")
+                  "text": "text-only attention"}.get(kind, "text and image arrive as one packed sequence (no "
+                                                           "concatenation of two streams before attention)"
+                                                     if q_len == text + image else
+                                                     f"sequence of {q_len} tokens is not text+image")
     elif not is_clear and (len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None):
         reason = "uses an attention mask"
     elif processor is None:

@@ -259,6 +259,37 @@ def _qwenimage21():
                        return_dict=False), T, height * width
 
 
+def _glm_image():
+    from diffusers import GlmImageTransformer2DModel
+
+    model = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+                                       prior_vq_quantizer_codebook_size=32)
+    size = torch.tensor([[GRID[0] * 16.0, GRID[1] * 16.0]])
+    tokens = GRID[0] * GRID[1]
+    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=_randn(1, T, 32),
+                       prior_token_id=torch.zeros(1, tokens, dtype=torch.long),
+                       prior_token_drop=torch.zeros(1, tokens, dtype=torch.bool), timestep=torch.tensor([500]),
+                       target_size=size, crop_coords=torch.zeros(1, 2), return_dict=False)
+
+
+def _ideogram4():
+    from diffusers import Ideogram4Transformer2DModel
+
+    model = Ideogram4Transformer2DModel(in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        intermediate_size=64, adaln_dim=16, llm_features_dim=32, mrope_section=(4, 2, 2))
+    # one packed sequence: text tokens (indicator 3), then the image grid (indicator 2, offset positions)
+    length, index = T + GRID[0] * GRID[1], torch.arange(GRID[0] * GRID[1])
+    positions = torch.zeros(1, length, 3, dtype=torch.long)
+    positions[0, :T, 0] = torch.arange(T)
+    positions[0, T:, 1], positions[0, T:, 2] = index // GRID[1] + 65536, index % GRID[1] + 65536
+    indicator = torch.full((1, length), 3, dtype=torch.long)
+    indicator[0, T:] = 2
+    return model, dict(hidden_states=_randn(1, length, 16), timestep=torch.tensor([0.5]),
+                       encoder_hidden_states=_randn(1, length, 32), position_ids=positions,
+                       segment_ids=torch.zeros(1, length, dtype=torch.long), indicator=indicator, return_dict=False)
+
+
 def _builtin(name):
     from .builtin import load_builtin
 
@@ -292,6 +323,8 @@ FAMILIES = {
     "Bria FIBO (BriaFiboTransformer2DModel)": _bria_fibo,
     "PRX (PRXTransformer2DModel)": _prx,
     "NucleusMoE-Image (NucleusMoEImageTransformer2DModel, MoE off)": _nucleus_moe,
+    "GLM-Image (GlmImageTransformer2DModel)": _glm_image,
+    "Ideogram 4 (Ideogram4Transformer2DModel)": _ideogram4,
     "Sana (SanaTransformer2DModel)": _sana,
 }
 
