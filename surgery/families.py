@@ -148,6 +148,17 @@ def _sd3_inputs(model, text_len, height, width, batch, dtype, device):
     return inputs
 
 
+def _cogview_inputs(model, text_len, height, width, batch, dtype, device):
+    cfg = model.config
+    p = cfg.patch_size
+    t = functools.partial(torch.randn, dtype=dtype, device=device)
+    size = torch.tensor([[height * p * 8.0, width * p * 8.0]] * batch, dtype=dtype, device=device)
+    return dict(hidden_states=t(batch, cfg.in_channels, height * p, width * p),
+                encoder_hidden_states=t(batch, text_len, cfg.text_embed_dim),
+                timestep=torch.full((batch,), 500, device=device), original_size=size, target_size=size,
+                crop_coords=torch.zeros(batch, 2, dtype=dtype, device=device), return_dict=False)
+
+
 def _pixart_inputs(model, text_len, height, width, batch, dtype, device):
     # Analysis only: PixArt attends image-to-image and image-to-text (cross), never jointly.
     cfg = model.config
@@ -167,6 +178,7 @@ class ModelFamily:
     grid_from_call: Callable[..., tuple[int, int]]
 
     image_tokens: Callable[..., int]
+    tileable: bool = True  # the tile token layout knows where this family's image tokens enter and leave
 
     @staticmethod
     def bind(model, args, kwargs) -> dict:
@@ -192,7 +204,10 @@ FAMILIES = (
     ModelFamily("flux-like", ("Flux2Transformer2DModel", "Flux3Transformer2DModel", "BriaTransformer2DModel",
                               "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel"),
                 _flux_like_inputs, _grid_from_ids, _packed_tokens),
-    ModelFamily("pixart", ("PixArtTransformer2DModel",), _pixart_inputs, _grid_from_latent, _latent_tokens),
+    ModelFamily("cogview", ("CogView4Transformer2DModel", "CogView3PlusTransformer2DModel"), _cogview_inputs,
+                _grid_from_latent, _latent_tokens, tileable=False),
+    ModelFamily("pixart", ("PixArtTransformer2DModel",), _pixart_inputs, _grid_from_latent, _latent_tokens,
+                tileable=False),
 )
 
 

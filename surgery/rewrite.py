@@ -72,6 +72,9 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     if getattr(model, "_clear_runtime", None) is not None:
         raise ValueError("model already has CLEAR attention; call remove_clear(model) first")
     family = family_of(model)
+    if config.token_layout == "tiled" and not family.tileable:
+        raise ValueError(f"token_layout='tiled' is not available for {type(model).__name__} (its image tokens are "
+                         "made inside the model where the tile layout does not hook in); use token_layout='raster'")
     before = analysis if analysis is not None else analyze(model)
     targets = select_sites(before, config)
     modules = {s.module: model.get_submodule(s.module) for s in targets}

@@ -7,12 +7,14 @@ import torch
 import clear_surgery.surgery.rewrite as rewrite
 from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, load_builtin, remove_clear
 from clear_surgery.surgery.coverage import FAMILIES, coverage_rows, coverage_table
+from clear_surgery.surgery.families import family_of
 from clear_surgery.surgery.processors import ClearSDPAProcessor
 
 # families converted through the generic route (their stock processor's SDPA call goes to CLEAR)
 GENERIC = ["FLUX.2 (Flux2Transformer2DModel)", "Bria (BriaTransformer2DModel)",
            "LongCat-Image (LongCatImageTransformer2DModel)", "Ovis-Image (OvisImageTransformer2DModel)",
-           "FLUX.3 (Flux3Transformer2DModel)"]
+           "FLUX.3 (Flux3Transformer2DModel)", "CogView4 (CogView4Transformer2DModel)",
+           "CogView3-Plus (CogView3PlusTransformer2DModel)"]
 
 
 def _out(model, inputs):
@@ -63,9 +65,16 @@ def test_generic_families_convert_mask_and_tile(family):
     apply_clear(model, ClearConfig(radius=1.5))  # the re-trace check runs inside
     raster = _out(model, inputs)
     remove_clear(model)
-    apply_clear(model, ClearConfig(radius=1.5, token_layout="tiled", tile_shape=[2, 2]))
-    tiled = _out(model, inputs)
-    remove_clear(model)
+    tiled_config = ClearConfig(radius=1.5, token_layout="tiled", tile_shape=[2, 2])
+    if family_of(model).tileable:
+        apply_clear(model, tiled_config)
+        tiled = _out(model, inputs)
+        remove_clear(model)
+    else:  # refused before anything changes
+        with pytest.raises(ValueError, match="token_layout='tiled' is not available"):
+            apply_clear(model, tiled_config)
+        assert not hasattr(model, "_clear_runtime")
+        tiled = raster
     apply_clear(model, ClearConfig(radius=100))
     wide = _out(model, inputs)
     remove_clear(model)
