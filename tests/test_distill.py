@@ -227,3 +227,18 @@ def test_shipped_recipes_validate():
     assert flux.clear.radius == 16 and flux.data.num_samples == 10_000 and len(flux.prompt_list()) == 1000
     assert (flux.loss.flow_matching, flux.loss.teacher_output, flux.loss.attention) == (1.0, 0.5, 0.5)
     assert flux.train.precision == "bf16" and flux.train.gradient_checkpointing
+
+
+def test_sd3_teacher_generates_trains_and_saves(tmp_path):
+    """The SD3 family path: latents (channels, h, w), timestep = 1000 sigma, image-first attention."""
+    recipe = load_recipe(TINY, [f'output.dir="{tmp_path / "run"}"', 'model.teacher="builtin:tiny-sd3"',
+                                "train.steps=12", "data.num_samples=12", "data.holdout=4", "data.height=32",
+                                "data.width=32", "train.checkpoint_every=6"])
+    generate_samples(recipe, progress=False)
+    sample = SampleCache(recipe.data_folder)[0]
+    assert sample["latents"].shape == (4, 16, 16) and "img_ids" not in sample
+    layers = Distiller(recipe, progress=False).run()
+    metrics = json.loads((layers / "clear_config.json").read_text())["metrics"]
+    assert metrics["eval_student_teacher_mse"] < metrics["zero_shot_student_teacher_mse"]
+    healed = load_clear_layers(load_builtin("builtin:tiny-sd3"), layers)
+    assert healed._clear_config.radius == 2
