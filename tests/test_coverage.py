@@ -82,3 +82,22 @@ def test_generic_families_convert_mask_and_tile(family):
     assert not torch.allclose(raster, dense, atol=1e-4)
     assert torch.allclose(tiled, raster, rtol=1e-4, atol=1e-5)
     assert torch.equal(_out(model, inputs), dense)  # remove_clear restores the stock processors
+
+
+def test_generic_family_saves_loads_and_copies(tmp_path):
+    import copy
+
+    from clear_surgery.hub import load_converted, save_converted
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _ = FAMILIES["FLUX.2 (Flux2Transformer2DModel)"]()
+    model.eval()
+    inputs = example_inputs(model, grid=(6, 5))
+    apply_clear(model, ClearConfig(radius=1.5))
+    expected = _out(model, inputs)
+    save_converted(model, tmp_path / "flux2-clear", base_model={"id": "local/flux2-tiny"})
+    loaded = load_converted(tmp_path / "flux2-clear")
+    assert isinstance(loaded.transformer_blocks[0].attn.processor, ClearSDPAProcessor)
+    assert torch.equal(_out(loaded, inputs), expected)
+    assert torch.equal(_out(copy.deepcopy(loaded), inputs), expected)
