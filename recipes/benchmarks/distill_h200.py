@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from clear_surgery.surgery import ClearConfig, analyze, apply_clear
+from clear_surgery.surgery import analyze, apply_clear
 from clear_surgery.surgery.bench import FLUX_DEV, build_flux_dev
 from clear_surgery.surgery.distillation import Distiller, RandomSamples, load_recipe
 from clear_surgery.surgery.distillation.trainer import _init_distributed

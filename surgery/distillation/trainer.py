@@ -12,11 +12,9 @@ every process trains on its own slice of each global batch under DistributedData
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -25,60 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import SampleCache, collate, generate_samples, samples_family
-from .recipe import OFFICIAL_ATTENTION_LAYERS, DistillRecipe
+from .losses import AttentionCapture, DistillError, attention_layer_names, sample_sigmas
+from .metrics import METRICS_FILE, MetricsLog
+from .recipe import DistillRecipe
 from .state import TrainingState, checkpoints, load_checkpoint, restore_rng, rng_state, save_checkpoint
 
-METRICS_FILE = "metrics.jsonl"
 LAYERS_FOLDER = "clear-layers"
 EVAL_SEED_OFFSET = 7919
-
-
-class DistillError(ValueError):
-    pass
-
-
-def attention_layer_names(model, rule) -> list[str]:
-    """Converted attention modules whose outputs the attention loss compares."""
-    sites = list(model._clear_sites)
-    if rule == OFFICIAL_ATTENTION_LAYERS:
-        for stack in ("single_transformer_blocks", "transformer_blocks"):  # SD3 has no single-stream blocks
-            chosen = [s for s in sites if (m := re.fullmatch(rf"{stack}\.(\d+)\.attn", s)) and int(m[1]) % 4 == 0]
-            if chosen:
-                return chosen
-        return []
-    chosen = [s for s in sites if any(fnmatch.fnmatchcase(s, p) for p in rule)]
-    if not chosen:
-        raise DistillError(f"loss.attention_layers {rule} match no converted attention module; "
-                           f"converted: {sites[:6]}{' ...' if len(sites) > 6 else ''}")
-    return chosen
-
-
-class AttentionCapture:
-    """Forward hooks keeping the outputs of some attention modules while ``active``."""
-
-    def __init__(self, model, names: list[str]):
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.active = False
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            if self.active:  # gradient checkpointing re-runs blocks in backward: ignore those calls
-                parts = output if isinstance(output, tuple) else (output,)
-                self.outputs[name] = torch.cat([p.flatten(1) for p in parts], dim=1)
-        return hook
-
-    @contextlib.contextmanager
-    def record(self):
-        self.outputs, self.active = {}, True
-        try:
-            yield self.outputs
-        finally:
-            self.active = False
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def lr_lambda(train):
@@ -92,15 +43,6 @@ def lr_lambda(train):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return factor
-
-
-def sample_sigmas(train, count: int, generator: torch.Generator) -> torch.Tensor:
-    if train.timestep_sampling == "uniform":
-        sigma = torch.rand(count, generator=generator)
-    else:  # logit-normal, as SD3/FLUX training
-        sigma = torch.sigmoid(torch.randn(count, generator=generator))
-    shift = train.timestep_shift
-    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 class Distiller:
@@ -359,55 +301,6 @@ class Distiller:
         base = {"id": self.recipe.model.teacher, "revision": self.recipe.model.revision}
         return save_clear_layers(self.model, self.out / LAYERS_FOLDER, trained=self.recipe.train.trained,
                                  base_model=base, metrics=metrics, overwrite=True)
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed); a resumed run drops lines past its checkpoint."""
-
-    def __init__(self, out: Path, enabled: bool = True):
-        self.path, self.enabled, self.tensorboard = out / METRICS_FILE, enabled, None
-        if enabled:
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def reset(self) -> None:
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
-
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def close(self):
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-    @staticmethod
-    def first_eval(out: Path) -> float | None:
-        for line in (out / METRICS_FILE).read_text().splitlines():
-            record = json.loads(line)
-            if "eval/student_teacher_mse" in record:
-                return record["eval/student_teacher_mse"]
-        return None
 
 
 def _init_distributed() -> bool:

@@ -1,0 +1,58 @@
+"""metrics.jsonl of a distillation run (and TensorBoard when installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed); a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled, self.tensorboard = out / METRICS_FILE, enabled, None
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    @staticmethod
+    def first_eval(out: Path) -> float | None:
+        for line in (out / METRICS_FILE).read_text().splitlines():
+            record = json.loads(line)
+            if "eval/student_teacher_mse" in record:
+                return record["eval/student_teacher_mse"]
+        return None
