@@ -94,6 +94,7 @@ def test_metrics_log_and_checkpoints(trained):
     assert records[0]["step"] == 0 and "eval/student_teacher_mse" in records[0]
     assert records[-1]["step"] == 60 and "eval/student_teacher_mse" in records[-1]
     assert any("train/attention" in r for r in records) and any("train/teacher_output" in r for r in records)
+    assert (out / "metrics.png").stat().st_size > 10_000  # the loss curves
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step-00000040", "step-00000060"]  # keep_checkpoints = 2
 

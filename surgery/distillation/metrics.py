@@ -56,3 +56,28 @@ class MetricsLog:
             if "eval/student_teacher_mse" in record:
                 return record["eval/student_teacher_mse"]
         return None
+
+
+def plot_metrics(out: Path) -> Path:
+    """metrics.png: the training losses and the held-out student-teacher error over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line]
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("train/loss", "train/flow_matching", "train/teacher_output", "train/attention"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            train_ax.plot(*zip(*points), label=key.removeprefix("train/"))
+    train_ax.set(xlabel="step", ylabel="loss", yscale="log", title="training losses")
+    train_ax.legend(fontsize=7)
+    points = [(r["step"], r["eval/student_teacher_mse"]) for r in records if "eval/student_teacher_mse" in r]
+    eval_ax.plot(*zip(*points), marker="o")
+    eval_ax.set(xlabel="step", ylabel="MSE", yscale="log", title="held-out student vs teacher velocity")
+    fig.tight_layout()
+    path = out / "metrics.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import SampleCache, collate, generate_samples, samples_family
 from .losses import AttentionCapture, DistillError, attention_layer_names, sample_sigmas
-from .metrics import METRICS_FILE, MetricsLog
+from .metrics import METRICS_FILE, MetricsLog, plot_metrics
 from .recipe import DistillRecipe
 from .state import TrainingState, checkpoints, load_checkpoint, restore_rng, rng_state, save_checkpoint
 
@@ -287,6 +287,8 @@ class Distiller:
         final = self.evaluate()
         log.write({"step": self.state.step, "eval/student_teacher_mse": final})
         log.close()
+        if self.rank == 0:
+            plot_metrics(self.out)
         return self.save_layers(final) if self.rank == 0 else None
 
     def save_layers(self, final_mse: float) -> Path:
