@@ -14,54 +14,65 @@ def rows(run, name="attention.json"):
 INVALID_FLEX = {("h200-run1", 2048, 16.0), ("h200-run1", 2048, 32.0)}
 
 
+def table(columns, lines):
+    """One markdown table: a header row, the separator, then the rows (lists of cell strings)."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def attention_table(selected):
-    print("| res | r | backend | ms | eff. TFLOP/s | × floor (cuDNN rate) | × floor (FA2 rate) | vs flex-raster (same run) | run |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run, keep in selected:
-        for r in rows(run):
-            if "ms" not in r or not keep(r):
-                continue
-            tf = r.get("tflops_effective", r.get("tflops"))
-            if (run, r["res"], r["radius"]) in INVALID_FLEX:
-                r.pop("speedup_vs_flex_raster", None)
-            fmt = lambda k: f"{r[k]:.2f}" if k in r else "-"
-            print(f"| {r['res']} | {r['radius'] or '-'} | {r['backend']} | {r['ms']:.2f} | {tf:.0f} | "
-                  f"{fmt('x_floor_dense-cudnn')} | {fmt('x_floor_dense-flash')} | {fmt('speedup_vs_flex_raster')} | {run} |")
+    def lines():
+        for run, keep in selected:
+            for r in rows(run):
+                if "ms" not in r or not keep(r):
+                    continue
+                tf = r.get("tflops_effective", r.get("tflops"))
+                if (run, r["res"], r["radius"]) in INVALID_FLEX:
+                    r.pop("speedup_vs_flex_raster", None)
+                fmt = lambda k: f"{r[k]:.2f}" if k in r else "-"
+                yield [str(r["res"]), str(r["radius"] or "-"), r["backend"], f"{r['ms']:.2f}", f"{tf:.0f}",
+                       fmt("x_floor_dense-cudnn"), fmt("x_floor_dense-flash"), fmt("speedup_vs_flex_raster"), run]
+
+    table(["res", "r", "backend", "ms", "eff. TFLOP/s", "× floor (cuDNN rate)", "× floor (FA2 rate)",
+           "vs flex-raster (same run)", "run"], lines())
 
 
 def step_table(run="h200-run3"):
-    print("| res | tokens | dense ms | CLEAR r16 (triton, tiled) ms | speedup |")
-    print("|---|---|---|---|---|")
-    for r in rows(run, "step.json"):
-        print(f"| {r['res']} | {r['tokens']} | {r['dense_ms']:.0f} | {r['clear_ms']:.0f} | {r['speedup']:.2f}× |")
+    table(["res", "tokens", "dense ms", "CLEAR r16 (triton, tiled) ms", "speedup"],
+          ([str(r["res"]), str(r["tokens"]), f"{r['dense_ms']:.0f}", f"{r['clear_ms']:.0f}", f"{r['speedup']:.2f}×"]
+           for r in rows(run, "step.json")))
 
 
 def profile_table(run="h200-run6"):
     data = json.loads((HERE / run / "profile.json").read_text())
     variants = list(dict.fromkeys(r["variant"] for r in data))
-    print("| res | r | " + " | ".join(variants) + " |")
-    print("|---|---|" + "---|" * len(variants))
-    for key in dict.fromkeys((r["res"], r["radius"]) for r in data):
-        cells = {r["variant"]: r for r in data if (r["res"], r["radius"]) == key}
-        fmt = lambda v: "-" if v not in cells else (f"{cells[v]['ms']:.2f} ms" + (
-            f" ({cells[v]['tflops']:.0f} TFLOP/s)" if "tflops" in cells[v] else ""))
-        print(f"| {key[0]}² | {key[1]} | " + " | ".join(fmt(v) for v in variants) + " |")
+
+    def cell(cells, v):
+        if v not in cells:
+            return "-"
+        tflops = f" ({cells[v]['tflops']:.0f} TFLOP/s)" if "tflops" in cells[v] else ""
+        return f"{cells[v]['ms']:.2f} ms{tflops}"
+
+    def lines():
+        for key in dict.fromkeys((r["res"], r["radius"]) for r in data):
+            cells = {r["variant"]: r for r in data if (r["res"], r["radius"]) == key}
+            yield [f"{key[0]}²", str(key[1]), *(cell(cells, v) for v in variants)]
+
+    table(["res", "r", *variants], lines())
 
 
 def distill_table(run="h200-run6"):
-    print("| backend | res | batch | trained params | step s (median after 2 warm-up) | peak GiB | weights GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows(run, "distill.json"):
-        print(f"| {r['backend']} | {r['res']}² | {r['batch']} | {r['trained_params'] / 1e9:.2f} B | {r['step_s']:.2f} | "
-              f"{r['peak_gib']:.1f} | {r['weights_gib']:.1f} |")
+    table(["backend", "res", "batch", "trained params", "step s (median after 2 warm-up)", "peak GiB", "weights GiB"],
+          ([r["backend"], f"{r['res']}²", str(r["batch"]), f"{r['trained_params'] / 1e9:.2f} B", f"{r['step_s']:.2f}",
+            f"{r['peak_gib']:.1f}", f"{r['weights_gib']:.1f}"] for r in rows(run, "distill.json")))
 
 
 def generate_table(run="h200-run6"):
-    print("| res | steps | denoise s | VAE decode s (tiled) | peak GiB denoise | peak GiB decode |")
-    print("|---|---|---|---|---|---|")
-    for r in rows(run, "generate.json"):
-        print(f"| {r['res']}² | {r['steps']} | {r['denoise_s']:.1f} | {r['decode_s']:.1f} | {r['peak_gib_denoise']:.1f} | "
-              f"{r['peak_gib_decode']:.1f} |")
+    table(["res", "steps", "denoise s", "VAE decode s (tiled)", "peak GiB denoise", "peak GiB decode"],
+          ([f"{r['res']}²", str(r["steps"]), f"{r['denoise_s']:.1f}", f"{r['decode_s']:.1f}",
+            f"{r['peak_gib_denoise']:.1f}", f"{r['peak_gib_decode']:.1f}"] for r in rows(run, "generate.json")))
 
 
 if __name__ == "__main__":
