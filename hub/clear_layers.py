@@ -121,11 +121,9 @@ def read_layers_folder(folder: Path) -> dict:
 
 def load_clear_layers(model, source: str | os.PathLike, *, verify: bool = False):
     """Apply a CLEAR-layers folder (local or Hub repo) to a dense base model: tensors, then attention."""
-    from clear_surgery.surgery import ClearConfig, apply_clear
+    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
 
     from .converted import resolve_folder
-
-    from clear_surgery.surgery import remove_clear
 
     folder = resolve_folder(source)
     meta = read_layers_folder(folder)

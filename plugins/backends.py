@@ -62,8 +62,8 @@ def backend_names() -> list[str]:
 
 
 def choose_backend(requested: str, q, k, v, *args) -> Backend:
-    """``args`` = (layout, radius, scale), as every backend takes them."""
-    """The backend to run for this call; ``requested`` may be 'auto' or a backend name."""
+    """The backend to run for this call; ``requested`` may be 'auto' or a backend name.
+    ``args`` = (layout, radius, scale), as every backend takes them."""
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown CLEAR backend {requested!r}; available: {backend_names()}")

@@ -135,10 +135,9 @@ def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_i
     qb = torch.arange(part_index.shape[0])[:, None].expand_as(part_index)
     kb = part_index.long()
     n = regular.numel()
-    usable = listed & (qb < n) & (kb < n)
-    usable &= regular[qb.clamp(max=n - 1)] & regular[kb.clamp(max=n - 1)]
-    dy = (y0[qb.clamp(max=n - 1)] - y0[kb.clamp(max=n - 1)])[usable]
-    dx = (x0[qb.clamp(max=n - 1)] - x0[kb.clamp(max=n - 1)])[usable]
+    qi, ki = qb.clamp(max=n - 1), kb.clamp(max=n - 1)  # the ragged last block is never regular
+    usable = listed & (qb < n) & (kb < n) & regular[qi] & regular[ki]
+    dy, dx = (y0[qi] - y0[ki])[usable], (x0[qi] - x0[ki])[usable]
     if dy.numel() == 0:
         return entries, empty
     offsets, row = torch.unique(torch.stack([dy, dx], 1), dim=0, return_inverse=True)

@@ -84,34 +84,9 @@ def _latent_tokens(model, args, kwargs) -> int:
     return height * width
 
 
-def _flux_inputs(model, text_len, height, width, batch, dtype, device):
-    cfg = model.config
-    ids = torch.zeros(height, width, 3)
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    t = functools.partial(torch.randn, dtype=dtype, device=device)
-    inputs = dict(
-        hidden_states=t(batch, height * width, cfg.in_channels),
-        encoder_hidden_states=t(batch, text_len, cfg.joint_attention_dim),
-        pooled_projections=t(batch, cfg.pooled_projection_dim),
-        timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
-        img_ids=ids.reshape(-1, 3).to(device=device, dtype=dtype),
-        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
-        return_dict=False,
-    )
-    if cfg.guidance_embeds:
-        inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
-    if "controlnet_cond" in _forward_signature(type(model)).parameters:
-        extra = getattr(cfg, "num_extra_conditioning_channels", 0) or 0
-        inputs["controlnet_cond"] = t(batch, height * width, cfg.in_channels + extra)
-        if getattr(cfg, "num_mode", None):
-            inputs["controlnet_mode"] = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    return inputs
-
-
 def _flux_like_inputs(model, text_len, height, width, batch, dtype, device):
-    """FLUX-style models of other families (packed tokens, img_ids / txt_ids with one column per
-    RoPE axis, rows and columns in axes 1 and 2), built from the config and forward's signature."""
+    """FLUX-style models (packed tokens, img_ids / txt_ids with one column per RoPE axis, rows and
+    columns in axes 1 and 2), built from the config and forward's signature."""
     cfg = model.config
     params = _forward_signature(type(model)).parameters
     axes = len(cfg.axes_dims_rope)
@@ -128,6 +103,19 @@ def _flux_like_inputs(model, text_len, height, width, batch, dtype, device):
         inputs["pooled_projections"] = t(batch, cfg.pooled_projection_dim)
     if "guidance" in params and getattr(cfg, "guidance_embeds", False):
         inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+    return inputs
+
+
+def _flux_inputs(model, text_len, height, width, batch, dtype, device):
+    """FLUX.1 and its ControlNet: the FLUX-style call, plus the control image for a ControlNet."""
+    inputs = _flux_like_inputs(model, text_len, height, width, batch, dtype, device)
+    if "controlnet_cond" in _forward_signature(type(model)).parameters:
+        cfg = model.config
+        extra = getattr(cfg, "num_extra_conditioning_channels", 0) or 0
+        inputs["controlnet_cond"] = torch.randn(batch, height * width, cfg.in_channels + extra, dtype=dtype,
+                                                device=device)
+        if getattr(cfg, "num_mode", None):
+            inputs["controlnet_mode"] = torch.zeros(batch, 1, dtype=torch.long, device=device)
     return inputs
 
 

@@ -212,12 +212,13 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
         from .data import count_samples
 
         folder = Path(d.folder).expanduser()
+        count = count_samples(folder) if folder.is_dir() else 0
         if not folder.is_dir():
             problems.append(f"data.folder {folder} does not exist")
-        elif count_samples(folder) == 0:
+        elif count == 0:
             problems.append(f"data.folder {folder} holds no cached samples (sample-*.safetensors)")
-        elif isinstance(d.holdout, int) and count_samples(folder) <= d.holdout:
-            problems.append(f"data.folder {folder} holds {count_samples(folder)} samples, not more than "
+        elif isinstance(d.holdout, int) and count <= d.holdout:
+            problems.append(f"data.folder {folder} holds {count} samples, not more than "
                             f"data.holdout ({d.holdout})")
 
     t = r.train

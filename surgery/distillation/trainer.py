@@ -86,7 +86,7 @@ class Distiller:
         from clear_surgery.surgery.rewrite import apply_clear
 
         r = self.recipe
-        model, self.source = load_model(r.model.teacher, subfolder=r.model.subfolder, revision=r.model.revision,
+        model, _ = load_model(r.model.teacher, subfolder=r.model.subfolder, revision=r.model.revision,
                                         dtype=getattr(torch, r.model.dtype))
         apply_clear(model, r.clear_config(), verify=False)  # the convert command verifies; here it costs a trace
         return model.to(self.device)
