@@ -22,23 +22,32 @@ try:  # triton is optional (the `triton` extra); the backend registers only when
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-# (head_dim, radius upper bound) -> kernel config; first matching row wins. BLOCK_M is also the
-# tile size of the tile token layout. head_dim 128: the fastest of 7 configs at r = 8, 16, 32 on an
-# H200 (recipes/benchmarks/tune-h200.json); 64/32/16: not measured yet.
+
+class KernelConfig(NamedTuple):
+    block_m: int  # queries per program; the tile token layout's tile holds exactly block_m tokens
+    block_n: int  # keys per listed image key block
+    segment_block_n: int  # keys per block of the dense segments (text keys; every key of text queries)
+    num_warps: int
+    num_stages: int
+    tile: tuple[int, int]  # default tile (th, tw) of the tile token layout, th * tw == block_m
+
+
+# (head_dim, radius upper bound) -> kernel config; first matching row wins. head_dim 128: the fastest
+# on an H200 at r = 8, 16, 32 of every config measured, 128-row query blocks included
+# (recipes/benchmarks/tune-h200.json, h200-run8/tune.json, h200-run8b/tune.json); 64/32/16: not measured yet.
 CONFIGS = [
-    # head_dim, max radius, BLOCK_M, BLOCK_N, num_warps, num_stages
-    (128, math.inf, 64, 64, 4, 3),
-    (64, math.inf, 64, 64, 4, 3),
-    (32, math.inf, 64, 32, 4, 2),
-    (16, math.inf, 32, 16, 4, 2),
+    (128, math.inf, KernelConfig(64, 64, 64, 4, 3, (8, 8))),
+    (64, math.inf, KernelConfig(64, 64, 64, 4, 3, (8, 8))),
+    (32, math.inf, KernelConfig(64, 32, 32, 4, 2, (8, 8))),
+    (16, math.inf, KernelConfig(32, 16, 16, 4, 2, (4, 8))),
 ]
-DEFAULT_TILE = {128: (8, 8), 64: (8, 8), 32: (8, 8), 16: (4, 8)}
+HEAD_DIMS = sorted({d for d, *_ in CONFIGS})
 
 
-def kernel_config(head_dim: int, radius: float):
-    for d, max_r, bm, bn, warps, stages in CONFIGS:
+def kernel_config(head_dim: int, radius: float = math.inf) -> KernelConfig:
+    for d, max_r, config in CONFIGS:
         if d == head_dim and radius <= max_r:
-            return bm, bn, warps, stages
+            return config
     raise ValueError(f"no triton config for head dim {head_dim}")
 
 
@@ -60,8 +69,8 @@ def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, rais
         reason = f"needs a CUDA device (or TRITON_INTERPRET=1), got {q.device.type}"
     elif q.dtype not in (torch.bfloat16, torch.float16) and not (interpreting() and q.dtype == torch.float32):
         reason = f"dtype {q.dtype} (bf16 and fp16 only)"
-    elif q.shape[-1] not in DEFAULT_TILE or v.shape[-1] != q.shape[-1]:
-        reason = f"head dim {q.shape[-1]} (supported: {sorted(DEFAULT_TILE)}, same for v)"
+    elif q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        reason = f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
     if reason and raise_error:
         raise ValueError(f"triton backend: {reason}")
     return reason is None
@@ -107,17 +116,28 @@ def image_block_lists(height: int, width: int, tile, radius: float, block_m: int
     return BlockLists(*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device), mode)
 
 
+def block_shape(tile, block: int) -> tuple[int, int] | None:
+    """The rectangle (rows, cols) that a block of ``block`` consecutive tokens covers when it is
+    regular: a whole tile, a band of whole tile rows, or a raster row segment; None otherwise."""
+    if tile is None:
+        return 1, block
+    th, tw = tile
+    if block % tw or th % (block // tw):
+        return None
+    return block // tw, tw
+
+
 def regular_blocks(height: int, width: int, tile, block: int):
-    """Blocks whose tokens fill one rectangle of the block shape (tile, or 1 x block in raster order),
-    so that the window mask between two of them depends only on their offset: (regular, y0, x0)."""
-    bh, bw = tile if tile is not None else (1, block)
+    """Blocks whose tokens fill one rectangle of ``block_shape`` (so that the window mask between two
+    blocks depends only on their offset): (regular, y0, x0)."""
+    shape = block_shape(tile, block)
     count = height * width // block
-    if bh * bw != block or count == 0:
+    if shape is None or count == 0:
         return torch.zeros(0, dtype=torch.bool), None, None
     y, x = image_positions(torch.arange(count * block).view(count, block), height, width, tile)
     c = torch.arange(block)
     y0, x0 = y[:, :1], x[:, :1]
-    regular = ((y == y0 + c // bw) & (x == x0 + c % bw)).all(1)
+    regular = ((y == y0 + c // shape[1]) & (x == x0 + c % shape[1])).all(1)
     return regular, y0[:, 0], x0[:, 0]
 
 
@@ -126,27 +146,30 @@ def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_i
     part_count, part_index = part_count.cpu(), part_index.cpu()
     entries = torch.full(part_index.shape, -1, dtype=torch.int32)
     empty = torch.zeros(1, block_m, block_n, dtype=torch.int8)
-    if block_m != block_n:
-        return entries, empty
-    regular, y0, x0 = regular_blocks(height, width, tile, block_m)
-    if not regular.any():
+    q_regular, qy0, qx0 = regular_blocks(height, width, tile, block_m)
+    k_regular, ky0, kx0 = regular_blocks(height, width, tile, block_n)
+    if not q_regular.any() or not k_regular.any():
         return entries, empty
     listed = torch.arange(part_index.shape[1])[None, :] < part_count[:, None]
     qb = torch.arange(part_index.shape[0])[:, None].expand_as(part_index)
     kb = part_index.long()
-    n = regular.numel()
-    qi, ki = qb.clamp(max=n - 1), kb.clamp(max=n - 1)  # the ragged last block is never regular
-    usable = listed & (qb < n) & (kb < n) & regular[qi] & regular[ki]
-    dy, dx = (y0[qi] - y0[ki])[usable], (x0[qi] - x0[ki])[usable]
+    nq, nk = q_regular.numel(), k_regular.numel()
+    qi, ki = qb.clamp(max=nq - 1), kb.clamp(max=nk - 1)  # a ragged last block is never regular
+    usable = listed & (qb < nq) & (kb < nk) & q_regular[qi] & k_regular[ki]
+    dy, dx = (qy0[qi] - ky0[ki])[usable], (qx0[qi] - kx0[ki])[usable]
     if dy.numel() == 0:
         return entries, empty
     offsets, row = torch.unique(torch.stack([dy, dx], 1), dim=0, return_inverse=True)
     entries[usable] = row.to(torch.int32)
-    bh, bw = tile if tile is not None else (1, block_m)
-    c = torch.arange(block_m)
-    ry, rx = c // bw, c % bw  # position of a token inside its block
-    d_y = offsets[:, 0, None, None] + ry[None, :, None] - ry[None, None, :]
-    d_x = offsets[:, 1, None, None] + rx[None, :, None] - rx[None, None, :]
+
+    def local(block):  # position of each token inside its block
+        cols = block_shape(tile, block)[1]
+        c = torch.arange(block)
+        return c // cols, c % cols
+
+    (qy, qx), (ky, kx) = local(block_m), local(block_n)
+    d_y = offsets[:, 0, None, None] + qy[None, :, None] - ky[None, None, :]
+    d_x = offsets[:, 1, None, None] + qx[None, :, None] - kx[None, None, :]
     table = (d_y * d_y + d_x * d_x <= max_visible_d2(radius)).to(torch.int8)
     return entries, table.contiguous()
 
@@ -159,7 +182,8 @@ def max_visible_d2(radius: float) -> int:
 def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
     """Same signature and result as reference_attention (inference forward)."""
     batch, tokens, heads, head_dim = q.shape
-    block_m, block_n, warps, stages = kernel_config(head_dim, radius)
+    config = kernel_config(head_dim, radius)
+    block_m, block_n = config.block_m, config.block_n
     out = torch.empty_like(q)
     text_start = 0 if layout.text_first else layout.image_tokens
     lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
@@ -175,8 +199,10 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
         th, tw, max_visible_d2(radius), qk_scale, lists.full_count, lists.full_index, lists.part_count,
         lists.part_index, lists.ragged, lists.full_index.shape[1], lists.part_index.shape[1], text_blocks,
         image_blocks, lists.table_entries, lists.mask_table,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, TILED=layout.tile is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, SEGMENT_BLOCK_N=config.segment_block_n, HEAD_DIM=head_dim,
+        TILED=layout.tile is not None,
         USE_TABLE=lists.table_mode if use_mask_table() else 0,
-        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out

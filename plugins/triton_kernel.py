@@ -2,8 +2,9 @@
 
 One program = one block of BLOCK_M queries of one (batch, head). Blocks never straddle the
 text/image boundary: each segment is cut into blocks on its own.
-- text query block: every key (text, then image), dense; only the ragged last block is masked.
-- image query block: all text keys (dense), then the image key blocks listed for it: "full"
+- text query block: every key (text, then image), dense (SEGMENT_BLOCK_N keys per step); only the
+  ragged last block is masked.
+- image query block: all text keys (dense), then the image key blocks (BLOCK_N keys) listed for it: "full"
   blocks (inside every query's window: no mask evaluated) and "partial" blocks (window mask).
   Key blocks outside every window are never loaded. The ragged last image key block (when the
   image is not a multiple of BLOCK_N) is the only one with a bounds check: RAGGED says per query
@@ -69,9 +70,10 @@ def _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, l
 
 
 @triton.jit
-def _attend_segment(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, length, offs_n, offs_d,
+def _attend_segment(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, length, offs_d,
                     BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Every key of a segment: full blocks without any mask, then the ragged tail."""
+    offs_n = tl.arange(0, BLOCK_N)
     full_end = (length // BLOCK_N) * BLOCK_N
     for start in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, length,
@@ -98,14 +100,14 @@ def _attend_listed(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, image_l
             entry = tl.load(OFFSET + block * width + i)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
                                           image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
-                                          False, True, TILED, UPCAST_DOT, TABLE + entry * (BLOCK_N * BLOCK_N),
+                                          False, True, TILED, UPCAST_DOT, TABLE + entry * (offs_m.shape[0] * BLOCK_N),
                                           offs_m, True)
         elif USE_TABLE == 1:
             entry = tl.load(OFFSET + block * width + i)
             if entry >= 0:
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
                                               image_len, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW,
-                                              False, True, TILED, UPCAST_DOT, TABLE + entry * (BLOCK_N * BLOCK_N),
+                                              False, True, TILED, UPCAST_DOT, TABLE + entry * (offs_m.shape[0] * BLOCK_N),
                                               offs_m, True)
             else:
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, kb * BLOCK_N,
@@ -126,7 +128,8 @@ def clear_fwd_kernel(
     HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, GH, GW, TH, TW, R2, qk_scale,
     FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks, image_q_blocks,
     PART_OFFSET, MASK_TABLE,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TILED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT_BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TILED: tl.constexpr,
     USE_TABLE: tl.constexpr = 0, UPCAST_DOT: tl.constexpr = False,
 ):
     # 1-D grid: the long text-query programs of every (batch, head) first, so they start at once
@@ -165,10 +168,10 @@ def clear_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     acc, l_i, m_i = _attend_segment(acc, l_i, m_i, q, k_text, v_text, stride_kn, stride_vn, TEXT_LEN,
-                                    offs_n, offs_d, BLOCK_N, UPCAST_DOT)
+                                    offs_d, SEGMENT_BLOCK_N, UPCAST_DOT)
     if is_text:
         acc, l_i, m_i = _attend_segment(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, IMAGE_LEN,
-                                        offs_n, offs_d, BLOCK_N, UPCAST_DOT)
+                                        offs_d, SEGMENT_BLOCK_N, UPCAST_DOT)
     else:
         qy, qx = _positions(tl.minimum(rows, IMAGE_LEN - 1), GH, GW, TH, TW, TILED)
         acc, l_i, m_i = _attend_listed(acc, l_i, m_i, q, k_img, v_img, stride_kn, stride_vn, IMAGE_LEN, offs_n,

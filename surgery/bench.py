@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clear_surgery.plugins import TokenLayout, flex_clear_attention
-from clear_surgery.plugins.triton_backend import DEFAULT_TILE, triton_clear_attention
+from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
+# FLUX_DEV's architecture at toy width and depth: the --tiny CPU smoke runs of the H200 scripts and tests
+TINY_FLUX_DEV = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
 def window_pairs(height: int, width: int, radius: float) -> int:
@@ -36,6 +39,34 @@ def needed_flops(text: int, height: int, width: int, radius: float, heads: int, 
     image = height * width
     pairs = text * (text + image) + image * text + window_pairs(height, width, radius)
     return 4.0 * pairs * head_dim * heads * batch
+
+
+def window_union_per_query(side: int, radius: float, th: int, tw: int) -> float:
+    """Mean over the image queries of a side x side grid of |union of the windows of the query's
+    th x tw tile| (tiles aligned to the grid, edge tiles smaller), counted exactly: the keys per query
+    that a kernel multiplying a whole tile of queries by the same keys must compute, at the least."""
+    r2, reach = max_visible_d2(radius), math.ceil(radius)
+
+    def valid(tile):  # (tiles, offsets): is the key at this offset from the tile's start inside the grid
+        starts = torch.arange(0, side, tile)
+        sizes = torch.clamp(side - starts, max=tile)
+        offsets = torch.arange(-reach, tile + reach)
+        pos = starts[:, None] + offsets[None, :]
+        return ((pos >= 0) & (pos < side)).double(), sizes.double(), offsets, sizes
+
+    vy, hy, oy, sy = valid(th)
+    vx, hx, ox, sx = valid(tw)
+
+    def gap(offsets, sizes):  # (tiles, offsets): distance from the key's row to the tile's rows
+        return torch.clamp(torch.maximum(-offsets[None, :], offsets[None, :] - (sizes[:, None] - 1)), min=0)
+
+    gy, gx = gap(oy, sy), gap(ox, sx)  # tiles along y / x
+    total = 0.0
+    for i in range(vy.shape[0]):  # tile rows: keys within r2 of the tile, inside the grid
+        inside = (gy[i][None, :, None] ** 2 + gx[:, None, :] ** 2 <= r2).double()  # (tiles x, oy, ox)
+        counts = torch.einsum("o,top,tp->t", vy[i], inside, vx)
+        total += float((counts * hy[i] * hx).sum())
+    return total / (side * side)
 
 
 def time_ms(fn, warmup: int = 2, rep: int = 5) -> float:
@@ -75,7 +106,7 @@ def _clear(fn, tile):
 
     def run(q, k, v, layout, radius):
         if tile is not None:
-            shape = DEFAULT_TILE[q.shape[-1]] if tile == "kernel" else tile
+            shape = kernel_config(q.shape[-1], radius).tile if tile == "kernel" else tile
             layout = TokenLayout(layout.text_len, layout.text_first, layout.height, layout.width, shape)
         return fn(q, k, v, layout, radius)
 
@@ -195,10 +226,11 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                    token_layout=token_layout)
         with torch.no_grad():
             if size <= dense_max:
-                big = size >= 4096
+                huge = size >= 8192  # ~95 s per dense step on an H200: one cold run (first-call costs are < 0.1%)
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
-                    row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if big else 1, rep=1 if big else 3)
+                    row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,
+                                              rep=1 if huge else 2 if size >= 4096 else 3)
             apply_clear(model, ClearConfig(radius=radius, backend=backend, token_layout=token_layout),
                         analysis=report, verify=False)
             row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)

@@ -97,7 +97,7 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
         # permutations at the model's edges (checked by output equality in the tests).
         after = verify_rewrite(model, before, set(modules)) if verify else before
         if config.token_layout == "tiled":
-            runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim))
+            runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim, config.radius))
             runtime.hooks.append(TileLayout(model, runtime, runtime.tile))
     except Exception:
         remove_clear(model)
@@ -105,10 +105,11 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     return after
 
 
-def default_tile(head_dim: int) -> tuple[int, int]:
-    from clear_surgery.plugins.triton_backend import DEFAULT_TILE
+def default_tile(head_dim: int, radius: float) -> tuple[int, int]:
+    """The triton kernel's tile for this head dim and radius; (8, 16) (one FlexAttention block) otherwise."""
+    from clear_surgery.plugins.triton_backend import HEAD_DIMS, kernel_config
 
-    return DEFAULT_TILE.get(head_dim, (8, 16))
+    return kernel_config(head_dim, radius).tile if head_dim in HEAD_DIMS else (8, 16)
 
 
 def verify_rewrite(model, before: AnalysisReport, targets: set[str]) -> AnalysisReport:

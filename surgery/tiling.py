@@ -22,6 +22,7 @@ _ENTRY_LISTS = ("controlnet_block_samples", "controlnet_single_block_samples", "
 _EMBEDDERS = ("pos_embed", "pos_embed_input")  # SD3: patch embedders produce the token stream
 
 
+@torch.compiler.disable  # built once per grid and cached; traced, inductor mis-bounds the indices
 @functools.lru_cache(maxsize=32)
 def permutations(height: int, width: int, tile: tuple[int, int], device: torch.device):
     perm = tile_permutation(height, width, tile, device)

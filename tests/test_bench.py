@@ -16,6 +16,19 @@ def test_needed_flops_count_exactly_the_visible_pairs(h, w, r):
     assert bench.needed_flops(text, h, w, r, heads, head_dim) == 4.0 * pairs * heads * head_dim
 
 
+@pytest.mark.parametrize("side,r,th,tw", [(20, 3.0, 4, 4), (19, 5.0, 8, 8), (13, 2.5, 2, 8), (6, 40.0, 4, 4)])
+def test_window_union_per_query_is_exact(side, r, th, tw):
+    """Brute force: for every tile, the keys any of its queries sees, counted once per query."""
+    mask = dense_mask(TokenLayout(0, True, side, side), r)  # raster order: token = y * side + x
+    y, x = torch.arange(side * side) // side, torch.arange(side * side) % side
+    total = 0
+    for ty in range(0, side, th):
+        for tx in range(0, side, tw):
+            queries = (y >= ty) & (y < ty + th) & (x >= tx) & (x < tx + tw)
+            total += int(mask[queries].any(0).sum()) * int(queries.sum())
+    assert bench.window_union_per_query(side, r, th, tw) == pytest.approx(total / side**2, rel=1e-12)
+
+
 def test_attention_bench_rows_on_cpu():
     rows = bench.bench_attention([128], [2.0, 4.0], ["dense-math", "flex-raster", "flex-tiled"], heads=2, head_dim=16,
                                  text=8, dtype=torch.float32, device="cpu", rep=1)
@@ -27,8 +40,7 @@ def test_attention_bench_rows_on_cpu():
 
 
 def test_step_bench_on_a_tiny_flux(tmp_path):
-    config = dict(bench.FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), in_channels=16)
+    config = dict(bench.TINY_FLUX_DEV, in_channels=16)
     rows = bench.bench_step([128], 2, backend="reference", device="cpu", config=config)
     assert rows[0]["dense_ms"] > 0 and rows[0]["clear_ms"] > 0 and rows[0]["speedup"] > 0
     bench.plot([], rows, tmp_path / "step.png")

@@ -20,6 +20,17 @@ def test_tiled_model_equals_raster_model(name, grid, tile):
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_tiled_model_under_torch_compile_equals_eager(name):
+    model = load_builtin(name)
+    inputs = example_inputs(model, text_len=6, grid=(6, 8), batch=1)
+    apply_clear(model, ClearConfig(radius=2.5, token_layout="tiled", tile_shape=[2, 4]))
+    eager = model_call(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    assert rel_err(model_call(compiled, inputs), eager) < 1e-5
+
+
 def test_tiled_controlnet_residuals_and_pipeline():
     pipe = tiny_pipeline("tiny-flux-controlnet")
     pipe.set_progress_bar_config(disable=True)

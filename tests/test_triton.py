@@ -10,7 +10,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from clear_surgery.plugins import TokenLayout, attention, reference_attention  # noqa: E402
-from clear_surgery.plugins.triton_backend import CONFIGS, DEFAULT_TILE, image_block_lists, triton_clear_attention  # noqa: E402
+from clear_surgery.plugins.triton_backend import CONFIGS, image_block_lists, kernel_config, triton_clear_attention  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
 # (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile, dtype)
@@ -26,6 +26,10 @@ INTERPRET_CASES = [
     (2, 1, 64, 10, True, 3, 128, 3, None, "float32"),  # raster rows of whole blocks: mask table used
     (1, 2, 64, 5, False, 24, 16, 9.5, [8, 8], "bfloat16"),  # every tile full: table for every pair
     (1, 1, 64, 6, True, 13, 11, 5, [8, 8], "float32"),  # ragged tiles: table for some pairs (branch)
+    # other kernel configs (block_m, block_n, segment_block_n): 128-token query blocks over 64/32-token key blocks
+    (1, 2, 64, 20, True, 21, 16, 5, [16, 8], "bfloat16", [128, 64, 128]),  # ragged band, text < one block
+    (2, 1, 32, 9, False, 16, 24, 4, [16, 8], "float32", [128, 64, 32]),  # every tile full: table for every pair
+    (1, 1, 16, 70, True, 8, 40, 3, [8, 16], "float16", [128, 32, 64]),
 ]
 
 
@@ -49,14 +53,16 @@ def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled):
 
     from clear_surgery.plugins.triton_kernel import clear_fwd_kernel
 
-    bm, bn, warps, stages = next((c[2:] for c in CONFIGS if c[0] == head_dim))
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False)
+    config = kernel_config(head_dim)
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, SEGMENT_BLOCK_N=config.segment_block_n,
+                      HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False)
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "FULL_COUNT": "*i32", "FULL_INDEX": "*i32",
                 "PART_COUNT": "*i32", "PART_INDEX": "*i32", "RAGGED": "*i32", "PART_OFFSET": "*i32",
                 "MASK_TABLE": "*i8", "qk_scale": "fp32"}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in clear_fwd_kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=clear_fwd_kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     assert len(compiled.asm["cubin"]) > 0
     assert "wgmma.mma_async" in compiled.asm["ptx"]  # Hopper tensor-core instructions, not mma.sync
 
@@ -81,14 +87,15 @@ def test_block_lists_never_skip_a_visible_block():
                 assert tile_mask.all() and tile_mask.shape[1] == bn
 
 
-@pytest.mark.parametrize("h, w, tile, r", [(24, 16, (8, 8), 9.5), (13, 11, (8, 8), 5), (3, 128, None, 3),
-                                           (20, 20, (4, 16), 7), (5, 100, None, 2)])
-def test_mask_table_entries_equal_the_window_mask(h, w, tile, r):
+@pytest.mark.parametrize("h, w, tile, r, bm, bn", [
+    (24, 16, (8, 8), 9.5, 64, 64), (13, 11, (8, 8), 5, 64, 64), (3, 128, None, 3, 64, 64),
+    (20, 20, (4, 16), 7, 64, 64), (5, 100, None, 2, 64, 64),
+    (48, 40, (16, 8), 9.5, 128, 64), (37, 29, (16, 8), 6, 128, 64), (32, 48, (8, 16), 5, 128, 32),
+    (4, 100, None, 3, 32, 64)])  # query and key blocks of different sizes
+def test_mask_table_entries_equal_the_window_mask(h, w, tile, r, bm, bn):
     from clear_surgery.plugins.layout import dense_mask
 
-    block = 64
-    _, _, part_n, part_i, _, entries, table, mode = image_block_lists(h, w, tile, r, block, block,
-                                                                     torch.device("cpu"))
+    _, _, part_n, part_i, _, entries, table, mode = image_block_lists(h, w, tile, r, bm, bn, torch.device("cpu"))
     mask = dense_mask(TokenLayout(0, True, h, w, tile), r)
     used = 0
     for qb in range(part_n.numel()):
@@ -97,16 +104,16 @@ def test_mask_table_entries_equal_the_window_mask(h, w, tile, r):
             if entry < 0:
                 continue
             used += 1
-            want = mask[qb * block:(qb + 1) * block, kb * block:(kb + 1) * block]
-            assert want.shape == (block, block) and torch.equal(table[entry].bool(), want), (qb, kb)
-    assert used > 0 or (h * w) // block < 2
+            want = mask[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+            assert want.shape == (bm, bn) and torch.equal(table[entry].bool(), want), (qb, kb)
+    assert used > 0
     assert mode == (0 if used == 0 else 2 if used == int(part_n.sum()) else 1)
 
 
 def test_default_tiles_match_query_blocks():
-    for head_dim, (th, tw) in DEFAULT_TILE.items():
-        bm = next(c[2] for c in CONFIGS if c[0] == head_dim)
-        assert th * tw == bm
+    for _, _, config in CONFIGS:
+        th, tw = config.tile
+        assert th * tw == config.block_m and config.block_n % tw == 0  # key blocks: whole tile rows
 
 
 # ---- GPU (H200) -------------------------------------------------------------------------------------------------

@@ -7,10 +7,14 @@ import sys
 import torch
 
 from clear_surgery.plugins import TokenLayout, reference_attention
-from clear_surgery.plugins.triton_backend import triton_clear_attention
+from clear_surgery.plugins import triton_backend
+from clear_surgery.plugins.triton_backend import KernelConfig, triton_clear_attention
 
 cases = json.loads(sys.argv[1])
-for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype) in enumerate(cases):
+default_configs = list(triton_backend.CONFIGS)
+for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype, *blocks) in enumerate(cases):
+    # optional (block_m, block_n, segment_block_n): run that kernel config instead of the table's
+    triton_backend.CONFIGS[:] = [(d, math.inf, KernelConfig(*blocks[0], 4, 2, tuple(tile)))] if blocks else default_configs
     gen = torch.Generator().manual_seed(1000 + i)
     n = text_len + gh * gw
     q, k, v = (torch.randn(b, n, h, d, generator=gen).to(getattr(torch, dtype)) for _ in range(3))

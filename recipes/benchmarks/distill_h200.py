@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from clear_surgery.surgery import analyze, apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, build_flux_dev
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev
 from clear_surgery.surgery.distillation import Distiller, RandomSamples, load_recipe
 from clear_surgery.surgery.distillation.trainer import _init_distributed
 
@@ -22,8 +22,7 @@ TINY = "--tiny" in sys.argv
 DDP = _init_distributed()
 rank = torch.distributed.get_rank() if DDP else 0
 device = "cpu" if TINY else f"cuda:{torch.cuda.current_device()}"
-config = dict(FLUX_DEV, num_layers=1, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
-              joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)) if TINY else FLUX_DEV
+config = dict(TINY_FLUX_DEV, num_single_layers=4) if TINY else FLUX_DEV
 size, batch, steps, warmup = (128, 2, 3, 1) if TINY else (1024, 2, 6, 2)
 recipe_file = Path(__file__).resolve().parents[1] / "flux-dev-r16.toml"
 out = Path(os.environ.get("OUT", "/tmp"))

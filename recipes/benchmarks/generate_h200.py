@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from clear_surgery.surgery import ClearConfig, analyze, apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, build_flux_dev
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"
@@ -20,8 +20,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=(
            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
            norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
            use_post_quant_conv=False, sample_size=1024)  # sample_size sets the VAE tile size (FLUX: 1024)
-config = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-              joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)) if TINY else FLUX_DEV
+config = TINY_FLUX_DEV if TINY else FLUX_DEV
 vae_config = dict(VAE, block_out_channels=(32, 32, 32, 32), norm_num_groups=8) if TINY else VAE
 sizes = [128, 256] if TINY else [4096, 8192]
 

@@ -49,7 +49,7 @@ rows = []
 for size, radius in [(4096, 16), (8192, 16), (4096, 8), (4096, 32)]:
     side = size // 16
     q, k, v = (torch.randn(1, T + side * side, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    layout = TokenLayout(T, True, side, side, tb.DEFAULT_TILE[D])
+    layout = TokenLayout(T, True, side, side, tb.kernel_config(D).tile)
     dense_ms = time_ms(lambda: LAYER_BACKENDS["dense-cudnn"](q, k, v, None, None), 1, 3)
     for kind in ("full", "computed-mask", "no-mask", "text-only", "dense-kernel"):
         r = 10 * side if kind == "dense-kernel" else radius

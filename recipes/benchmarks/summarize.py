@@ -63,6 +63,41 @@ def profile_table(run="h200-run6"):
     table(["res", "r", *variants], lines())
 
 
+def tune_table(run="h200-run8"):
+    data = json.loads((HERE / run / "tune.json").read_text())
+    configs = list(dict.fromkeys(json.dumps(r["config"]) for r in data))
+    cases = list(dict.fromkeys((r["res"], r["radius"]) for r in data))
+    ms = {(json.dumps(r["config"]), r["res"], r["radius"]): r["ms"] for r in data}
+
+    def cell(config, res, radius):
+        if radius != "dense":
+            return f"{ms[config, res, radius]:.2f} ms"
+        tokens = 512 + (res // 16) ** 2  # every key visible: the kernel as a dense attention
+        return f"{ms[config, res, radius]:.1f} ms ({4.0 * tokens**2 * 128 * 24 / ms[config, res, radius] / 1e9:.0f} TFLOP/s)"
+
+    def lines():
+        for config in configs:
+            bm, bn, seg, warps, stages, (th, tw) = json.loads(config)
+            yield [f"{bm}/{bn}/{seg}/{warps}/{stages}, {th}×{tw}", *(cell(config, *case) for case in cases)]
+
+    table(["BLOCK_M/BLOCK_N/segment BLOCK_N/warps/stages, tile",
+           *(f"{res}² " + ("every key visible" if radius == "dense" else f"r{radius}") for res, radius in cases)], lines())
+
+
+def step_profile_table(run="h200-run8"):
+    data = json.loads((HERE / run / "profile_step.json").read_text())
+    categories = list(dict.fromkeys([*data["dense"], *data["clear"]]))
+    table(["model", *categories, "total"],
+          ([kind, *(f"{data[kind].get(c, 0):.0f} ms" for c in categories), f"{data[kind + '_total_ms']:.0f} ms"]
+           for kind in ("dense", "clear")))
+
+
+def compiled_step_table(run="h200-run8"):
+    table(["res", "dense ms (compiled)", "CLEAR r16 ms (compiled)", "speedup"],
+          ([f"{r['res']}²", f"{r['dense_ms']:.0f}", f"{r['clear_ms']:.0f}", f"{r['speedup']:.2f}×"]
+           for r in json.loads((HERE / run / "step_compiled.json").read_text())))
+
+
 def distill_table(run="h200-run6"):
     table(["backend", "res", "batch", "trained params", "step s (median after 2 warm-up)", "peak GiB", "weights GiB"],
           ([r["backend"], f"{r['res']}²", str(r["batch"]), f"{r['trained_params'] / 1e9:.2f} B", f"{r['step_s']:.2f}",
@@ -78,18 +113,25 @@ def generate_table(run="h200-run6"):
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] in (["current"], ["run6"]):  # current: h200-run7 (kernel), h200-run6 (distill, generate)
-        run = "h200-run7" if sys.argv[1] == "current" else "h200-run6"
+    if sys.argv[1:2] == ["current"]:  # h200-run8 (kernel, third session), h200-run6 (distill, generate)
+        for show in (lambda: attention_table([("h200-run8", lambda r: True)]), lambda: step_table("h200-run8"),
+                     step_profile_table, compiled_step_table, lambda: profile_table("h200-run8"), tune_table,
+                     distill_table, generate_table):
+            show()
+            print()
+        sys.exit()
+    if sys.argv[1:2] == ["run8b"]:  # the same kernel with dense-flash in the run: floors at both dense rates
+        attention_table([("h200-run8b", lambda r: True)])
+        print()
+        tune_table("h200-run8b")
+        sys.exit()
+    if sys.argv[1:2] in (["run7"], ["run6"]):
+        run = "h200-" + sys.argv[1]
         attention_table([(run, lambda r: True)])
         print()
         step_table(run)
         print()
         profile_table(run)
-        if sys.argv[1] == "current":
-            print()
-            distill_table()
-            print()
-            generate_table()
         sys.exit()
     attention_table([
         ("h200-run1", lambda r: r["res"] == 1024 or r["backend"] in ("dense-cudnn", "dense-flash", "triton-tiled")
