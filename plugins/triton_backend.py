@@ -109,10 +109,7 @@ def image_block_lists(height: int, width: int, tile, radius: float, block_m: int
         any_true[:, -1] = all_true[:, -1] = False
     full = all_true & any_true
     part_count, part_index = _compact(any_true & ~full)
-    entries, table = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
-    listed = torch.arange(entries.shape[1])[None, :] < part_count.cpu()[:, None]
-    used = entries[listed] >= 0
-    mode = 0 if not used.any() else 2 if used.all() else 1
+    entries, table, mode = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
     return BlockLists(*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device), mode)
 
 
@@ -142,14 +139,15 @@ def regular_blocks(height: int, width: int, tile, block: int):
 
 
 def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index):
-    """(entries like part_index: table row or -1, table (rows, block_m, block_n) int8 window masks)."""
+    """(entries like part_index: table row or -1, table (rows, block_m, block_n) int8 window masks,
+    table mode as BlockLists.table_mode)."""
     part_count, part_index = part_count.cpu(), part_index.cpu()
     entries = torch.full(part_index.shape, -1, dtype=torch.int32)
     empty = torch.zeros(1, block_m, block_n, dtype=torch.int8)
     q_regular, qy0, qx0 = regular_blocks(height, width, tile, block_m)
     k_regular, ky0, kx0 = regular_blocks(height, width, tile, block_n)
     if not q_regular.any() or not k_regular.any():
-        return entries, empty
+        return entries, empty, 0
     listed = torch.arange(part_index.shape[1])[None, :] < part_count[:, None]
     qb = torch.arange(part_index.shape[0])[:, None].expand_as(part_index)
     kb = part_index.long()
@@ -158,7 +156,7 @@ def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_i
     usable = listed & (qb < nq) & (kb < nk) & q_regular[qi] & k_regular[ki]
     dy, dx = (qy0[qi] - ky0[ki])[usable], (qx0[qi] - kx0[ki])[usable]
     if dy.numel() == 0:
-        return entries, empty
+        return entries, empty, 0
     offsets, row = torch.unique(torch.stack([dy, dx], 1), dim=0, return_inverse=True)
     entries[usable] = row.to(torch.int32)
 
@@ -171,7 +169,7 @@ def mask_table(height, width, tile, radius, block_m, block_n, part_count, part_i
     d_y = offsets[:, 0, None, None] + qy[None, :, None] - ky[None, None, :]
     d_x = offsets[:, 1, None, None] + qx[None, :, None] - kx[None, None, :]
     table = (d_y * d_y + d_x * d_x <= max_visible_d2(radius)).to(torch.int8)
-    return entries, table.contiguous()
+    return entries, table.contiguous(), 2 if bool(usable.sum() == listed.sum()) else 1
 
 
 def max_visible_d2(radius: float) -> int:

@@ -47,20 +47,17 @@ def window_union_per_query(side: int, radius: float, th: int, tw: int) -> float:
     that a kernel multiplying a whole tile of queries by the same keys must compute, at the least."""
     r2, reach = max_visible_d2(radius), math.ceil(radius)
 
-    def valid(tile):  # (tiles, offsets): is the key at this offset from the tile's start inside the grid
+    def along(tile):
+        """Per tile along one axis (tiles, offsets from the tile's start): is the key inside the grid, its
+        distance to the tile's extent; and the tile's size."""
         starts = torch.arange(0, side, tile)
         sizes = torch.clamp(side - starts, max=tile)
         offsets = torch.arange(-reach, tile + reach)
         pos = starts[:, None] + offsets[None, :]
-        return ((pos >= 0) & (pos < side)).double(), sizes.double(), offsets, sizes
+        gap = torch.clamp(torch.maximum(-offsets[None, :], offsets[None, :] - (sizes[:, None] - 1)), min=0)
+        return ((pos >= 0) & (pos < side)).double(), gap, sizes.double()
 
-    vy, hy, oy, sy = valid(th)
-    vx, hx, ox, sx = valid(tw)
-
-    def gap(offsets, sizes):  # (tiles, offsets): distance from the key's row to the tile's rows
-        return torch.clamp(torch.maximum(-offsets[None, :], offsets[None, :] - (sizes[:, None] - 1)), min=0)
-
-    gy, gx = gap(oy, sy), gap(ox, sx)  # tiles along y / x
+    (vy, gy, hy), (vx, gx, hx) = along(th), along(tw)
     total = 0.0
     for i in range(vy.shape[0]):  # tile rows: keys within r2 of the tile, inside the grid
         inside = (gy[i][None, :, None] ** 2 + gx[:, None, :] ** 2 <= r2).double()  # (tiles x, oy, ox)
@@ -198,6 +195,17 @@ def build_flux_dev(device="cuda", dtype=torch.bfloat16, config=None):
     return model.eval()
 
 
+def analyze_flux_dev(config=None):
+    """The analysis of a FLUX.1-dev-shaped transformer, traced on the meta device (no memory, no compute):
+    what apply_clear needs, so that it does not trace the real model again."""
+    from diffusers import FluxTransformer2DModel
+
+    from .analysis import analyze
+
+    with torch.device("meta"):
+        return analyze(FluxTransformer2DModel(**(config or FLUX_DEV)))
+
+
 def flux_inputs(model, size, text=512, batch=1):
     from .families import example_inputs
 
@@ -209,15 +217,10 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                config=None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .analysis import analyze
     from .config import ClearConfig
     from .rewrite import apply_clear, remove_clear
 
-    with torch.device("meta"):
-        from diffusers import FluxTransformer2DModel
-
-        skeleton = FluxTransformer2DModel(**(config or FLUX_DEV))
-    report = analyze(skeleton)  # traced on the meta device: no memory, no compute
+    report = analyze_flux_dev(config)
     model = build_flux_dev(device, config=config)
     rows = []
     for size in tqdm(sizes, desc="flux step", unit="size"):
@@ -226,7 +229,9 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                    token_layout=token_layout)
         with torch.no_grad():
             if size <= dense_max:
-                huge = size >= 8192  # ~95 s per dense step on an H200: one cold run (first-call costs are < 0.1%)
+                # ~95 s per dense step at 8192² on an H200: one cold run there (at 4096² cold read
+                # 0.3 s above warm, about 0.3% of an 8192² step)
+                huge = size >= 8192
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
                     row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 
-from clear_surgery.surgery import analyze, apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev
+from clear_surgery.surgery import apply_clear
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 from clear_surgery.surgery.distillation import Distiller, RandomSamples, load_recipe
 from clear_surgery.surgery.distillation.trainer import _init_distributed
 
@@ -32,8 +32,7 @@ ids = dict(img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", 
            txt_ids=torch.zeros(text, 3))
 shapes = dict(latents=(side * side, config["in_channels"]), prompt_embeds=(text, config["joint_attention_dim"]),
               pooled_prompt_embeds=(config["pooled_projection_dim"],))
-with torch.device("meta"):
-    report = analyze(FluxTransformer2DModel(**config))
+report = analyze_flux_dev(config)
 rows = []
 for backend in ["reference", "flex"] if TINY else ["triton"] if DDP else ["flex", "triton"]:
     recipe = load_recipe(recipe_file, [f'output.dir="{out / ("distill-" + backend)}"', f"train.batch_size={batch}",

@@ -32,10 +32,11 @@ for size in (4096, 8192):
     for radius in (8.0, 16.0, 32.0):
         row = dict(res=size, radius=radius)
         for group in (64, 16):
-            shapes = [(h, group // h) for h in range(1, group + 1) if group % h == 0]
-            best = min(shapes, key=lambda s: window_union_per_query(side, radius, *s))
+            unions = {(h, group // h): window_union_per_query(side, radius, h, group // h)
+                      for h in range(1, group + 1) if group % h == 0}
+            best = min(unions, key=unions.get)
             row[f"best_{group}_tile"] = best
-            row[f"bound_{group}"] = ratio(side, radius, window_union_per_query(side, radius, *best))
+            row[f"bound_{group}"] = ratio(side, radius, unions[best])
         config = kernel_config(HEAD_DIM, radius)
         lists = image_block_lists(side, side, config.tile, radius, config.block_m, config.block_n, torch.device("cpu"))
         listed = float((lists.full_count + lists.part_count).double().mean()) * config.block_n

@@ -8,10 +8,10 @@ import sys
 import time
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from clear_surgery.surgery import ClearConfig, analyze, apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev
+from clear_surgery.surgery import ClearConfig, apply_clear
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"
@@ -34,8 +34,7 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
-with torch.device("meta"):
-    report = analyze(FluxTransformer2DModel(**config))
+report = analyze_flux_dev(config)
 transformer = build_flux_dev(device, dtype, config)
 apply_clear(transformer, ClearConfig(radius=16, backend="reference" if TINY else "triton", token_layout="tiled"),
             analysis=report, verify=False)

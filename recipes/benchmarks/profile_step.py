@@ -8,12 +8,11 @@ import os
 import sys
 
 import torch
-from diffusers import FluxTransformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from clear_surgery.surgery import ClearConfig, analyze, apply_clear, remove_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev, flux_inputs
+from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"
@@ -57,8 +56,7 @@ def profiled_ms(model, inputs):
     return totals, {c: sorted(v, reverse=True)[:3] for c, v in top.items()}
 
 
-with torch.device("meta"):
-    report = analyze(FluxTransformer2DModel(**config))
+report = analyze_flux_dev(config)
 model = build_flux_dev(device, torch.float32 if TINY else torch.bfloat16, config)
 inputs = flux_inputs(model, size)
 result = dict(res=size)

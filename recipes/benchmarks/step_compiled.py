@@ -9,19 +9,17 @@ import sys
 import time
 
 import torch
-from diffusers import FluxTransformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from clear_surgery.surgery import ClearConfig, analyze, apply_clear, remove_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, build_flux_dev, flux_inputs, time_ms
+from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
+from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs, time_ms
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"
 config = TINY_FLUX_DEV if TINY else FLUX_DEV
 sizes = [128] if TINY else [int(s) for s in os.environ.get("SIZES", "4096").split(",")]
 
-with torch.device("meta"):
-    report = analyze(FluxTransformer2DModel(**config))
+report = analyze_flux_dev(config)
 model = build_flux_dev(device, torch.float32 if TINY else torch.bfloat16, config)
 rows = []
 

@@ -5,8 +5,12 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def load(run, name):
+    return json.loads((HERE / run / name).read_text())
+
+
 def rows(run, name="attention.json"):
-    return json.loads((HERE / run / name).read_text())["rows"]
+    return load(run, name)["rows"]
 
 
 # In h200-run1 the flex backend hit dynamo's recompile limit from 2048² r16 on and fell back to
@@ -46,7 +50,7 @@ def step_table(run="h200-run3"):
 
 
 def profile_table(run="h200-run6"):
-    data = json.loads((HERE / run / "profile.json").read_text())
+    data = load(run, "profile.json")
     variants = list(dict.fromkeys(r["variant"] for r in data))
 
     def cell(cells, v):
@@ -64,7 +68,7 @@ def profile_table(run="h200-run6"):
 
 
 def tune_table(run="h200-run8"):
-    data = json.loads((HERE / run / "tune.json").read_text())
+    data = load(run, "tune.json")
     configs = list(dict.fromkeys(json.dumps(r["config"]) for r in data))
     cases = list(dict.fromkeys((r["res"], r["radius"]) for r in data))
     ms = {(json.dumps(r["config"]), r["res"], r["radius"]): r["ms"] for r in data}
@@ -85,7 +89,7 @@ def tune_table(run="h200-run8"):
 
 
 def step_profile_table(run="h200-run8"):
-    data = json.loads((HERE / run / "profile_step.json").read_text())
+    data = load(run, "profile_step.json")
     categories = list(dict.fromkeys([*data["dense"], *data["clear"]]))
     table(["model", *categories, "total"],
           ([kind, *(f"{data[kind].get(c, 0):.0f} ms" for c in categories), f"{data[kind + '_total_ms']:.0f} ms"]
@@ -95,7 +99,7 @@ def step_profile_table(run="h200-run8"):
 def compiled_step_table(run="h200-run8"):
     table(["res", "dense ms (compiled)", "CLEAR r16 ms (compiled)", "speedup"],
           ([f"{r['res']}²", f"{r['dense_ms']:.0f}", f"{r['clear_ms']:.0f}", f"{r['speedup']:.2f}×"]
-           for r in json.loads((HERE / run / "step_compiled.json").read_text())))
+           for r in load(run, "step_compiled.json")))
 
 
 def distill_table(run="h200-run6"):
@@ -110,34 +114,33 @@ def generate_table(run="h200-run6"):
             f"{r['peak_gib_denoise']:.1f}", f"{r['peak_gib_decode']:.1f}"] for r in rows(run, "generate.json")))
 
 
-if __name__ == "__main__":
-    import sys
+def whole_run(run):
+    """Every row of one run's attention.json."""
+    attention_table([(run, lambda r: True)])
 
-    if sys.argv[1:2] == ["current"]:  # h200-run8 (kernel, third session), h200-run6 (distill, generate)
-        for show in (lambda: attention_table([("h200-run8", lambda r: True)]), lambda: step_table("h200-run8"),
-                     step_profile_table, compiled_step_table, lambda: profile_table("h200-run8"), tune_table,
-                     distill_table, generate_table):
-            show()
-            print()
-        sys.exit()
-    if sys.argv[1:2] == ["run8b"]:  # the same kernel with dense-flash in the run: floors at both dense rates
-        attention_table([("h200-run8b", lambda r: True)])
-        print()
-        tune_table("h200-run8b")
-        sys.exit()
-    if sys.argv[1:2] in (["run7"], ["run6"]):
-        run = "h200-" + sys.argv[1]
-        attention_table([(run, lambda r: True)])
-        print()
-        step_table(run)
-        print()
-        profile_table(run)
-        sys.exit()
-    attention_table([
+
+VIEWS = {  # argument -> the tables it prints
+    # current: h200-run8 (kernel, third session), h200-run6 (distill, generate)
+    "current": [lambda: whole_run("h200-run8"), lambda: step_table("h200-run8"), step_profile_table,
+                compiled_step_table, lambda: profile_table("h200-run8"), tune_table, distill_table, generate_table],
+    # the same kernel with dense-flash in the run: floors at both dense rates
+    "run8b": [lambda: whole_run("h200-run8b"), lambda: tune_table("h200-run8b")],
+    **{name: [lambda run=f"h200-{name}": whole_run(run), lambda run=f"h200-{name}": step_table(run),
+              lambda run=f"h200-{name}": profile_table(run)] for name in ("run7", "run6")},
+    # first session: h200-run1..4
+    "": [lambda: attention_table([
         ("h200-run1", lambda r: r["res"] == 1024 or r["backend"] in ("dense-cudnn", "dense-flash", "triton-tiled")
          or (r["res"] == 2048 and r["radius"] == 8)),
         ("h200-run3", lambda r: True),
         ("h200-run4", lambda r: r["backend"] == "triton-tiled" and r["radius"] != 16),
-    ])
-    print()
-    step_table()
+    ]), step_table],
+}
+
+if __name__ == "__main__":
+    import sys
+
+    shows = VIEWS[sys.argv[1] if len(sys.argv) > 1 else ""]
+    for i, show in enumerate(shows):
+        show()
+        if i < len(shows) - 1:
+            print()
