@@ -1,29 +1,28 @@
-"""Converted-model folders: a stock diffusers model folder plus clear_config.json.
-
-Stock diffusers loads the folder as the dense model; ``load_converted`` loads it with its CLEAR
-attention. Folders are written atomically: into a hidden sibling, renamed at the end.
-"""
+"""Pieces shared by clear-surgery's folder formats: names, weight files under diffusers' names, tensor
+specs from safetensors headers, and the check of those specs against a model class."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .atomic import write_json
+from .safetensors_io import DTYPES, Header, SafetensorsError, read_header, write_file
 
 CLEAR_CONFIG_NAME = "clear_config.json"
 FORMAT = "clear-surgery/converted-model"
+LAYERS_FORMAT = "clear-surgery/clear-layers"
 FORMAT_VERSION = 1
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class ClearFolderError(ValueError):
+    pass
 
 
 def package_version() -> str:
@@ -33,75 +32,51 @@ def package_version() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``out``; it becomes ``out`` only if the block completes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+def read_json(path: Path) -> dict:
+    """A JSON file; one error naming the file when it is missing or damaged."""
     try:
-        yield tmp
-        _default_permissions(tmp)
-        if out.exists():  # overwrite: move the old folder aside first, so a crash loses neither
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _default_permissions(folder: Path) -> None:
-    # mkdtemp makes the folder private (0700); the result should look like any folder the user makes.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def save_state_dict(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int = "10GB",
-                    desc: str = "saving") -> list[str]:
-    """Safetensors shards + index under diffusers' names, with a progress bar."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS_PATTERN,
-                                               max_shard_size=max_shard_size)
-    files = list(split.filename_to_tensors.items())
-    for filename, names in tqdm(files, desc=desc, unit="file", disable=len(files) < 2):
-        shard = {n: state_dict[n].detach().contiguous().cpu() for n in names}
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        write_json(folder / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
-    return [f for f, _ in files]
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ClearFolderError(f"cannot read {path}: {err.strerror or err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ClearFolderError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ClearFolderError(f"{path}: expected a JSON object")
+    return data
 
 
 def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a diffusers model folder (sharded with an index, or one file)."""
     index = folder / INDEX_NAME
     if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ClearFolderError(f"{index}: no weight_map")
+        return [folder / f for f in sorted(set(weight_map.values()))]
     single = folder / WEIGHTS_PATTERN.format(suffix="")
     return [single] if single.is_file() else []
 
 
+def read_headers(files: list[Path]) -> list[Header]:
+    headers = [read_header(path) for path in files]
+    seen: dict[str, Path] = {}
+    for header in headers:
+        for name in header.tensors:
+            if name in seen:
+                raise SafetensorsError(f"tensor {name!r} is stored twice: in {seen[name]} and {header.path}")
+            seen[name] = header.path
+    return headers
+
+
 def read_tensor_specs(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) from safetensors headers, without reading the tensors."""
-    specs = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                specs[name] = (tuple(sl.get_shape()), sl.get_dtype())
-    return specs
+    """name -> (shape, safetensors dtype code) from the headers, without reading any tensor."""
+    return {e.name: (e.shape, e.dtype) for h in read_headers(files) for e in h.tensors.values()}
+
+
+def stored_dtype(specs: dict[str, tuple[tuple[int, ...], str]]) -> torch.dtype | None:
+    """The one floating dtype the weights are stored in (None: no floating tensor, or several)."""
+    found = {DTYPES[code] for _, code in specs.values() if DTYPES[code].is_floating_point}
+    return found.pop() if len(found) == 1 else None
 
 
 def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
@@ -111,3 +86,43 @@ def tensor_mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tup
     problems += [f"shape of {n}: expected {list(expected[n])}, found {list(found[n])}"
                  for n in sorted(set(expected) & set(found)) if tuple(expected[n]) != tuple(found[n])]
     return problems
+
+
+def listed(problems: list[str], limit: int = 20) -> str:
+    more = f"\n  ... {len(problems) - limit} more" if len(problems) > limit else ""
+    return "\n  ".join(problems[:limit]) + more
+
+
+def skeleton(cls, config: dict):
+    """The model class built from its config on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def check_specs(cls, config: dict, specs: dict, where) -> None:
+    """Tensor names and shapes of a folder against ``cls`` built from ``config``; floating dtypes
+    must be one of those torch loads. One error lists every difference."""
+    expected = {k: tuple(v.shape) for k, v in skeleton(cls, config).state_dict().items()}
+    problems = tensor_mismatches(expected, {k: s for k, (s, _) in specs.items()})
+    dtypes = sorted({code for _, code in specs.values() if DTYPES[code].is_floating_point})
+    if len(dtypes) > 1:
+        problems.append(f"weights mix floating dtypes {dtypes}")
+    if problems:
+        raise ClearFolderError(f"tensors in {where} do not match {cls.__name__} built from its config.json:\n  "
+                               + listed(problems))
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int = "10GB",
+                    desc: str = "saving") -> list[str]:
+    """Safetensors shards + index under diffusers' names, with a progress bar (a model in memory)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_size)
+    files = list(split.filename_to_tensors.items())
+    for filename, names in tqdm(files, desc=desc, unit="file", disable=len(files) < 2):
+        write_file(folder / filename, [(n, state_dict[n].dtype, tuple(state_dict[n].shape)) for n in names],
+                   lambda n: state_dict[n], metadata={"format": "pt"})
+    if split.is_sharded:
+        write_json(folder / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return [f for f, _ in files]

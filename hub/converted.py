@@ -1,103 +1,137 @@
-"""Save and load a converted (CLEAR) model folder."""
+"""Converted-model folders: a stock diffusers model folder plus clear_config.json.
+
+Stock diffusers loads the folder as the dense model; ``load_converted`` loads it with its CLEAR
+attention. Folders are written atomically: into a hidden sibling, renamed at the end.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
+from clear_surgery.surgery.state import require_clear_state
+
+from .atomic import atomic_directory, write_json
+from .checkpoint import (CLEAR_CONFIG_NAME, FORMAT, FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, check_specs,
+                         package_version, read_json, read_tensor_specs, save_state_dict, skeleton, stored_dtype,
+                         weight_files)
+from .download import resolve_folder
 from .model_card import write_model_card
-from .checkpoint import (CLEAR_CONFIG_NAME, FORMAT, FORMAT_VERSION, atomic_directory, package_version,
-                         read_tensor_specs, save_state_dict, tensor_mismatches, weight_files, write_json)
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-class ClearFolderError(ValueError):
-    pass
+def model_class(name: str | None, where="config"):
+    """The diffusers model class a config names."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ClearFolderError(f"{where} names model class {name!r}, which diffusers does not have")
+    return cls
+
+
+def clear_meta(state, model_class_name: str, base_model: dict | None, **extra) -> dict:
+    """The clear_config.json of a converted model (``extra``: format-specific fields)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
+            "config": state.config.to_dict(), "base_model": base_model or {}, "model_class": model_class_name,
+            "sites": list(state.sites), "analysis": state.analysis.to_dict(), "training": state.provenance, **extra}
+
+
+def finish_folder(tmp: Path, meta: dict) -> None:
+    """Model card, then clear_config.json last: a folder with clear_config.json is complete."""
+    write_model_card(tmp, meta)
+    write_json(tmp / CLEAR_CONFIG_NAME, meta)
 
 
 def save_converted(model: torch.nn.Module, out: str | os.PathLike, *, base_model: dict | None = None,
                    overwrite: bool = False, max_shard_size: str | int = "10GB") -> Path:
-    """Write ``model`` (with CLEAR attention applied) as a diffusers folder + clear_config.json."""
-    config = getattr(model, "_clear_config", None)
-    if config is None:
-        raise ValueError("model has no CLEAR attention: run apply_clear first")
+    """Write ``model`` (with CLEAR attention applied) as a diffusers folder + clear_config.json,
+    in the dtype its tensors have."""
+    state = require_clear_state(model, "save it")
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         model.save_config(tmp)
-        save_state_dict(model.state_dict(), tmp, max_shard_size, desc=f"saving {out.name}")
-        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()})
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
-                "config": config.to_dict(), "base_model": base_model or {}, "model_class": type(model).__name__,
-                "dtype": dtypes, "sites": list(model._clear_sites), "analysis": model._clear_analysis}
-        write_model_card(tmp, meta)
-        write_json(tmp / CLEAR_CONFIG_NAME, meta)  # last: a folder with clear_config.json is complete
+        tensors = model.state_dict()
+        save_state_dict(tensors, tmp, max_shard_size, desc=f"saving {out.name}")
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+        finish_folder(tmp, clear_meta(state, type(model).__name__, base_model, dtype=dtypes))
     return out
 
 
-def read_clear_config(folder: Path, expected_format: str = FORMAT) -> dict:
-    path = folder / CLEAR_CONFIG_NAME
+def read_clear_config(folder: Path, expected_format: str | None = FORMAT) -> dict:
+    """clear_config.json of a CLEAR folder, its format checked (None: either CLEAR format)."""
+    path = Path(folder) / CLEAR_CONFIG_NAME
     if not path.is_file():
         raise ClearFolderError(f"{folder} is not a CLEAR folder: no {CLEAR_CONFIG_NAME}")
-    data = json.loads(path.read_text())
-    if data.get("format") != expected_format or data.get("format_version") != FORMAT_VERSION:
+    data = read_json(path)
+    formats = (FORMAT, LAYERS_FORMAT) if expected_format is None else (expected_format,)
+    if data.get("format") not in formats or data.get("format_version") != FORMAT_VERSION:
         raise ClearFolderError(f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}, "
-                               f"expected {expected_format!r} version {FORMAT_VERSION}")
+                               f"expected {' or '.join(map(repr, formats))} version {FORMAT_VERSION}")
+    try:
+        ClearConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ClearFolderError(f"{path}: invalid CLEAR config: {err}") from err
     return data
 
 
-def resolve_folder(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder, or a Hub repo id downloaded (or found in the cache; HF_HUB_OFFLINE works)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if str(source).startswith((".", "/", "~")):
-        raise ClearFolderError(f"no such folder: {source}")
-    from huggingface_hub import snapshot_download
+@dataclass
+class ConvertedFolder:
+    """A converted folder checked from its headers and configs (no tensor read)."""
 
-    try:
-        return Path(snapshot_download(str(source), revision=revision))
-    except Exception as err:
-        raise ClearFolderError(f"cannot get {source!r} from the Hub (no such local folder either): "
-                               f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+    folder: Path
+    model_class: type
+    config: dict  # config.json
+    meta: dict  # clear_config.json
+    files: list[Path]
+    specs: dict  # tensor name -> (shape, dtype code)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return stored_dtype(self.specs)
+
+
+def check_converted_folder(folder: str | os.PathLike) -> ConvertedFolder:
+    """Everything about a converted folder that can be checked without loading it: configs, the
+    safetensors headers against the model class, the converted sites against the model's modules."""
+    folder = Path(folder)
+    meta = read_clear_config(folder)
+    config = read_json(folder / "config.json")
+    cls = model_class(config.get("_class_name"), f"{folder / 'config.json'}")
+    files = weight_files(folder)
+    if not files:
+        raise ClearFolderError(f"{folder} is incomplete: no safetensors weights")
+    specs = read_tensor_specs(files)
+    check_specs(cls, config, specs, folder)
+    modules = dict(skeleton(cls, config).named_modules())
+    missing = [s for s in meta.get("sites", []) if not hasattr(modules.get(s), "processor")]
+    if missing:
+        raise ClearFolderError(f"{folder / CLEAR_CONFIG_NAME} lists sites that are not attention modules of "
+                               f"{cls.__name__}: {missing[:5]}")
+    return ConvertedFolder(folder, cls, config, meta, files, specs)
 
 
 def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = False,
-                   revision: str | None = None):
-    """Load a folder written by ``save_converted`` into a model with its CLEAR attention applied.
+                   revision: str | None = None, device: str | torch.device | None = None):
+    """Load a folder written by ``save_converted`` (or a Hub repo of one) into a model with its CLEAR
+    attention applied, in the dtype it is stored in unless ``dtype`` says otherwise.
 
-    Tensor names and shapes are checked against the model class first; a mismatch is one error
-    listing every difference.
+    Names, shapes and sites are checked from the headers first; weights then load shard by shard
+    onto the meta-device skeleton (diffusers' low_cpu_mem_usage), never as a second copy.
     """
-    from clear_surgery.surgery.analysis import AnalysisReport
-    from clear_surgery.surgery.config import ClearConfig
-    from clear_surgery.surgery.loading import model_class
-    from clear_surgery.surgery.rewrite import apply_clear
-
-    folder = resolve_folder(folder, revision)
-    meta = read_clear_config(folder)
-    cls = model_class(json.loads((folder / "config.json").read_text()).get("_class_name"))
-    files = weight_files(folder)
-    if not files:
-        raise ClearFolderError(f"{folder} has no safetensors weights")
-    with torch.device("meta"):
-        skeleton = cls.from_config(cls.load_config(folder))
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    specs = read_tensor_specs(files)
-    problems = tensor_mismatches(expected, {k: s for k, (s, _) in specs.items()})
-    if problems:
-        raise ClearFolderError(f"tensors in {folder} do not match {cls.__name__} built from its config.json:\n  "
-                               + "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
-    saved_dtypes = {_SAFETENSORS_DTYPES.get(d) for _, d in specs.values()}
-    load_dtype = dtype or (saved_dtypes.pop() if len(saved_dtypes) == 1 else None)
-    model = cls.from_pretrained(folder, torch_dtype=load_dtype).eval()
-    config = ClearConfig.from_dict(meta["config"])
+    checked = check_converted_folder(resolve_folder(folder, revision))
+    kwargs = {"device_map": str(device)} if device is not None else {}
+    model = checked.model_class.from_pretrained(checked.folder, torch_dtype=dtype or checked.dtype,
+                                                low_cpu_mem_usage=True, **kwargs).eval()
+    meta = checked.meta
     analysis = AnalysisReport.from_dict(meta["analysis"]) if meta.get("analysis") and not verify else None
-    apply_clear(model, config, analysis=analysis, verify=verify)
-    if sorted(model._clear_sites) != sorted(meta["sites"]):
-        raise ClearFolderError(f"{folder}: clear_config.json lists sites {meta['sites']}, the config selects "
-                               f"{model._clear_sites}")
+    apply_clear(model, ClearConfig.from_dict(meta["config"]), analysis=analysis, verify=verify,
+                provenance=meta.get("training"))
+    sites = get_clear_state(model).sites
+    if sorted(sites) != sorted(meta["sites"]):
+        raise ClearFolderError(f"{checked.folder}: clear_config.json lists sites {meta['sites']}, the config selects "
+                               f"{sites}")
     return model

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-logger = logging.getLogger("clear_surgery")
+from clear_surgery.surgery import BUILTIN_PREFIX, family_for_class
 
-PIPELINES = {"FluxTransformer2DModel": "FluxPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-             "FluxControlNetModel": "FluxControlNetPipeline", "SD3ControlNetModel": "StableDiffusion3ControlNetPipeline"}
+logger = logging.getLogger("clear_surgery")
+REPO_PLACEHOLDER = "REPO_ID"  # replaced by the repo id when the card is rendered for an upload
 
 
 def base_model_license(base_id: str | None) -> str | None:
     """The base model's license from its own card, when it can be read (Hub or cache)."""
-    if not base_id or base_id.startswith("builtin:") or Path(base_id).exists():
+    if not base_id or base_id.startswith(BUILTIN_PREFIX) or Path(base_id).exists():
         return None
     try:
         from huggingface_hub import ModelCard
@@ -24,32 +24,55 @@ def base_model_license(base_id: str | None) -> str | None:
         return None
 
 
-def _usage(meta: dict, is_layers: bool) -> str:
+def _usage(meta: dict, is_layers: bool, repo_id: str) -> str:
     base = meta["base_model"].get("id") or "BASE_MODEL"
     cls = meta["model_class"]
+    if base.startswith(BUILTIN_PREFIX):  # no Hub base: the resolver builds it
+        return ("```python\nfrom clear_surgery.hub import load_model\n\n"
+                f'model, _ = load_model("{repo_id}")  # {base} with CLEAR attention\n```\n')
     sub = meta["base_model"].get("subfolder")
     sub_arg = f', subfolder="{sub}"' if sub else ""
-    pipeline = PIPELINES.get(cls, "DiffusionPipeline")
+    family = family_for_class(cls)
+    pipeline = (family.pipeline_for(cls) if family else None) or "DiffusionPipeline"
     if is_layers:
         load = (f'model = {cls}.from_pretrained("{base}"{sub_arg}, torch_dtype=torch.bfloat16)\n'
-                f'load_clear_layers(model, "REPO_ID")  # or a local folder\n')
+                f'load_clear_layers(model, "{repo_id}")  # or a local folder\n')
         imports = "from clear_surgery.hub import load_clear_layers"
     else:
-        load = 'model = load_converted("REPO_ID")  # or a local folder\n'
+        load = f'model = load_converted("{repo_id}")  # or a local folder\n'
         imports = "from clear_surgery.hub import load_converted"
     target = "controlnet" if "ControlNet" in cls else "transformer"
     return (f"```python\nimport torch\nfrom diffusers import {cls}, {pipeline}\n{imports}\n\n{load}"
             f'pipe = {pipeline}.from_pretrained("{base}", {target}=model, torch_dtype=torch.bfloat16)\n```\n')
 
 
-def render_model_card(meta: dict) -> str:
+def describe_training(training: dict | None) -> list[str]:
+    """The card's lines on how the CLEAR tensors were made (zero-shot when there is no record)."""
+    if not training:
+        return ["- training: none (zero-shot conversion: the dense model's weights, CLEAR attention)"]
+    if training.get("method") == "distillation":
+        lines = [f"- training: distilled against the dense teacher `{training.get('teacher')}` for "
+                 f"{training.get('steps')} steps (recipe `{training.get('recipe')}`, sha256 "
+                 f"`{str(training.get('recipe_sha256'))[:16]}...`; the recipe is in clear_config.json)"]
+        metrics = training.get("metrics") or {}
+        if metrics:
+            lines.append("- held-out metrics: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                                                             for k, v in metrics.items()))
+        return lines
+    if training.get("method") == "imported CLEAR layers":
+        return [f"- training: CLEAR layers imported from `{training.get('file')}` (sha256 "
+                f"`{str(training.get('sha256'))[:16]}...`)"]
+    return ["- training: " + ", ".join(f"{k} = {v}" for k, v in training.items())]
+
+
+def render_model_card(meta: dict, repo_id: str = REPO_PLACEHOLDER) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     is_layers = meta["format"].endswith("clear-layers")
     config = meta["config"]
     base = meta["base_model"].get("id")
     data = ModelCardData(
-        base_model=base if base and not base.startswith("builtin:") else None,
+        base_model=base if base and not base.startswith(BUILTIN_PREFIX) else None,
         base_model_relation="adapter" if is_layers else "finetune",
         library_name="diffusers", pipeline_tag="text-to-image", license=base_model_license(base),
         tags=["clear", "linear-attention", "local-attention", "clear-surgery", meta["model_class"]],
@@ -71,10 +94,8 @@ def render_model_card(meta: dict) -> str:
     ]
     if is_layers:
         lines.append(f"- tensors stored: {len(meta['tensors'])}, selected by {meta['trained']}")
-    lines.append(f"- training: {meta.get('training') or 'none (zero-shot conversion)'}")
-    metrics = meta.get("metrics") or {}
-    lines.append("- metrics: " + (", ".join(f"{k} = {v}" for k, v in metrics.items()) if metrics else "none measured"))
-    lines += ["", "## Usage", "", _usage(meta, is_layers),
+    lines += describe_training(meta.get("training"))
+    lines += ["", "## Usage", "", _usage(meta, is_layers, repo_id),
               f"Made with clear-surgery {meta.get('clear_surgery_version', '')}; settings in `clear_config.json`."]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n").content
 

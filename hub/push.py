@@ -7,11 +7,12 @@ never modified; the model card uploaded is rendered again from clear_config.json
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CLEAR_CONFIG_NAME
+from .checkpoint import CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_json
+from .clear_layers import read_layers_folder
+from .converted import check_converted_folder, read_clear_config
 from .model_card import render_model_card
 
 LARGE_FOLDER_BYTES = 20 * 1024**3  # above this, the resumable large-folder upload is used
@@ -33,27 +34,17 @@ class UploadPlan:
 
 
 def validate_folder(folder: str | Path) -> UploadPlan:
-    """Complete, loadable, with a model card: otherwise one error saying what is wrong."""
-    from .clear_layers import LAYERS_FILE, LAYERS_FORMAT, layer_shapes, read_layers_folder
-    from .converted import FORMAT, read_clear_config, weight_files
-
+    """Complete and consistent, with a model card: otherwise one error saying what is wrong. Checked
+    from configs and safetensors headers only, so a 24 GB folder needs no 24 GB of memory."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"no such folder: {folder}")
-    meta = json.loads((folder / CLEAR_CONFIG_NAME).read_text()) if (folder / CLEAR_CONFIG_NAME).is_file() else {}
-    kind = meta.get("format")
+    meta = read_clear_config(folder, None)  # raises: not a CLEAR folder / unknown format
+    kind = meta["format"]
     if kind == LAYERS_FORMAT:
-        meta = read_layers_folder(folder)  # raises when the layers file is missing
-        if set(layer_shapes(folder / LAYERS_FILE)) != set(meta["tensors"]):
-            raise ValueError(f"{folder / LAYERS_FILE} does not hold the tensors clear_config.json lists")
-    elif kind == FORMAT:
-        from .converted import load_converted
-
-        load_converted(folder)  # names, shapes and sites checked; raises with the reason
-        if not weight_files(folder):
-            raise ValueError(f"{folder} is incomplete: no weights")
+        read_layers_folder(folder)  # the layers file's header holds exactly the listed tensors
     else:
-        read_clear_config(folder)  # raises: not a CLEAR folder / unknown format
+        check_converted_folder(folder)  # names, shapes, dtypes and sites against the model class
     if not (folder / "README.md").is_file():
         raise ValueError(f"{folder} has no model card (README.md)")
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
@@ -63,7 +54,8 @@ def validate_folder(folder: str | Path) -> UploadPlan:
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 commit_message: str | None = None, dry_run: bool = False, token: str | None = None):
-    """Validate ``folder`` and upload it to ``repo_id``; returns the plan (dry run) or the commit info."""
+    """Validate ``folder`` and upload it to ``repo_id``; returns the plan (dry run) or the commit info.
+    The model card is rendered again for ``repo_id`` (the folder itself is never modified)."""
     plan = validate_folder(folder)
     if dry_run:
         return plan
@@ -73,14 +65,20 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    meta = json.loads((plan.folder / CLEAR_CONFIG_NAME).read_text())
-    card = render_model_card(meta).replace("REPO_ID", repo_id).encode()
+    meta = read_json(plan.folder / CLEAR_CONFIG_NAME)
+    card = CommitOperationAdd("README.md", render_model_card(meta, repo_id).encode())
     message = commit_message or f"Upload {plan.kind} with clear-surgery (r = {meta['config']['radius']:g})"
     if plan.total_bytes > LARGE_FOLDER_BYTES:
-        # resumable, multi-commit; the card is uploaded with the folder as it is
-        api.upload_large_folder(repo_id=repo_id, folder_path=plan.folder, repo_type="model", revision=revision,
-                                private=private)
-        return None
-    operations = [CommitOperationAdd(path, card if path == "README.md" else str(plan.folder / path))
-                  for path, _ in plan.files]
+        # everything but the card in huggingface_hub's large-upload path (resumable, several commits,
+        # where this huggingface_hub has it); then the card rendered for this repo
+        large = getattr(api, "upload_large_folder", None)
+        if large is not None:
+            large(repo_id=repo_id, folder_path=plan.folder, repo_type="model", revision=revision, private=private,
+                  ignore_patterns=["README.md", ".*"])
+        else:
+            api.upload_folder(repo_id=repo_id, folder_path=plan.folder, revision=revision, commit_message=message,
+                              ignore_patterns=["README.md", ".*"])
+        return api.create_commit(repo_id, [card], commit_message=message, revision=revision)
+    operations = [card] + [CommitOperationAdd(path, str(plan.folder / path)) for path, _ in plan.files
+                           if path != "README.md"]
     return api.create_commit(repo_id, operations, commit_message=message, revision=revision)

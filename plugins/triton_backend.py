@@ -177,12 +177,18 @@ def max_visible_d2(radius: float) -> int:
     return min(math.ceil(radius * radius) - 1, 2**31 - 1)
 
 
-def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
-    """Same signature and result as reference_attention (inference forward)."""
+def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same signature and result as reference_attention (inference forward); ``out``: a buffer shaped
+    like q to write into (every element is written)."""
     batch, tokens, heads, head_dim = q.shape
     config = kernel_config(head_dim, radius)
     block_m, block_n = config.block_m, config.block_n
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be shaped like q {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     text_start = 0 if layout.text_first else layout.image_tokens
     lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
     text_blocks = -(-layout.text_len // block_m)

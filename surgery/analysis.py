@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS, example_inputs, family_of, image_grid
+from .families import (EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS, ModelFamily, example_inputs, family_for_class, family_of,
+                       image_grid)
 from .processors import clear_processor_for
 
 aten = torch.ops.aten
@@ -143,15 +144,7 @@ def _compute_op_counts(graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _known_family(model) -> bool:
-    try:
-        family_of(model)
-    except ValueError:
-        return False
-    return True
-
-
-def _classify(model, node, text: int, image: int) -> AttentionSite:
+def _classify(model, family: ModelFamily | None, node, text: int, image: int) -> AttentionSite:
     is_clear = node.target == CLEAR_OP
     q, k = node.args[0], node.args[1]
     qs, ks = _shape(q), _shape(k)
@@ -191,8 +184,8 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
     elif processor is None:
         reason = "no diffusers attention module owns this call"
     else:
-        clear_cls = clear_processor_for(processor)
-        if clear_cls is None and not _known_family(model):
+        clear_cls = clear_processor_for(family, processor)
+        if clear_cls is None and family is None:
             # the generic route (ClearSDPAProcessor) needs the family to read each call's image grid
             reason = (f"processor {type(processor).__name__} has no dedicated CLEAR version, and clear-surgery cannot "
                       f"read {type(model).__name__}'s image grid for the generic route")
@@ -205,26 +198,30 @@ def _classify(model, node, text: int, image: int) -> AttentionSite:
 
 
 def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text_tokens: int | None = None,
-            image_tokens: int | None = None, grid: tuple[int, int] | None = None) -> AnalysisReport:
+            image_tokens: int | None = None, grid: tuple[int, int] | None = None,
+            family: ModelFamily | None = None) -> AnalysisReport:
     """Trace ``model`` with torch.export on a small example call and report every attention site.
 
-    For a known family (FLUX, SD3 and their ControlNets) the example call is built from the
-    config; for other models pass ``example_inputs_`` (kwargs of forward) with the number of
-    text and image tokens in it, and the image ``grid`` (needed once the model holds CLEAR layers).
+    For a known family the example call is built from the config (``family``: already resolved by
+    the caller, else looked up); for other models pass ``example_inputs_`` (kwargs of forward) with
+    the number of text and image tokens in it, and the image ``grid`` (needed once the model holds
+    CLEAR layers).
     """
     if example_inputs_ is None:
-        family_of(model)  # clear error for an unknown model
+        family = family or family_of(model)  # clear error for an unknown model
         grid = EXAMPLE_GRID
-        example_inputs_ = example_inputs(model, EXAMPLE_TEXT_TOKENS, grid)
+        example_inputs_ = example_inputs(model, EXAMPLE_TEXT_TOKENS, grid, family=family)
         text_tokens, image_tokens = EXAMPLE_TEXT_TOKENS, grid[0] * grid[1]
     elif text_tokens is None or image_tokens is None:
         raise ValueError("with example inputs, also pass text_tokens and image_tokens")
+    elif family is None:
+        family = family_for_class(type(model).__name__)
     with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
         program = torch.export.export(model, (), dict(example_inputs_), strict=False)
     report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
     for node in program.graph.nodes:
         if node.op == "call_function" and (node.target in SDPA_OPS or node.target == CLEAR_OP):
-            report.sites.append(_classify(model, node, text_tokens, image_tokens))
+            report.sites.append(_classify(model, family, node, text_tokens, image_tokens))
     report.op_counts = _compute_op_counts(program.graph)
     _mark_duplicate_owners(report)
     return report

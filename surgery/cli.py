@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from tqdm.auto import tqdm
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Linearize diffusion transformers with CLEAR local attention.")
 
-MODEL_HELP = "Hub id, local diffusers folder (pipeline or model), CLEAR folder, or builtin:NAME"
+MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a converted CLEAR folder, a CLEAR-layers "
+              "folder, or a Hub id of any of these")
+USER_ERRORS = (ValueError, FileExistsError, OSError)  # what bad input or a bad environment raises
 
 
 def _fail(message: str) -> None:
@@ -22,15 +26,26 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def user_errors():
+    """One ``error: ...`` line and exit code 2 for errors the user's input or machine causes."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        text = str(err) if not isinstance(err, OSError) or not err.strerror else \
+            f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        _fail(text)
+
+
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
-def _load(model: str, subfolder, dtype, revision):
-    from clear_surgery.surgery.loading import load_model, parse_dtype
+def _resolve(model: str, subfolder=None, revision=None):
+    from clear_surgery.hub import resolve_model
 
-    return load_model(model, subfolder=subfolder, dtype=parse_dtype(dtype), revision=revision)
+    return resolve_model(model, subfolder=subfolder, revision=revision)
 
 
 @app.command()
@@ -41,25 +56,27 @@ def analyze(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
 ):
     """List every attention site of a model: owner, kind, segment order, token counts, rewritable or why not."""
-    from clear_surgery.surgery.analysis import analyze as run_analysis
+    from clear_surgery.hub import load_model
+    from clear_surgery.surgery import analyze as run_analysis
 
     _quiet_libraries()
-    try:
-        loaded, _ = _load(model, subfolder, None, revision)
+    with user_errors():
+        if json_out is not None and not json_out.parent.is_dir():
+            raise ValueError(f"--json: folder {json_out.parent} does not exist")
+        loaded, _ = load_model(_resolve(model, subfolder, revision))
         report = run_analysis(loaded)
-    except ValueError as err:
-        _fail(str(err))
-    typer.echo(report.table())
-    if json_out:
-        json_out.write_text(report.to_json() + "\n")
-        typer.echo(f"wrote {json_out}")
+        typer.echo(report.table())
+        if json_out:
+            json_out.write_text(report.to_json() + "\n")
+            typer.echo(f"wrote {json_out}")
 
 
 @app.command()
 def convert(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     radius: Optional[float] = typer.Option(None, "--radius", "-r",
-                                           help="CLEAR radius in tokens (strict: d < r); from the file name with --clear-layers"),
+                                           help="CLEAR radius in tokens (strict: d < r); default: from the "
+                                                "--clear-layers file name or the CLEAR folder given"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
     clear_layers: Optional[str] = typer.Option(None, "--clear-layers",
                                                help="apply CLEAR layers: a safetensors file (e.g. the official "
@@ -74,53 +91,39 @@ def convert(
     target: list[str] = typer.Option([], "--target", help="convert only modules matching this pattern"),
     exclude: list[str] = typer.Option([], "--exclude", help="leave modules matching this pattern dense"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-    max_shard_size: str = typer.Option("10GB", help="largest safetensors shard"),
+    max_shard_size: str = typer.Option("10GB", help="largest safetensors shard of a model saved from memory "
+                                                    "(models read from files keep their shards)"),
 ):
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
-    from tqdm.auto import tqdm
-
-    from clear_surgery.hub import save_clear_layers, save_converted
-    from clear_surgery.hub.clear_layers import apply_layer_tensors, official_radius, resolve_file
-    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
+    from clear_surgery.hub import parse_dtype, resolve_file
+    from clear_surgery.surgery import ClearConfig
+    from clear_surgery.surgery.tools.convert import convert as run, default_radius
 
     _quiet_libraries()
-    try:
+    with user_errors():
         if out_format not in ("full", "layers"):
             raise ValueError(f"--format must be full or layers, got {out_format!r}")
-        layers_file = resolve_file(clear_layers, revision) if clear_layers else None
-        if layers_file is not None and (radius is None or "down" in layers_file.name):
-            file_radius = official_radius(layers_file.name)  # refuses the pooled-key "down" variants
-            radius = file_radius if radius is None else radius
-        if radius is None:
-            raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file)")
-        config = ClearConfig(radius=radius, backend=backend, target_modules=target or None, exclude_modules=exclude,
-                             token_layout=token_layout, radius_overrides=_radius_rules(radius_for))
         if out.exists() and not overwrite:
             raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+        torch_dtype = parse_dtype(dtype)
+        rules = _radius_rules(radius_for)
         with tqdm(total=3, desc="convert", unit="stage", file=sys.stderr) as stages:
-            stages.set_postfix_str(f"loading {model}")
-            loaded, source = _load(model, subfolder, dtype, revision)
+            stages.set_postfix_str(f"resolving {model}")
+            ref = _resolve(model, subfolder, revision)
+            layers_file = resolve_file(clear_layers, revision) if clear_layers else None
+            if radius is None or (layers_file is not None and "down" in layers_file.name):
+                radius = default_radius(ref, layers_file) if radius is None else radius
+            config = ClearConfig(radius=radius, backend=backend, target_modules=target or None,
+                                 exclude_modules=exclude, token_layout=token_layout, radius_overrides=rules)
             stages.update()
-            stages.set_postfix_str("analyze, rewrite, verify")
-            report = apply_clear(loaded, config)
-            if layers_file is not None:
-                try:
-                    apply_layer_tensors(loaded, layers_file)
-                except ValueError:
-                    remove_clear(loaded)
-                    raise
-            stages.update()
-            stages.set_postfix_str(f"saving {out}")
-            if out_format == "layers":
-                save_clear_layers(loaded, out, base_model=source.to_dict(), overwrite=overwrite)
-            else:
-                save_converted(loaded, out, base_model=source.to_dict(), overwrite=overwrite,
-                               max_shard_size=max_shard_size)
-            stages.update()
-    except (ValueError, FileExistsError, RuntimeError) as err:
-        _fail(str(err))
-    typer.echo(report.table())
-    typer.echo(f"converted {len(loaded._clear_sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}")
+            stages.set_postfix_str("analyze, rewrite, verify, write")
+            result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers_file, out_format=out_format,
+                         overwrite=overwrite, max_shard_size=max_shard_size)
+            stages.update(2)
+    typer.echo(result.analysis.table())
+    how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
+           if result.streamed and out_format == "full" else "")
+    typer.echo(f"converted {len(result.sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}{how}")
 
 
 def _radius_rules(rules: list[str]) -> dict[str, float]:
@@ -138,7 +141,7 @@ def _radius_rules(rules: list[str]) -> dict[str, float]:
 
 @app.command()
 def profile(
-    model: str = typer.Option(..., "--model", "-m", help="builtin:NAME (whole tiny pipeline), Hub id or pipeline folder"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (with a pipeline around it)"),
     prompt: str = typer.Option("a photo of a cat in a city at night", help="prompt for the denoising run"),
     resolution: int = typer.Option(512, help="image side in pixels"),
     steps: int = typer.Option(4, help="denoising steps"),
@@ -147,41 +150,29 @@ def profile(
     queries: int = typer.Option(256, help="sampled image queries per attention call"),
     out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs"),
 ):
-    """Measure how local a model's attention is (dense run) and recommend a CLEAR radius."""
-    from clear_surgery.surgery.profile import profile_pipeline
+    """Measure how local a model's attention is (dense run) and recommend a CLEAR radius.
+    A CLEAR folder is measured with its weights and dense attention."""
+    from clear_surgery.surgery import family_of, get_clear_state, remove_clear
+    from clear_surgery.surgery.tools.pipeline import load_pipeline
+    from clear_surgery.surgery.tools.profile import profile_pipeline
 
     _quiet_libraries()
-    try:
-        pipe, extra = _load_pipeline(model)
+    with user_errors():
+        pipe = load_pipeline(_resolve(model))
+        if get_clear_state(pipe.transformer) is not None:
+            remove_clear(pipe.transformer)
         pipe.set_progress_bar_config(desc="denoising")
         results = profile_pipeline(pipe, prompt, resolution, resolution, steps, _numbers(radii, float), keep=keep,
-                                   queries_per_call=queries, out=out, **extra)
-    except ValueError as err:
-        _fail(str(err))
+                                   queries_per_call=queries, out=out, **family_of(pipe.transformer).call_kwargs(pipe))
     for r, kept in zip(results["radii"], results["kept_share_mean"]):
         typer.echo(f"r = {r:>5g}: mean attention mass kept (text + window) {kept:.3f}")
     typer.echo(f"recommended radius (keeps >= {keep:g}): {results['recommended_radius']}")
     typer.echo(f"wrote {out}/locality.json, locality_heatmap.png, attention_maps.png")
 
 
-def _load_pipeline(model: str):
-    """A diffusers pipeline for ``model`` and the call kwargs it needs."""
-    from clear_surgery.surgery.builtin import BUILTIN_PREFIX, tiny_pipeline
-
-    if model.startswith(BUILTIN_PREFIX):
-        pipe = tiny_pipeline(model)
-        return pipe, ({"max_sequence_length": 16} if "flux" in model else {})
-    import diffusers
-
-    try:
-        return diffusers.DiffusionPipeline.from_pretrained(model), {}
-    except Exception as err:
-        raise ValueError(f"cannot load a pipeline from {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
-
-
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="CLEAR folder or Hub repo, pipeline, or builtin:NAME"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (with a pipeline around it)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
     height: Optional[int] = typer.Option(None, help="default 1024"),
     width: Optional[int] = typer.Option(None, help="default 1024"),
@@ -197,10 +188,11 @@ def generate(
     out: Path = typer.Option(Path("image.png"), "--out", "-o"),
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
-    from clear_surgery.surgery.generate import GenerateSettings, generate as run, load_pipeline
+    from clear_surgery.surgery.tools.generate import GenerateSettings, generate as run
+    from clear_surgery.surgery.tools.pipeline import load_pipeline
 
     _quiet_libraries()
-    try:
+    with user_errors():
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
                      proportional_attention=proportional_attention, require_clear=require_clear)
@@ -211,19 +203,17 @@ def generate(
                 raise ValueError("--prompt is required (or a --recipe that sets it)")
             settings = GenerateSettings(**{"height": 1024, "width": 1024, **{k: v for k, v in flags.items()
                                                                               if v is not None}})
-        pipe = load_pipeline(model, radius)
+        pipe = load_pipeline(_resolve(model), radius)
         image = run(pipe, settings)
-    except ValueError as err:
-        _fail(str(err))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
     typer.echo(f"wrote {out} ({image.width}x{image.height})")
 
 
 @app.command()
 def coverage():
     """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
-    from clear_surgery.surgery.coverage import coverage_table
+    from clear_surgery.surgery.tools.coverage import coverage_table
 
     _quiet_libraries()
     typer.echo(coverage_table())
@@ -232,6 +222,9 @@ def coverage():
 @app.command()
 def distill(
     recipe: Path = typer.Option(..., "--recipe", help="TOML distillation recipe (see recipes/)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the teacher (overrides model.teacher): "
+                                        + MODEL_HELP + "; a CLEAR folder: its base model teaches, its tensors "
+                                        "are where the student starts"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe value: table.key=value (TOML value)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (overrides output.dir)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output folder"),
@@ -242,17 +235,17 @@ def distill(
 
     Several GPUs: torchrun --nproc_per_node N -m clear_surgery.surgery.cli distill --recipe R.toml
     """
-    from clear_surgery.surgery.distillation import distill as run, load_recipe
+    from clear_surgery.hub import read_clear_config
+    from clear_surgery.surgery.tools.distillation import distill as run, load_recipe
 
     _quiet_libraries()
-    overrides = [*set_, *([f"output.dir={json.dumps(str(out))}"] if out else [])]
-    try:
+    overrides = [*([f"model.teacher={json.dumps(model)}"] if model else []), *set_,
+                 *([f"output.dir={json.dumps(str(out))}"] if out else [])]
+    with user_errors():
         parsed = load_recipe(recipe, overrides)
         result = run(parsed, resume=resume, overwrite=overwrite, device=device)
-    except (ValueError, FileExistsError) as err:
-        _fail(str(err))
     if result is not None:
-        metrics = json.loads((result / "clear_config.json").read_text())["metrics"]
+        metrics = read_clear_config(result, None)["training"]["metrics"]
         typer.echo(f"held-out student-teacher MSE: zero-shot {metrics['zero_shot_student_teacher_mse']:.4g} -> "
                    f"distilled {metrics['eval_student_teacher_mse']:.4g}")
         typer.echo(f"wrote {result}")
@@ -260,7 +253,7 @@ def distill(
 
 @app.command("push-to-hub")
 def push_to_hub(
-    folder: Path = typer.Argument(..., help="a folder written by convert (model or CLEAR layers)"),
+    model: str = typer.Argument(..., help="a CLEAR folder (converted model or CLEAR layers), local or on the Hub"),
     repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hub"),
     private: bool = typer.Option(False, help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to (created if needed)"),
@@ -271,8 +264,13 @@ def push_to_hub(
     from clear_surgery.hub.push import push_to_hub as push
 
     _quiet_libraries()
+    with user_errors():
+        ref = _resolve(model)
+        if not ref.is_clear:
+            raise ValueError(f"{model} is {ref.describe()}: push-to-hub uploads a CLEAR folder (run clear-surgery "
+                             "convert first)")
     try:
-        result = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+        result = push(ref.folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                       dry_run=dry_run)
     except Exception as err:  # one line; huggingface_hub's messages carry no token
         _fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -280,7 +278,7 @@ def push_to_hub(
         typer.echo(result.describe())
         typer.echo(f"dry run: nothing uploaded to {repo_id}")
     else:
-        typer.echo(f"uploaded {folder} to {repo_id}" + (f": {result.commit_url}" if result is not None else ""))
+        typer.echo(f"uploaded {model} to {repo_id}" + (f": {result.commit_url}" if result is not None else ""))
 
 
 def _numbers(text: str, cast=int) -> list:
@@ -304,7 +302,7 @@ def bench(
     """Time one attention layer (dense, flex, triton) and a FLUX-shaped step; write JSON + PNG."""
     import json
 
-    from clear_surgery.surgery import bench as b
+    from clear_surgery.surgery.tools import bench as b
 
     _quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)

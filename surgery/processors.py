@@ -1,5 +1,8 @@
 """CLEAR attention processors: the stock diffusers processors' math with the attention call
-replaced by ``clear::attention``. Modules keep their weights (state-dict keys unchanged)."""
+replaced by ``clear::attention``. Modules keep their weights (state-dict keys unchanged).
+
+Here: the runtime shared by a model's processors, the base class of the dedicated processors (each
+lives in its family's module) and the generic route for any stock processor."""
 
 from __future__ import annotations
 
@@ -8,9 +11,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from clear_surgery.plugins import attention
 
@@ -19,7 +19,6 @@ from clear_surgery.plugins import attention
 class ClearRuntime:
     """Per-model state shared by its CLEAR processors: the current call's image grid."""
 
-    family: object = None
     grid: tuple[int, int] | None = None
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
@@ -33,7 +32,7 @@ class ClearRuntime:
         return self.grid
 
 
-class _ClearProcessorBase:
+class ClearProcessorBase:
     text_first: bool  # segment order the processor builds
 
     def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = ""):
@@ -58,76 +57,6 @@ class _ClearProcessorBase:
         return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r})"
 
 
-class ClearFluxAttnProcessor(_ClearProcessorBase):
-    """CLEAR version of diffusers' FluxAttnProcessor (text tokens first)."""
-
-    text_first = True
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self._attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is None:
-            return hidden_states
-        text_len = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [text_len, hidden_states.shape[1] - text_len], dim=1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-        return hidden_states, encoder_hidden_states
-
-
-class ClearJointAttnProcessor(_ClearProcessorBase):
-    """CLEAR version of diffusers' JointAttnProcessor2_0 (SD3: image tokens first)."""
-
-    text_first = False
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        batch = hidden_states.shape[0]
-        image_len = hidden_states.shape[1]
-
-        def heads(x):  # (batch, tokens, heads * dim) -> (batch, tokens, heads, dim)
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads)
-
-        def normed(norm, x):  # q/k norms act on the last (head_dim) axis: layout does not matter
-            return x if norm is None else norm(x)
-
-        query = normed(attn.norm_q, heads(attn.to_q(hidden_states)))
-        key = normed(attn.norm_k, heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
-        if encoder_hidden_states is not None:
-            query = torch.cat([query, normed(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))], 1)
-            key = torch.cat([key, normed(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))], 1)
-            value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states))], 1)
-
-        hidden_states = self._attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, :image_len], hidden_states[:, image_len:]
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-
 class _RouteSDPA(torch.overrides.TorchFunctionMode):
     """Sends scaled_dot_product_attention calls to a CLEAR processor (other ops run unchanged)."""
 
@@ -141,7 +70,7 @@ class _RouteSDPA(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class ClearSDPAProcessor(_ClearProcessorBase):
+class ClearSDPAProcessor(ClearProcessorBase):
     """Any stock processor whose joint attention is one scaled_dot_product_attention over the
     concatenated text+image sequence: the stock processor runs unchanged and that one call goes
     to ``clear::attention``. Used where no dedicated CLEAR processor exists; the rewrite re-traces
@@ -181,12 +110,7 @@ class ClearSDPAProcessor(_ClearProcessorBase):
         return f"ClearSDPAProcessor({type(self.original).__name__}, radius={self.radius:g}, backend={self.backend!r})"
 
 
-# Stock processor class -> its CLEAR counterpart. Exact classes only: a subclass may change the math.
-CLEAR_PROCESSORS = {
-    FluxAttnProcessor: ClearFluxAttnProcessor,
-    JointAttnProcessor2_0: ClearJointAttnProcessor,
-}
-
-
-def clear_processor_for(processor) -> type[_ClearProcessorBase] | None:
-    return CLEAR_PROCESSORS.get(type(processor))
+def clear_processor_for(family, processor) -> type[ClearProcessorBase] | None:
+    """The family's dedicated CLEAR processor for this stock processor, or None (generic route).
+    Exact classes only: a subclass may change the math."""
+    return family.processors.get(type(processor)) if family is not None else None

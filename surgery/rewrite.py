@@ -9,8 +9,9 @@ import torch
 
 from .analysis import AnalysisReport, AttentionSite, analyze
 from .config import ClearConfig
-from .families import family_of
+from .families import ModelFamily, family_of
 from .processors import ClearRuntime, ClearSDPAProcessor, clear_processor_for
+from .state import ClearState, attach, detach, get_clear_state
 from .tiling import TileLayout
 
 
@@ -53,7 +54,7 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
     return chosen
 
 
-def _grid_hook(family, runtime: ClearRuntime):
+def _grid_hook(family: ModelFamily, runtime: ClearRuntime):
     def hook(model, args, kwargs):
         runtime.grid = family.grid(model, args, kwargs)
 
@@ -61,44 +62,46 @@ def _grid_hook(family, runtime: ClearRuntime):
 
 
 def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: AnalysisReport | None = None,
-                verify: bool = True) -> AnalysisReport:
+                verify: bool = True, provenance: dict | None = None) -> AnalysisReport:
     """Convert ``model``'s joint attention to CLEAR, in place; returns the analysis of the result.
 
     All targets are validated before anything changes. Weights and state-dict keys are untouched
     (only attention processors are swapped), so ``remove_clear`` restores the model exactly.
     With ``verify`` the model is traced again: every target must now be a ``clear::attention``
     node and every other compute op must be unchanged, otherwise the rewrite is undone.
+    ``analysis``: the model's analysis when the caller has it (skips a trace); ``provenance``: how
+    the model's CLEAR tensors were made, kept in its state for saving.
+    The result is readable with ``get_clear_state(model)``.
     """
-    if getattr(model, "_clear_runtime", None) is not None:
+    if get_clear_state(model) is not None:
         raise ValueError("model already has CLEAR attention; call remove_clear(model) first")
-    family = family_of(model)
+    family = family_of(model)  # resolved once, handed to every step below
     if config.token_layout == "tiled" and not family.tileable:
         raise ValueError(f"token_layout='tiled' is not available for {type(model).__name__} (its image tokens are "
                          "made inside the model where the tile layout does not hook in); use token_layout='raster'")
-    before = analysis if analysis is not None else analyze(model)
+    before = analysis if analysis is not None else analyze(model, family=family)
     targets = select_sites(before, config)
     modules = {s.module: model.get_submodule(s.module) for s in targets}
     text_first = {s.module: s.order == "text_first" for s in targets}
 
-    runtime = ClearRuntime(family=family)
+    runtime = ClearRuntime()
     for name, module in modules.items():
         original = module.processor
-        dedicated = clear_processor_for(original)
+        dedicated = clear_processor_for(family, original)
         args = (runtime, config.radius_for(name), config.backend, name)
         runtime.originals[name] = original
         # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
         module.set_processor(dedicated(*args) if dedicated else ClearSDPAProcessor(original, *args, text_first[name]))
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
-    model._clear_runtime, model._clear_config = runtime, config
-    model._clear_sites = [s.module for s in targets]
-    model._clear_analysis = before.to_dict()
+    attach(model, ClearState(config=config, family=family, sites=[s.module for s in targets], analysis=before,
+                             runtime=runtime, provenance=provenance))
     try:
         # The re-trace checks the processors' math in raster order; the tile layout only adds
         # permutations at the model's edges (checked by output equality in the tests).
-        after = verify_rewrite(model, before, set(modules)) if verify else before
+        after = verify_rewrite(model, family, before, set(modules)) if verify else before
         if config.token_layout == "tiled":
             runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim, config.radius))
-            runtime.hooks.append(TileLayout(model, runtime, runtime.tile))
+            runtime.hooks.append(TileLayout(model, family, runtime, runtime.tile))
     except Exception:
         remove_clear(model)
         raise
@@ -112,8 +115,8 @@ def default_tile(head_dim: int, radius: float) -> tuple[int, int]:
     return kernel_config(head_dim, radius).tile if head_dim in HEAD_DIMS else (8, 16)
 
 
-def verify_rewrite(model, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
-    after = analyze(model)
+def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
+    after = analyze(model, family=family)
     problems = []
     if [s.module for s in after.sites] != [s.module for s in before.sites]:
         problems.append("the attention sites changed")
@@ -133,23 +136,24 @@ def verify_rewrite(model, before: AnalysisReport, targets: set[str]) -> Analysis
 
 def remove_clear(model: torch.nn.Module) -> None:
     """Undo ``apply_clear``: the original processors come back."""
-    runtime = getattr(model, "_clear_runtime", None)
-    if runtime is None:
+    state = get_clear_state(model)
+    if state is None:
         raise ValueError("model has no CLEAR attention to remove")
-    for name, processor in runtime.originals.items():
+    for name, processor in state.runtime.originals.items():
         model.get_submodule(name).set_processor(processor)
-    for hook in runtime.hooks:
+    for hook in state.runtime.hooks:
         hook.remove()
-    del model._clear_runtime, model._clear_config, model._clear_sites, model._clear_analysis
+    detach(model)
 
 
 @contextlib.contextmanager
 def dense_attention(model: torch.nn.Module):
     """Run a CLEAR model with its original dense processors inside the block (the distillation
     teacher shares every weight with the student this way); CLEAR comes back afterwards."""
-    runtime = getattr(model, "_clear_runtime", None)
-    if runtime is None:
+    state = get_clear_state(model)
+    if state is None:
         raise ValueError("model has no CLEAR attention")
+    runtime = state.runtime
     clear = {name: model.get_submodule(name).processor for name in runtime.originals}
     try:
         for name, processor in runtime.originals.items():

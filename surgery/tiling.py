@@ -2,10 +2,10 @@
 at the output, so every CLEAR layer runs on tile order (compact key blocks) with no per-layer
 permutation. Every op of an MMDiT other than attention is per token, so nothing else changes.
 
-FLUX-style models: hidden_states, controlnet_cond, img_ids and ControlNet residuals are
-permuted on entry. SD3-style models: the outputs of the patch embedders (pos_embed,
-pos_embed_input) and the ControlNet residuals on entry, proj_out's output on exit. On exit
-every (batch, image tokens, channels) tensor the model returns is permuted back.
+Where tokens enter and leave is the family's ``TilePlan`` (FLUX: hidden_states, controlnet_cond,
+img_ids and ControlNet residuals on entry; SD3: the patch embedders' outputs and the ControlNet
+residuals on entry, proj_out's output on exit). On exit every (batch, image tokens, channels)
+tensor the model returns is permuted back.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from diffusers.utils import BaseOutput
 
 from clear_surgery.plugins.layout import tile_permutation
 
-_ENTRY_TENSORS = ("hidden_states", "controlnet_cond")
-_ENTRY_LISTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states")
-_EMBEDDERS = ("pos_embed", "pos_embed_input")  # SD3: patch embedders produce the token stream
+from .families.base import bound_arguments
 
 
 @torch.compiler.disable  # built once per grid and cached; traced, inductor mis-bounds the indices
@@ -49,19 +47,16 @@ def map_image_tensors(obj, index: torch.Tensor, tokens: int):
 class TileLayout:
     """Hooks that run a model in tile order; owned by the model's ClearRuntime."""
 
-    def __init__(self, model, runtime, tile: tuple[int, int]):
-        self.runtime, self.tile, self.handles = runtime, tuple(tile), []
+    def __init__(self, model, family, runtime, tile: tuple[int, int]):
+        self.plan, self.runtime, self.tile, self.handles = family.tile_plan, runtime, tuple(tile), []
         self.perm = self.inverse = None
         self.handles.append(model.register_forward_pre_hook(self._entry, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._exit, with_kwargs=True))
-        if runtime.family.name == "sd3":  # tokens are made inside the model, by the patch embedders
-            for name in _EMBEDDERS:
+        for names, hook in ((self.plan.token_modules, self._to_tiles), (self.plan.exit_modules, self._to_raster)):
+            for name in names:
                 module = getattr(model, name, None)
-                if module is not None:
-                    self.handles.append(module.register_forward_hook(self._to_tiles))
-            if isinstance(getattr(model, "proj_out", None), torch.nn.Module):
-                # SD3 transformer: proj_out is the last per-token op before unpatchify
-                self.handles.append(model.proj_out.register_forward_hook(self._to_raster))
+                if isinstance(module, torch.nn.Module):
+                    self.handles.append(module.register_forward_hook(hook))
 
     def _tokens(self) -> int:
         return self.perm.numel()
@@ -69,16 +64,16 @@ class TileLayout:
     def _entry(self, model, args, kwargs):
         height, width = self.runtime.current_grid()  # set by the grid hook, which runs first
         self.perm, self.inverse = permutations(height, width, self.tile, self._device(model))
-        bound = self.runtime.family.bind(model, args, kwargs)
+        bound = bound_arguments(model, args, kwargs)
         tokens = self._tokens()
-        for name in [n for n in _ENTRY_TENSORS if n in bound]:  # FLUX-style packed tokens; 4-D SD3 latents pass unchanged
+        for name in [n for n in self.plan.entry_tensors if n in bound]:
             bound[name] = _take(bound.get(name), self.perm, tokens)
-        for name in _ENTRY_LISTS:
+        for name in self.plan.entry_lists:
             if bound.get(name) is not None:
                 bound[name] = [_take(x, self.perm, tokens) for x in bound[name]]
-        if bound.get("img_ids") is not None:
-            ids = bound["img_ids"]
-            bound["img_ids"] = ids.index_select(ids.ndim - 2, self.perm)
+        ids = bound.get(self.plan.ids) if self.plan.ids else None
+        if ids is not None:
+            bound[self.plan.ids] = ids.index_select(ids.ndim - 2, self.perm)
         return (), bound
 
     def _exit(self, model, args, kwargs, output):

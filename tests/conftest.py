@@ -1,5 +1,9 @@
+import hashlib
 import os
+import shutil
+import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: Hub lookups fail at once
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -26,3 +30,28 @@ def model_call(model, inputs):
     with torch.no_grad():
         out = model(**inputs)
     return out[0] if isinstance(out[0], torch.Tensor) else torch.cat([t.flatten() for t in out[0]])
+
+
+# A model loaded from safetensors computes on its files' memory: CPU GEMM kernels may round the last
+# bit differently for other alignments, so loaded-vs-in-memory outputs are compared this closely
+# (the tensors themselves are compared bit for bit).
+LOADED_TOLERANCE = 1e-6
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a folder, by name: equal digests, equal folders."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def cli_exe() -> str:
+    """The installed ``clear-surgery`` entry point (for tests that run it as a user would)."""
+    return shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")
+
+
+def cache_repo(hub_cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache (HF_HOME/hub) holds a downloaded repo."""
+    sha = "c" * 40
+    repo = Path(hub_cache) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)

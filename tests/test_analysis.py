@@ -30,7 +30,9 @@ def test_sites_found(name, joint, other, order):
         assert site.order == order and site.supported and site.op == "sdpa"
         assert site.query_tokens == site.key_tokens == EXAMPLE_TEXT_TOKENS + image
         assert site.heads == cfg.num_attention_heads and site.head_dim == cfg.attention_head_dim
-        assert isinstance(model.get_submodule(site.module).processor, object)
+        # the site names the module that owns the call, and that module's stock processor
+        stock = {"text_first": "FluxAttnProcessor", "image_first": "JointAttnProcessor2_0"}[order]
+        assert site.processor == type(model.get_submodule(site.module).processor).__name__ == stock
     for site in report.sites:
         if site.kind != "joint":
             assert site.kind == "image" and not site.supported and "image-only" in site.reason

@@ -1,15 +1,13 @@
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from clear_surgery.surgery import load_builtin
+from clear_surgery.surgery import get_clear_state, load_builtin
 from clear_surgery.surgery.cli import app
+from conftest import cli_exe
 
 runner = CliRunner()
 
@@ -21,7 +19,7 @@ def run(*args):
 def test_convert_builtin_and_load_back_through_the_entry_point(tmp_path):
     out = tmp_path / "tiny-flux-clear4"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    exe = shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")
+    exe = cli_exe()
     done = subprocess.run([exe, "convert", "--model", "builtin:tiny-flux", "--radius", "4", "--out", str(out)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -109,7 +107,7 @@ def test_convert_with_tile_layout_loads_back_tiled(tmp_path):
     result = run("convert", "--model", "builtin:tiny-sd3", "--radius", "3", "--out", str(tmp_path / "out"),
                  "--token-layout", "tiled")
     assert result.exit_code == 0, result.output
-    assert load_converted(tmp_path / "out")._clear_runtime.tile == (8, 16)  # head dim 8: the generic default
+    assert get_clear_state(load_converted(tmp_path / "out")).runtime.tile == (8, 16)  # head dim 8: the generic default
 
 
 def test_convert_with_per_layer_radius(tmp_path):

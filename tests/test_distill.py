@@ -15,19 +15,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin
 from clear_surgery.hub import load_clear_layers
-from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin
 from clear_surgery.surgery.cli import app
-from clear_surgery.surgery.distillation import Distiller, RecipeError, SampleCache, generate_samples, load_recipe
-from clear_surgery.surgery.distillation.data import FluxSamples, sample_path
+from conftest import cli_exe
+from clear_surgery.surgery.tools.distillation import Distiller, RecipeError, SampleCache, generate_samples, load_recipe
+from clear_surgery.surgery.families.flux import FluxSamples
+from clear_surgery.surgery.tools.distillation.data import sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-flux-r2.toml"
 runner = CliRunner()
-
-
-def cli_exe() -> str:
-    return shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")
 
 
 def tiny(tmp: Path, name: str, *overrides):
@@ -72,8 +70,31 @@ def test_tiny_recipe_heals_the_swap(trained):
                 got = _velocity(model, held_out[i], torch.Generator().manual_seed(100 + i), sigma)
                 errors[name] += float(((got - want) ** 2).mean())
     assert errors["healed"] < 0.5 * errors["zero_shot"], errors
-    metrics = json.loads((trained["layers"] / "clear_config.json").read_text())["metrics"]
+    metrics = json.loads((trained["layers"] / "clear_config.json").read_text())["training"]["metrics"]
     assert metrics["eval_student_teacher_mse"] < 0.5 * metrics["zero_shot_student_teacher_mse"]
+
+
+def test_layers_record_how_they_were_trained(trained):
+    """clear_config.json names the recipe (with its hash), the teacher, the steps and the held-out
+    metrics; the model card says the same; a healed model saved again keeps the record."""
+    import hashlib
+
+    training = json.loads((trained["layers"] / "clear_config.json").read_text())["training"]
+    settings = trained["recipe"].to_dict()
+    assert training["method"] == "distillation" and training["teacher"] == "builtin:tiny-flux"
+    assert training["steps"] == trained["recipe"].train.steps and training["recipe"] == TINY.name
+    assert training["recipe_settings"] == json.loads(json.dumps(settings))
+    assert training["recipe_sha256"] == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    card = (trained["layers"] / "README.md").read_text()
+    assert (f"distilled against the dense teacher `builtin:tiny-flux` for {training['steps']} steps (recipe "
+            f"`{TINY.name}`, sha256 `{training['recipe_sha256'][:16]}") in card
+    mse = training["metrics"]["eval_student_teacher_mse"]
+    assert f"eval_student_teacher_mse = {mse:.4g}" in card and "zero-shot" not in card
+    from clear_surgery.hub import save_converted
+
+    healed = load_clear_layers(load_builtin("builtin:tiny-flux"), trained["layers"])
+    save_converted(healed, trained["tmp"] / "healed-full")
+    assert json.loads((trained["tmp"] / "healed-full" / "clear_config.json").read_text())["training"] == training
 
 
 def test_only_the_configured_tensors_change(trained):
@@ -239,7 +260,7 @@ def test_sd3_teacher_generates_trains_and_saves(tmp_path):
     sample = SampleCache(recipe.data_folder)[0]
     assert sample["latents"].shape == (4, 16, 16) and "img_ids" not in sample
     layers = Distiller(recipe, progress=False).run()
-    metrics = json.loads((layers / "clear_config.json").read_text())["metrics"]
+    metrics = json.loads((layers / "clear_config.json").read_text())["training"]["metrics"]
     assert metrics["eval_student_teacher_mse"] < metrics["zero_shot_student_teacher_mse"]
     healed = load_clear_layers(load_builtin("builtin:tiny-sd3"), layers)
-    assert healed._clear_config.radius == 2
+    assert get_clear_state(healed).config.radius == 2

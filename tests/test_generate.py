@@ -4,8 +4,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from clear_surgery.surgery import get_clear_state
 from clear_surgery.surgery.cli import app
-from clear_surgery.surgery.generate import GenerateError, GenerateSettings, generate, load_pipeline
+from clear_surgery.surgery.tools.generate import GenerateError, GenerateSettings, generate, load_pipeline
 
 runner = CliRunner()
 
@@ -57,7 +58,7 @@ def test_high_resolution_settings_change_the_image():
     assert generate(pipe, GenerateSettings("a cat", 64, 64, steps=2, proportional_attention=True),
                     progress=False).tobytes() != plain
     assert generate(pipe, base, progress=False).tobytes() == plain  # settings are undone after each call
-    assert pipe.transformer.pos_embed.theta == 10000 and not pipe.transformer._clear_runtime.proportional_attention
+    assert pipe.transformer.pos_embed.theta == 10000 and not get_clear_state(pipe.transformer).runtime.proportional_attention
 
 
 @pytest.mark.parametrize("args,message", [

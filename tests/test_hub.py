@@ -1,21 +1,18 @@
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from clear_surgery.hub import (ClearLayersError, load_clear_layers, load_converted, render_model_card,
                                save_clear_layers, save_converted)
-from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, load_builtin
+from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, get_clear_state, load_builtin
 from clear_surgery.surgery.cli import app
-from conftest import model_call
+from conftest import cache_repo, cli_exe, digest, model_call
 from hub_server import FakeHub
 
 TOKEN = "hf_clearSurgeryTestToken0123456789"
@@ -31,10 +28,6 @@ def _trained(name="tiny-flux", radius=3, seed=5):
             if any(f".attn.{p}." in key for p in ("to_q", "to_k", "to_v", "to_out")):
                 value.add_(torch.randn(value.shape, generator=gen) * 0.05)
     return model
-
-
-def _digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def test_clear_layers_round_trip_is_bit_exact(tmp_path):
@@ -57,8 +50,8 @@ def test_clear_layers_transfer_changes_exactly_those_tensors(tmp_path):
     load_clear_layers(schnell, tmp_path / "layers")
     changed = {k for k, v in schnell.state_dict().items() if not torch.equal(v, before[k])}
     stored = set(json.loads((tmp_path / "layers" / "clear_config.json").read_text())["tensors"])
-    assert changed == stored == set(schnell._clear_changed)
-    assert schnell._clear_config.radius == 3
+    assert changed == stored
+    assert get_clear_state(schnell).config.radius == 3
 
 
 def test_clear_layers_on_another_architecture_list_the_mismatches(tmp_path):
@@ -72,7 +65,7 @@ def test_clear_layers_on_another_architecture_list_the_mismatches(tmp_path):
     assert "unexpected: single_transformer_blocks.0.attn.to_q.weight [32, 32]" in message
     assert "shape of transformer_blocks.0.attn.to_q.weight: expected [32, 32], found [32, 32]" not in message
     assert all(torch.equal(v, before[k]) for k, v in sd3.state_dict().items())
-    assert not hasattr(sd3, "_clear_runtime")
+    assert get_clear_state(sd3) is None
 
 
 def test_official_release_import_and_down_variant_refused(tmp_path):
@@ -86,7 +79,7 @@ def test_official_release_import_and_down_variant_refused(tmp_path):
                                  str(tmp_path / "clear_local_16.safetensors"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     loaded = load_converted(tmp_path / "out")
-    assert loaded._clear_config.radius == 16
+    assert get_clear_state(loaded).config.radius == 16
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in official.items())
     result = runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--clear-layers",
                                  str(tmp_path / "clear_local_16_down_4.safetensors"), "--out", str(tmp_path / "out2")])
@@ -127,13 +120,13 @@ def test_model_card_parses_and_carries_metadata(tmp_path, monkeypatch):
 def _push(hub_url, *args):
     env = dict(os.environ, HF_ENDPOINT=hub_url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("HF_HUB_OFFLINE", None)
-    exe = shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")
+    exe = cli_exe()
     return subprocess.run([exe, "push-to-hub", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_push_to_hub_uploads_the_folder_through_huggingface_hub(tmp_path):
     save_converted(_trained(), tmp_path / "full", base_model={"id": "builtin:tiny-flux"})
-    before = _digest(tmp_path / "full")
+    before = digest(tmp_path / "full")
     with FakeHub() as hub:
         done = _push(hub.url, str(tmp_path / "full"), "--repo-id", "me/tiny-clear", "--revision", "v1")
         assert done.returncode == 0, done.stderr
@@ -144,20 +137,44 @@ def test_push_to_hub_uploads_the_folder_through_huggingface_hub(tmp_path):
     for name, content in local.items():
         expected = content.replace(b"REPO_ID", b"me/tiny-clear") if name == "README.md" else content
         assert received[name] == expected, name
-    assert b'load_converted("me/tiny-clear")' in received["README.md"]
-    assert _digest(tmp_path / "full") == before
+    assert b'load_model("me/tiny-clear")' in received["README.md"]
+    assert digest(tmp_path / "full") == before
     assert TOKEN not in done.stdout + done.stderr
     assert all(TOKEN.encode() not in p.read_bytes() for p in (tmp_path / "full").iterdir())
 
 
+def test_large_folder_upload_sends_the_card_for_the_repo(tmp_path, monkeypatch):
+    """Above the large-upload threshold the weights go through huggingface_hub's folder upload and the
+    card, rendered for the repo (not the folder's REPO_ID placeholder), in a commit of its own."""
+    import huggingface_hub.constants
+
+    from clear_surgery.hub import push
+
+    model = _trained()
+    save_converted(model, tmp_path / "full", base_model={"id": "black-forest-labs/FLUX.1-dev",
+                                                         "subfolder": "transformer"})
+    assert b'load_converted("REPO_ID")' in (tmp_path / "full" / "README.md").read_bytes()
+    monkeypatch.setattr(push, "LARGE_FOLDER_BYTES", 0)
+    monkeypatch.setattr("clear_surgery.hub.model_card.base_model_license", lambda base: None)  # no license lookup
+    with FakeHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        push.push_to_hub(tmp_path / "full", "me/big-clear", token=TOKEN)
+        received = hub.files["me/big-clear@main"]
+    assert set(received) == {p.name for p in (tmp_path / "full").iterdir()}
+    assert b'load_converted("me/big-clear")' in received["README.md"] and b"REPO_ID" not in received["README.md"]
+    weights = tmp_path / "full" / "diffusion_pytorch_model.safetensors"
+    assert received[weights.name] == weights.read_bytes()
+
+
 def test_failed_upload_leaves_the_folder_untouched_and_hides_the_token(tmp_path):
     save_clear_layers(_trained(), tmp_path / "layers")
-    before = _digest(tmp_path / "layers")
+    before = digest(tmp_path / "layers")
     with FakeHub() as hub:
         hub.fail_commit = True
         done = _push(hub.url, str(tmp_path / "layers"), "--repo-id", "me/tiny-layers")
     assert done.returncode == 2 and "error:" in done.stderr
-    assert _digest(tmp_path / "layers") == before
+    assert digest(tmp_path / "layers") == before
     assert TOKEN not in done.stdout + done.stderr
 
 
@@ -172,42 +189,54 @@ def test_push_dry_run_and_validation(tmp_path):
     assert result.exit_code == 2 and "has no model card" in result.output
     (tmp_path / "plain").mkdir()
     result = CliRunner().invoke(app, ["push-to-hub", str(tmp_path / "plain"), "--repo-id", "me/x", "--dry-run"])
-    assert result.exit_code == 2 and "not a CLEAR folder" in result.output
-
-
-def _cache_repo(hf_home: Path, repo_id: str, folder: Path) -> None:
-    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshot)."""
-    sha = "c" * 40
-    repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo_dir / "snapshots" / sha)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(sha)
+    assert result.exit_code == 2 and "is not a model folder" in result.output
 
 
 def test_hub_ids_load_from_the_cache_offline(tmp_path):
     model = _trained()
     save_converted(model, tmp_path / "full", base_model={"id": "builtin:tiny-flux"})
     save_clear_layers(model, tmp_path / "layers", base_model={"id": "builtin:tiny-flux"})
-    _cache_repo(tmp_path / "hf", "me/tiny-full", tmp_path / "full")
-    _cache_repo(tmp_path / "hf", "me/tiny-layers", tmp_path / "layers")
-    _cache_repo(tmp_path / "hf", "someone/clear-release", tmp_path / "layers")
+    cache_repo(tmp_path / "hf" / "hub", "me/tiny-full", tmp_path / "full")
+    cache_repo(tmp_path / "hf" / "hub", "me/tiny-layers", tmp_path / "layers")
+    cache_repo(tmp_path / "hf" / "hub", "someone/clear-release", tmp_path / "layers")
     os.rename(tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_layers.safetensors",
               tmp_path / "hf/hub/models--someone--clear-release/snapshots" / ("c" * 40) / "clear_local_3.safetensors")
     script = """
 import torch
-from clear_surgery.hub import load_converted, load_clear_layers
-from clear_surgery.hub.clear_layers import resolve_file
-from clear_surgery.surgery import load_builtin
+from clear_surgery.hub import load_converted, load_clear_layers, resolve_file
+from clear_surgery.surgery import get_clear_state, load_builtin
 full = load_converted("me/tiny-full")
 layers = load_clear_layers(load_builtin("tiny-flux"), "me/tiny-layers")
 ok = all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), layers.state_dict().values()))
 path = resolve_file("someone/clear-release/clear_local_3.safetensors")
-print("OK" if ok and path.name == "clear_local_3.safetensors" else "MISMATCH", full._clear_config.radius)
+print("OK" if ok and path.name == "clear_local_3.safetensors" else "MISMATCH", get_clear_state(full).config.radius)
 """
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["OK", "3"]
-    result = subprocess.run([shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery"),
+    result = subprocess.run([cli_exe(),
                              "analyze", "--model", "me/tiny-full"], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "single_transformer_blocks.1.attn" in result.stdout, result.stderr[-2000:]
+
+
+def test_push_validation_reads_headers_not_weights(tmp_path, monkeypatch):
+    """A converted folder is validated from its configs and safetensors headers: no model is built
+    from its weights, yet a tensor that does not fit the model class is found."""
+    import diffusers
+
+    from clear_surgery.hub.push import validate_folder
+
+    save_converted(_trained(), tmp_path / "full", base_model={"id": "builtin:tiny-flux"})
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("validation loaded the model")
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", no_loading)
+    assert validate_folder(tmp_path / "full").kind == "converted model"
+    weights = tmp_path / "full" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["proj_out.bias"] = torch.zeros(3)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"shape of proj_out.bias: expected \[16\], found \[3\]"):
+        validate_folder(tmp_path / "full")

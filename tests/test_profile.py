@@ -5,9 +5,9 @@ import torch
 from typer.testing import CliRunner
 
 from clear_surgery.plugins import TokenLayout
-from clear_surgery.surgery.bench import window_pairs
+from clear_surgery.surgery.tools.bench import window_pairs
 from clear_surgery.surgery.cli import app
-from clear_surgery.surgery.profile import LocalityProfiler
+from clear_surgery.surgery.tools.profile import LocalityProfiler
 
 RADII = [1, 1.5, 2, 3, 10]
 

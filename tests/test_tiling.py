@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, load_builtin, remove_clear, tiny_pipeline
+from clear_surgery.surgery import (ClearConfig, apply_clear, example_inputs, get_clear_state, load_builtin,
+                                   remove_clear, tiny_pipeline)
 from conftest import model_call, rel_err
 
 
@@ -14,7 +15,7 @@ def test_tiled_model_equals_raster_model(name, grid, tile):
     raster = model_call(model, inputs)
     remove_clear(model)
     apply_clear(model, ClearConfig(radius=2.5, token_layout="tiled", tile_shape=tile))
-    assert model._clear_runtime.tile == tuple(tile)
+    assert get_clear_state(model).runtime.tile == tuple(tile)
     assert rel_err(model_call(model, inputs), raster) < 1e-6
     remove_clear(model)
     assert not model._forward_hooks and not model._forward_pre_hooks
@@ -49,7 +50,7 @@ def test_tiled_controlnet_residuals_and_pipeline():
 def test_default_tile_follows_head_dim():
     model = load_builtin("tiny-flux")  # head dim 16
     apply_clear(model, ClearConfig(radius=2, token_layout="tiled"))
-    assert model._clear_runtime.tile == (4, 8)
+    assert get_clear_state(model).runtime.tile == (4, 8)
 
 
 def test_tile_config_is_validated():

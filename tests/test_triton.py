@@ -136,9 +136,9 @@ def test_gpu_kernel_matches_reference(shape, dtype):
     gen = torch.Generator(device="cuda").manual_seed(7)
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     layout = TokenLayout(text_len, text_first, gh, gw, tile)
-    out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    out.copy_(triton_clear_attention(q, k, v, layout, r))
-    assert not out.isnan().any()
+    poison = torch.full_like(q, float("nan"))  # every element must be written
+    out = triton_clear_attention(q, k, v, layout, r, out=poison)
+    assert out.data_ptr() == poison.data_ptr() and not out.isnan().any()
     ref = torch.cat([reference_attention(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(), layout, r)
                      for i in range(b)])
     assert rel_err(out, ref) < 1e-2

@@ -19,7 +19,8 @@ for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype, *blocks) in enume
     n = text_len + gh * gw
     q, k, v = (torch.randn(b, n, h, d, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
     layout = TokenLayout(text_len, text_first, gh, gw, tuple(tile) if tile else None)
-    out = triton_clear_attention(q, k, v, layout, r)
+    # poisoned output buffer: an element the kernel does not write stays NaN and fails the case
+    out = triton_clear_attention(q, k, v, layout, r, out=torch.full_like(q, float("nan")))
     ref = reference_attention(q.double(), k.double(), v.double(), layout, r)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     print(json.dumps({"case": i, "rel_err": err if math.isfinite(err) else None}))

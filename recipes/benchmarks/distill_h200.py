@@ -14,9 +14,9 @@ import torch
 from diffusers import FluxPipeline
 
 from clear_surgery.surgery import apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
-from clear_surgery.surgery.distillation import Distiller, RandomSamples, load_recipe
-from clear_surgery.surgery.distillation.trainer import _init_distributed
+from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
+from clear_surgery.surgery.tools.distillation import Distiller, RandomSamples, load_recipe
+from clear_surgery.surgery.tools.distillation.trainer import _init_distributed
 
 TINY = "--tiny" in sys.argv
 DDP = _init_distributed()

@@ -15,7 +15,7 @@ import os
 import torch
 
 from clear_surgery.plugins.triton_backend import image_block_lists, kernel_config
-from clear_surgery.surgery.bench import needed_flops, window_union_per_query
+from clear_surgery.surgery.tools.bench import needed_flops, window_union_per_query
 
 TEXT, HEADS, HEAD_DIM = 512, 24, 128
 

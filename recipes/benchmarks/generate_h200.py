@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from clear_surgery.surgery import ClearConfig, apply_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
+from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs
+from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"

@@ -14,7 +14,7 @@ import torch
 
 from clear_surgery.plugins import TokenLayout
 from clear_surgery.plugins import triton_backend as tb
-from clear_surgery.surgery.bench import LAYER_BACKENDS, needed_flops, time_ms
+from clear_surgery.surgery.tools.bench import LAYER_BACKENDS, needed_flops, time_ms
 
 H, D, T = 24, 128, 512
 real_lists = tb.image_block_lists.__wrapped__

@@ -1,6 +1,6 @@
 """FLUX.1-dev-shaped step, dense vs CLEAR r16 (triton, tiled), both under torch.compile (inductor
 fuses the elementwise ops that take ~38% of an eager CLEAR step at 4096², see profile_step.py).
-An extra measurement beside `clear-surgery bench` (eager, the issue's definition), not a substitute.
+An extra measurement beside `clear-surgery bench` (eager, the step the targets are stated for), not a substitute.
     python recipes/benchmarks/step_compiled.py [--tiny]   (--tiny: toy sizes on the CPU)
 Writes $OUT/step_compiled.json."""
 import json
@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
-from clear_surgery.surgery.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs, time_ms
+from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev, flux_inputs, time_ms
 
 TINY = "--tiny" in sys.argv
 device = "cpu" if TINY else "cuda"

@@ -10,7 +10,7 @@ import torch
 
 from clear_surgery.plugins import TokenLayout, reference_attention
 from clear_surgery.plugins import triton_backend as tb
-from clear_surgery.surgery.bench import LAYER_BACKENDS, needed_flops, time_ms
+from clear_surgery.surgery.tools.bench import LAYER_BACKENDS, needed_flops, time_ms
 
 
 def parse(text):

@@ -1,11 +1,16 @@
 """Coverage of MMDiT families in the installed diffusers: analysis (and rewrite where it fits) on
-tiny configs. ``clear-surgery coverage`` prints the table README.md carries (a test keeps them equal)."""
+tiny configs. ``clear-surgery coverage`` prints the table README.md carries (a test keeps them equal).
+
+The tiny builders here are the coverage data (one per row); whether a row converts is decided by
+the model family registry (surgery/families/), by converting and comparing."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from clear_surgery.surgery import ClearConfig, analyze, apply_clear, example_inputs, load_builtin, remove_clear
 
 T, GRID = 7, (3, 5)  # text tokens and image grid of the example call (as analysis uses)
 
@@ -291,8 +296,6 @@ def _ideogram4():
 
 
 def _builtin(name):
-    from .builtin import load_builtin
-
     return load_builtin(name), None
 
 
@@ -332,10 +335,6 @@ FAMILIES = {
 def _rewrite_check(model, inputs, report) -> str:
     """'yes' when the rewrite (with its re-trace check) succeeds and, with a radius covering the
     grid, the converted model's output equals the original's; else the reason."""
-    from .config import ClearConfig
-    from .families import example_inputs
-    from .rewrite import apply_clear, remove_clear
-
     inputs = inputs if inputs is not None else example_inputs(model)
 
     def output():
@@ -359,8 +358,6 @@ def _rewrite_check(model, inputs, report) -> str:
 
 
 def coverage_rows() -> list[dict]:
-    from .analysis import analyze
-
     rows = []
     for family, build in FAMILIES.items():
         row = {"family": family}

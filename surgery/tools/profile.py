@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clear_surgery.plugins.layout import TokenLayout
+from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
 
 
 @dataclass
@@ -114,13 +115,12 @@ def plot_profile(results: dict, examples: dict, folder: Path) -> list[Path]:
 def profile_pipeline(pipe, prompt: str, height: int, width: int, steps: int, radii, *, keep=0.95,
                      queries_per_call=256, seed=0, out: Path | None = None, **call_kwargs) -> dict:
     """Run ``pipe`` with dense attention while the profiler watches every joint attention site."""
-    from .config import ClearConfig
-    from .rewrite import apply_clear, remove_clear
-
     model = pipe.transformer
+    if get_clear_state(model) is not None:
+        raise ValueError(f"{type(model).__name__} has CLEAR attention already: profile its dense model")
     apply_clear(model, ClearConfig(radius=1e9), verify=False)  # processors only; attention stays dense
     profiler = LocalityProfiler(list(radii), queries_per_call, seed)
-    model._clear_runtime.observer = profiler
+    get_clear_state(model).runtime.observer = profiler
     try:
         pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
              generator=torch.Generator().manual_seed(seed), output_type="latent", **call_kwargs)

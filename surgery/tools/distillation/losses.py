@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from clear_surgery.surgery import get_clear_state
+
 from .recipe import OFFICIAL_ATTENTION_LAYERS
 
 
@@ -18,7 +20,7 @@ class DistillError(ValueError):
 
 def attention_layer_names(model, rule) -> list[str]:
     """Converted attention modules whose outputs the attention loss compares."""
-    sites = list(model._clear_sites)
+    sites = list(get_clear_state(model).sites)
     if rule == OFFICIAL_ATTENTION_LAYERS:
         for stack in ("single_transformer_blocks", "transformer_blocks"):  # SD3 has no single-stream blocks
             chosen = [s for s in sites if (m := re.fullmatch(rf"{stack}\.(\d+)\.attn", s)) and int(m[1]) % 4 == 0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from clear_surgery.hub.checkpoint import atomic_directory, write_json
+from clear_surgery.hub import atomic_directory, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

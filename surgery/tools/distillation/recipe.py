@@ -9,14 +9,23 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clear_surgery.hub.clear_layers import DEFAULT_TRAINED
+from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
+from clear_surgery.hub.download import looks_like_path
+from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig
 
 RECIPE_VERSION = 1
 OFFICIAL_ATTENTION_LAYERS = "official"  # single-stream blocks with index % 4 == 0, as the official code
 
 
+SAMPLE_GLOB = "sample-*.safetensors"  # cached teacher samples in a data folder
+
+
 class RecipeError(ValueError):
     pass
+
+
+def count_samples(folder: Path) -> int:
+    return len(list(Path(folder).glob(SAMPLE_GLOB)))
 
 
 @dataclass
@@ -107,9 +116,11 @@ class DistillRecipe:
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def clear_config(self):
-        from clear_surgery.surgery.config import ClearConfig
-
         return ClearConfig(**dataclasses.asdict(self.clear))
+
+    def teacher_ref(self):
+        """The resolved model.teacher (a CLEAR folder's base model is the dense teacher)."""
+        return resolve_model(self.model.teacher, subfolder=self.model.subfolder, revision=self.model.revision)
 
     @property
     def output_dir(self) -> Path:
@@ -169,8 +180,6 @@ def _build(raw: dict, source: str, problems: list[str]) -> DistillRecipe | None:
 
 
 def _check(r: DistillRecipe, problems: list[str]) -> None:
-    from clear_surgery.surgery.builtin import BUILTIN_PREFIX, builtin_names
-
     def number(where, value, *, positive=True, integer=False, allow_zero=False):
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (not integer or isinstance(value, int))
         if not ok:
@@ -183,10 +192,11 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
     teacher = r.model.teacher
     if not isinstance(teacher, str) or not teacher:
         problems.append("model.teacher must name the dense model (Hub id, folder or builtin:NAME)")
-    elif teacher.startswith(BUILTIN_PREFIX) and teacher not in builtin_names():
-        problems.append(f"model.teacher {teacher!r} is not a built-in model; available: {builtin_names()}")
-    elif teacher.startswith((".", "/", "~")) and not Path(teacher).expanduser().is_dir():
-        problems.append(f"model.teacher folder {teacher} does not exist")
+    elif teacher.startswith(BUILTIN_PREFIX) or looks_like_path(teacher) or Path(teacher).expanduser().exists():
+        try:  # local forms are checked now, by the resolver every command uses; Hub ids when loaded
+            r.teacher_ref()
+        except ValueError as err:
+            problems.append(f"model.teacher: {err}")
     if r.model.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model.dtype must be float32, bfloat16 or float16, got {r.model.dtype!r}")
     try:
@@ -209,8 +219,6 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
     elif d.folder is None:
         problems.append("[data] needs prompts (or prompt_file) to generate samples, or a folder of cached samples")
     else:
-        from .data import count_samples
-
         folder = Path(d.folder).expanduser()
         count = count_samples(folder) if folder.is_dir() else 0
         if not folder.is_dir():

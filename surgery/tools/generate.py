@@ -11,7 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .builtin import BUILTIN_PREFIX, tiny_pipeline
+from clear_surgery.surgery import family_of, get_clear_state
+
+from .pipeline import load_pipeline
+
+__all__ = ["GenerateError", "GenerateSettings", "check_settings", "generate", "load_pipeline", "size_multiple"]
 
 
 class GenerateError(ValueError):
@@ -53,62 +57,11 @@ class GenerateSettings:
         return cls(**values)
 
 
-def _clear_folder(model: str) -> Path | None:
-    """The folder of the converted CLEAR model ``model`` names (local or Hub), or None for anything else.
-    On the Hub only clear_config.json is fetched to decide, not the whole repository."""
-    from huggingface_hub import hf_hub_download
-
-    from clear_surgery.hub import CLEAR_CONFIG_NAME, resolve_folder
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path if (path / CLEAR_CONFIG_NAME).is_file() else None
-    if model.startswith((".", "/", "~")):
-        return resolve_folder(model)  # raises: no such folder
-    try:
-        hf_hub_download(model, CLEAR_CONFIG_NAME)
-    except Exception:  # not a CLEAR repo (or unreachable): load it as a pipeline, which reports its own error
-        return None
-    return resolve_folder(model)
-
-
-def load_pipeline(model: str, radius: float | None = None, dtype: torch.dtype | None = None):
-    """A stock pipeline around ``model``: builtin:NAME (tiny, converted on the fly with ``radius``), a
-    CLEAR folder / Hub repo (its base pipeline + the converted transformer) or a diffusers pipeline;
-    ``dtype`` is the dtype of a pipeline loaded from the Hub or a folder (builtins stay float32)."""
-    from clear_surgery.hub import load_converted, read_clear_config
-
-    from .config import ClearConfig
-    from .rewrite import apply_clear
-
-    if model.startswith(BUILTIN_PREFIX):
-        pipe = tiny_pipeline(model)
-        if radius is not None:
-            apply_clear(pipe.transformer, ClearConfig(radius=radius))
-        return pipe
-    folder = _clear_folder(model)
-    if folder is not None:
-        transformer = load_converted(folder)
-        base = read_clear_config(folder)["base_model"].get("id")
-        if base and base.startswith(BUILTIN_PREFIX):
-            pipe = tiny_pipeline(base)
-            pipe.transformer = transformer
-            return pipe
-        import diffusers
-
-        return diffusers.DiffusionPipeline.from_pretrained(base, transformer=transformer, torch_dtype=transformer.dtype)
-    import diffusers
-
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    if radius is not None:
-        apply_clear(pipe.transformer, ClearConfig(radius=radius))
-    return pipe
-
-
 def size_multiple(pipe) -> int:
+    """Image sizes must be multiples of this: VAE downsampling times latent pixels per token side."""
+    family = family_of(pipe.transformer)
     patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
-    packing = 2 if "Flux" in type(pipe).__name__ else patch  # FLUX packs 2x2 latents into one token
-    return pipe.vae_scale_factor * packing
+    return pipe.vae_scale_factor * (family.latent_packing if family.latent_packing > 1 else patch)
 
 
 def check_settings(pipe, s: GenerateSettings) -> None:
@@ -120,7 +73,7 @@ def check_settings(pipe, s: GenerateSettings) -> None:
         raise GenerateError(f"strength must be in (0, 1], got {s.strength}")
     if s.ntk_factor is not None and s.ntk_factor <= 0:
         raise GenerateError(f"ntk-factor must be > 0, got {s.ntk_factor}")
-    if s.require_clear and getattr(pipe.transformer, "_clear_runtime", None) is None:
+    if s.require_clear and get_clear_state(pipe.transformer) is None:
         raise GenerateError(f"{type(pipe.transformer).__name__} has no CLEAR attention (--require-clear)")
 
 
@@ -129,7 +82,8 @@ def _high_resolution(pipe, s: GenerateSettings):
     """NTK-scaled RoPE (FLUX: theta * factor) and proportional attention, for the call only."""
     pos = getattr(pipe.transformer, "pos_embed", None)
     theta = getattr(pos, "theta", None)
-    runtime = getattr(pipe.transformer, "_clear_runtime", None)
+    state = get_clear_state(pipe.transformer)
+    runtime = state.runtime if state is not None else None
     if s.ntk_factor and theta is None:
         raise GenerateError(f"--ntk-factor needs a RoPE model; {type(pipe.transformer).__name__} has none")
     if s.proportional_attention and runtime is None:
@@ -152,10 +106,7 @@ def _call_kwargs(pipe, s: GenerateSettings, height, width) -> dict:
                   generator=torch.Generator().manual_seed(s.seed))
     if s.guidance is not None:
         kwargs["guidance_scale"] = s.guidance
-    tokenizer = getattr(pipe, "tokenizer_2", None)
-    if "Flux" in type(pipe).__name__ and tokenizer is not None:
-        kwargs["max_sequence_length"] = min(512, tokenizer.model_max_length)
-    return kwargs
+    return {**kwargs, **family_of(pipe.transformer).call_kwargs(pipe)}
 
 
 def _base_size(s: GenerateSettings, multiple: int) -> tuple[int, int]:

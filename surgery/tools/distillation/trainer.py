@@ -12,6 +12,7 @@ every process trains on its own slice of each global batch under DistributedData
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from clear_surgery.hub import load_model, save_clear_layers, trained_names
+from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state
 
 from .data import SampleCache, collate, generate_samples, samples_family
 from .losses import AttentionCapture, DistillError, attention_layer_names, sample_sigmas
@@ -56,6 +60,7 @@ class Distiller:
         self.out = recipe.output_dir
         t = recipe.train
         self.autocast = t.precision == "bf16"
+        self.start_from = None  # a CLEAR folder given as model.teacher: the student starts from its tensors
         self.model = model if model is not None else self._load_model()
         self.family = samples_family(self.model)
         self._prepare_parameters()
@@ -82,18 +87,14 @@ class Distiller:
     # --- set-up ---------------------------------------------------------------------------------
 
     def _load_model(self):
-        from clear_surgery.surgery.loading import load_model
-        from clear_surgery.surgery.rewrite import apply_clear
-
-        r = self.recipe
-        model, _ = load_model(r.model.teacher, subfolder=r.model.subfolder, revision=r.model.revision,
-                                        dtype=getattr(torch, r.model.dtype))
-        apply_clear(model, r.clear_config(), verify=False)  # the convert command verifies; here it costs a trace
+        """The dense teacher (a CLEAR folder's base model) with CLEAR processors: the student."""
+        ref = self.recipe.teacher_ref()
+        model, _ = load_model(ref.base(), dtype=getattr(torch, self.recipe.model.dtype))
+        apply_clear(model, self.recipe.clear_config(), verify=False)  # convert verifies; here it costs a trace
+        self.start_from = ref if ref.is_clear else None  # its tensors are the student's starting point
         return model.to(self.device)
 
     def _prepare_parameters(self):
-        from clear_surgery.hub.clear_layers import trained_names
-
         model = self.model
         self.trained_names = trained_names(model, self.recipe.train.trained)
         named = dict(model.named_parameters())
@@ -104,6 +105,10 @@ class Distiller:
         self.frozen_dtype = next(iter(named.values())).dtype
         # The teacher keeps the original values; the student trains fp32 master copies (bf16 runs autocast).
         self.teacher_tensors = {n: named[n].detach().clone() for n in self.trained_names}
+        if self.start_from is not None:
+            with torch.no_grad():
+                for name, value in self.start_from.read_tensors(self.trained_names).items():
+                    named[name].copy_(value)
         for n in self.trained_names:
             named[n].data = named[n].data.float()
             named[n].requires_grad_(True)
@@ -129,8 +134,6 @@ class Distiller:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _teacher(self, inputs):
-        from clear_surgery.surgery.rewrite import dense_attention
-
         with torch.no_grad(), self._amp(), dense_attention(self.model), self.capture.record() as attn:
             out = torch.func.functional_call(self.model, self.teacher_tensors, (), inputs, strict=False)[0]
         return out, dict(attn)
@@ -292,17 +295,21 @@ class Distiller:
         return self.save_layers(final) if self.rank == 0 else None
 
     def save_layers(self, final_mse: float) -> Path:
-        from clear_surgery.hub.clear_layers import save_clear_layers
-
         self.capture.remove()
         zero_shot = MetricsLog.first_eval(self.out)
         for param in self.trained.values():  # back to the model's own dtype for release
             param.data = param.data.to(self.frozen_dtype)
-        metrics = {"distill_steps": self.state.step, "eval_student_teacher_mse": final_mse,
-                   "zero_shot_student_teacher_mse": zero_shot}
-        base = {"id": self.recipe.model.teacher, "revision": self.recipe.model.revision}
+        get_clear_state(self.model).provenance = self.provenance(zero_shot, final_mse)
         return save_clear_layers(self.model, self.out / LAYERS_FOLDER, trained=self.recipe.train.trained,
-                                 base_model=base, metrics=metrics, overwrite=True)
+                                 base_model=self.recipe.teacher_ref().base().record(), overwrite=True)
+
+    def provenance(self, zero_shot_mse: float, final_mse: float) -> dict:
+        """How the CLEAR layers were made, for clear_config.json and the model card."""
+        settings = self.recipe.to_dict()
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return {"method": "distillation", "teacher": self.recipe.model.teacher, "recipe": Path(self.recipe.source).name,
+                "recipe_sha256": digest, "recipe_settings": settings, "steps": self.state.step,
+                "metrics": {"zero_shot_student_teacher_mse": zero_shot_mse, "eval_student_teacher_mse": final_mse}}
 
 
 def _init_distributed() -> bool:

@@ -200,14 +200,14 @@ def analyze_flux_dev(config=None):
     what apply_clear needs, so that it does not trace the real model again."""
     from diffusers import FluxTransformer2DModel
 
-    from .analysis import analyze
+    from clear_surgery.surgery import analyze
 
     with torch.device("meta"):
         return analyze(FluxTransformer2DModel(**(config or FLUX_DEV)))
 
 
 def flux_inputs(model, size, text=512, batch=1):
-    from .families import example_inputs
+    from clear_surgery.surgery import example_inputs
 
     side = size // 16
     return example_inputs(model, text_len=text, grid=(side, side), batch=batch)
@@ -217,8 +217,7 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                config=None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .config import ClearConfig
-    from .rewrite import apply_clear, remove_clear
+    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
 
     report = analyze_flux_dev(config)
     model = build_flux_dev(device, config=config)

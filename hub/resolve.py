@@ -1,0 +1,198 @@
+"""The one model resolver: what a ``--model`` argument (or the Python API's model argument) names.
+
+Every command and ``load_model`` go through ``resolve_model``, so they accept the same forms and
+fail with the same errors:
+
+- ``builtin:NAME``: a built-in tiny model;
+- a local diffusers model folder (config.json + safetensors) or pipeline folder (model_index.json;
+  the model is its ``transformer`` subfolder unless ``subfolder`` says otherwise);
+- a converted CLEAR folder (clear_config.json + the model) or a CLEAR-layers folder
+  (clear_config.json + clear_layers.safetensors, applied to the base model it names);
+- a Hub id (OWNER/NAME, with ``revision`` and ``subfolder``) of any of the above; only configs are
+  fetched to decide, weights when the model is loaded (the huggingface_hub cache and
+  HF_HUB_OFFLINE=1 work as usual).
+
+Resolving reads configs only; loading keeps the dtype the weights are stored in unless asked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clear_surgery.surgery import BUILTIN_PREFIX, builtin_class, builtin_names, load_builtin
+
+from .checkpoint import (CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_headers, read_json, read_tensor_specs, stored_dtype,
+                         weight_files)
+from .clear_layers import LAYERS_FILE, load_clear_layers, read_layers_folder
+from .converted import load_converted, model_class, read_clear_config
+from .download import hub_file, hub_snapshot, looks_like_path
+from .safetensors_io import read_tensor
+
+BUILTIN, DIFFUSERS, CONVERTED, LAYERS = "builtin", "diffusers", "converted", "layers"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+@dataclass
+class ModelRef:
+    """What a model argument resolved to (configs read, no weights loaded)."""
+
+    kind: str  # builtin | diffusers | converted | layers
+    source: str  # as given
+    model_class: str
+    folder: Path | None = None  # local folder: the model's (diffusers, converted) or the layers folder
+    pipeline: str | None = None  # local folder or Hub id of a pipeline around the model (diffusers kind)
+    repo_id: str | None = None  # Hub identity
+    revision: str | None = None
+    subfolder: str | None = None
+    meta: dict | None = field(default=None, repr=False)  # clear_config.json of a CLEAR folder
+
+    @property
+    def is_clear(self) -> bool:
+        return self.kind in (CONVERTED, LAYERS)
+
+    def describe(self) -> str:
+        return {BUILTIN: f"the built-in {self.model_class}", DIFFUSERS: f"a dense {self.model_class}",
+                CONVERTED: f"a converted CLEAR {self.model_class}",
+                LAYERS: f"CLEAR layers for a {self.model_class}"}[self.kind]
+
+    def base(self) -> "ModelRef":
+        """The dense base model a CLEAR folder was made from (itself for a dense model)."""
+        if not self.is_clear:
+            return self
+        base = self.meta.get("base_model") or {}
+        if not base.get("id"):
+            raise ModelLoadError(f"{self.source}: clear_config.json records no base model")
+        return resolve_model(base["id"], subfolder=base.get("subfolder"), revision=base.get("revision"))
+
+    def record(self) -> dict:
+        """How saved CLEAR folders name this model as their base (clear_config.json's base_model)."""
+        if self.is_clear:
+            return dict(self.meta.get("base_model") or {})
+        if self.repo_id:
+            identity = self.repo_id
+        elif self.kind == DIFFUSERS:
+            identity = str(Path(self.pipeline or self.folder).resolve())
+        else:
+            identity = self.source
+        return {"id": identity, "revision": self.revision, "subfolder": self.subfolder,
+                "model_class": self.model_class}
+
+    def local_folder(self) -> Path:
+        """The local folder of the model's files (a Hub model's are downloaded here, once)."""
+        if self.folder is None and self.repo_id:
+            patterns = [f"{self.subfolder}/*"] if self.subfolder else None
+            root = hub_snapshot(self.repo_id, self.revision, patterns)
+            self.folder = root / self.subfolder if self.subfolder else root
+        if self.folder is None:
+            raise ModelLoadError(f"{self.source} ({self.describe()}) has no files")
+        return self.folder
+
+
+    def pipeline_folder(self) -> Path | None:
+        """The local folder of the pipeline around the model (a Hub pipeline is downloaded whole)."""
+        if self.pipeline is None:
+            return None
+        if self.repo_id and self.pipeline == self.repo_id:
+            return hub_snapshot(self.repo_id, self.revision)
+        return Path(self.pipeline)
+
+    def read_tensors(self, names) -> dict[str, torch.Tensor]:
+        """The tensors with these names that the model's files hold (a layers folder: its layers file)."""
+        files = [self.folder / LAYERS_FILE] if self.kind == LAYERS else weight_files(self.local_folder())
+        wanted = set(names)
+        return {n: read_tensor(h, n) for h in read_headers(files) for n in h.tensors if n in wanted}
+
+
+def _class_of(config_path: Path) -> str:
+    name = read_json(config_path).get("_class_name")
+    return model_class(name, str(config_path)).__name__
+
+
+def _local(folder: Path, source: str, subfolder: str | None, hub: dict) -> ModelRef:
+    if subfolder is None and (folder / CLEAR_CONFIG_NAME).is_file():
+        meta = read_clear_config(folder, None)
+        if meta["format"] == LAYERS_FORMAT:
+            read_layers_folder(folder)
+            return ModelRef(LAYERS, source, meta.get("model_class", "?"), folder=folder, meta=meta, **hub)
+        return ModelRef(CONVERTED, source, meta.get("model_class", "?"), folder=folder, meta=meta, **hub)
+    pipeline = None
+    if (folder / "model_index.json").is_file():  # a pipeline: the model is one of its subfolders
+        subfolder, pipeline = subfolder or "transformer", hub.get("repo_id") or str(folder)
+    model_dir = folder / subfolder if subfolder else folder
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} is not a model folder: no config.json (diffusers model), model_index.json "
+                             f"(pipeline) or {CLEAR_CONFIG_NAME} (CLEAR folder)")
+    hub = {**hub, "subfolder": subfolder}
+    return ModelRef(DIFFUSERS, source, _class_of(model_dir / "config.json"), folder=model_dir, pipeline=pipeline, **hub)
+
+
+def _hub(repo_id: str, subfolder: str | None, revision: str | None) -> ModelRef:
+    hub = {"repo_id": repo_id, "revision": revision}
+    if subfolder is None:
+        clear = hub_file(repo_id, CLEAR_CONFIG_NAME, revision, required=False)
+        if clear is not None:  # a CLEAR folder on the Hub: small next to its use, fetched whole
+            return _local(hub_snapshot(repo_id, revision), repo_id, None, hub)
+        if hub_file(repo_id, "model_index.json", revision, required=False) is not None:
+            subfolder = "transformer"
+    config = hub_file(repo_id, f"{subfolder}/config.json" if subfolder else "config.json", revision)
+    snapshot = re.search(r"snapshots/([0-9a-f]{40})", str(config))
+    pipeline = repo_id if subfolder == "transformer" else None
+    return ModelRef(DIFFUSERS, repo_id, _class_of(config), pipeline=pipeline, repo_id=repo_id,
+                    revision=snapshot.group(1) if snapshot else revision, subfolder=subfolder)
+
+
+def resolve_model(source: str, *, subfolder: str | None = None, revision: str | None = None) -> ModelRef:
+    """What ``source`` names; reads configs only. One ModelLoadError (or a ValueError subclass naming
+    the file at fault) for anything that is not a model."""
+    if not isinstance(source, str) or not source:
+        raise ModelLoadError("no model given")
+    if source.startswith(BUILTIN_PREFIX):
+        if source not in builtin_names():
+            raise ModelLoadError(f"unknown built-in model {source!r}; available: {builtin_names()}")
+        return ModelRef(BUILTIN, source, builtin_class(source))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _local(path, source, subfolder, {})
+    if looks_like_path(source) or path.exists():
+        raise ModelLoadError(f"no such model folder: {source}")
+    return _hub(source, subfolder, revision)
+
+
+def load_model(source: str | ModelRef, *, subfolder: str | None = None, revision: str | None = None,
+               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, ModelRef]:
+    """The model ``source`` names, in eval mode, in its stored dtype unless ``dtype`` is given; a CLEAR
+    folder comes back with its CLEAR attention applied (``get_clear_state`` reads it)."""
+    ref = source if isinstance(source, ModelRef) else resolve_model(source, subfolder=subfolder, revision=revision)
+    if ref.kind == BUILTIN:
+        model = load_builtin(ref.source, dtype)
+    elif ref.kind == CONVERTED:
+        model = load_converted(ref.folder, dtype=dtype)
+    elif ref.kind == LAYERS:
+        base, _ = load_model(ref.base(), dtype=dtype)
+        model = load_clear_layers(base, ref.folder)
+    else:
+        folder = ref.local_folder()
+        files = weight_files(folder)
+        if not files:
+            raise ModelLoadError(f"{folder} has no safetensors weights (clear-surgery loads safetensors only)")
+        stored = stored_dtype(read_tensor_specs(files))  # also checks every header
+        model = model_class(ref.model_class).from_pretrained(folder, torch_dtype=dtype or stored,
+                                                             low_cpu_mem_usage=True, use_safetensors=True)
+    return model.eval(), ref

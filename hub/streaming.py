@@ -1,0 +1,59 @@
+"""Weights copied from folder to folder without holding a model: unchanged shards are hard-linked
+(or copied in a stream where links cannot be made), changed shards are rewritten one tensor at a
+time, so memory stays near the largest tensor whatever the model's size."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .safetensors_io import Header, read_tensor, write_file
+
+# errors that mean "no hard link here" (another filesystem, no permission, unsupported, too many links)
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EMLINK, getattr(errno, "EOPNOTSUPP", -1)}
+
+
+def link_or_copy(source: Path, target: Path) -> str:
+    """``target`` holds ``source``'s bytes: a hard link where the filesystem allows ("link"), else a
+    streamed copy ("copy"). Links of a Hub cache file point at its blob, not at the cache's symlink."""
+    real = Path(source).resolve()
+    try:
+        os.link(real, target)
+        return "link"
+    except OSError as err:
+        if err.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(real, target)  # streamed in chunks (sendfile where available)
+    return "copy"
+
+
+def rewrite_shard(header: Header, target: Path, *, dtype: torch.dtype | None = None,
+                  replace: dict[str, Callable[[], torch.Tensor]] | None = None) -> None:
+    """Write ``header``'s tensors to ``target`` in the same order, floating tensors cast to ``dtype``
+    and the tensors named in ``replace`` taken from there (cast to the output dtype), one at a time."""
+    replace = replace or {}
+
+    def out_dtype(entry):
+        return dtype if dtype is not None and entry.torch_dtype.is_floating_point else entry.torch_dtype
+
+    entries = list(header.tensors.values())
+
+    def produce(name):
+        entry = header.tensors[name]
+        tensor = replace[name]() if name in replace else read_tensor(header, name)
+        return tensor.to(out_dtype(entry))
+
+    write_file(target, [(e.name, out_dtype(e), e.shape) for e in entries], produce, header.metadata)
+
+
+def changes_shard(header: Header, dtype: torch.dtype | None, replaced: set[str]) -> bool:
+    """Whether writing this shard with ``dtype`` and ``replaced`` tensors changes any byte."""
+    if replaced & set(header.tensors):
+        return True
+    return dtype is not None and any(e.torch_dtype.is_floating_point and e.torch_dtype != dtype
+                                     for e in header.tensors.values())

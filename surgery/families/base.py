@@ -1,0 +1,174 @@
+"""What a model family is: the facts clear-surgery needs about one architecture, in one object.
+
+Each module of this package describes one family (its model classes, example inputs for tracing,
+where a call's image grid comes from, its dedicated CLEAR processors, where the tile layout hooks
+in, its pipelines, built-in tiny models and distillation sample adapter) and exposes it as
+``FAMILY``. The grid is read from each actual call, so one converted model runs at any resolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+_GRID_OVERRIDE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "clear_grid", default=None)
+
+
+@contextlib.contextmanager
+def image_grid(height: int, width: int):
+    """Fix the image-token grid for calls inside this block (needed when tracing FLUX models,
+    whose grid otherwise comes from the values of ``img_ids``)."""
+    token = _GRID_OVERRIDE.set((int(height), int(width)))
+    try:
+        yield
+    finally:
+        _GRID_OVERRIDE.reset(token)
+
+
+class GridError(ValueError):
+    pass
+
+
+@functools.cache
+def forward_signature(cls):
+    return inspect.signature(cls.forward)
+
+
+def bound_arguments(model, args, kwargs) -> dict:
+    """forward's arguments of one call, by name."""
+    return dict(forward_signature(type(model)).bind_partial(*args, **kwargs).arguments)
+
+
+# --- grid readers shared by several families --------------------------------------------------
+
+def grid_from_ids(model, bound: dict) -> tuple[int, int]:
+    """FLUX-style: rows and columns of the image grid in columns 1 and 2 of ``img_ids``."""
+    ids = bound.get("img_ids")
+    if ids is None:
+        raise GridError(f"{type(model).__name__} was called without img_ids; CLEAR needs them for the image grid")
+    if ids.ndim == 3:
+        ids = ids[0]
+    if torch.compiler.is_compiling() or isinstance(ids, torch._subclasses.FakeTensor):
+        raise GridError("the image grid of a FLUX model comes from the values of img_ids, which tracing "
+                        "cannot read: wrap the call in clear_surgery.surgery.image_grid(height, width)")
+    # Width = tokens before the row id first changes (rows 0 and 1 are exact in any dtype; ids
+    # of large grids are not exact in bf16, so the check below compares in the ids' own dtype).
+    count = ids.shape[0]
+    changed = torch.nonzero(ids[:, 1] != ids[0, 1])
+    width = int(changed[0, 0]) if len(changed) else count
+    height = count // width
+    index = torch.arange(count, device=ids.device)
+    expected = torch.stack([index // width, index % width], dim=1).to(ids.dtype)
+    if height * width != count or not torch.equal(ids[:, 1:3], expected):
+        raise GridError("img_ids are not a raster grid starting at 0 (e.g. extra reference-image tokens); "
+                        "CLEAR needs one image grid: pass it with clear_surgery.surgery.image_grid(h, w)")
+    return height, width
+
+
+def packed_tokens(model, bound: dict) -> int:
+    return bound["hidden_states"].shape[1]
+
+
+def grid_from_latent(model, bound: dict) -> tuple[int, int]:
+    """Latent-input models (SD3, CogView, ...): the 4-D latent divided by the patch size."""
+    hidden = bound.get("hidden_states")
+    if hidden is None or hidden.ndim != 4:
+        raise GridError(f"{type(model).__name__}: expected 4-D latent hidden_states to read the image grid")
+    patch = model.config.patch_size
+    return hidden.shape[-2] // patch, hidden.shape[-1] // patch
+
+
+def latent_tokens(model, bound: dict) -> int:
+    height, width = grid_from_latent(model, bound)
+    return height * width
+
+
+def flux_like_inputs(model, text_len, height, width, batch, dtype, device) -> dict:
+    """FLUX-style call (packed tokens, img_ids / txt_ids with one column per RoPE axis, rows and
+    columns in axes 1 and 2), built from the config and forward's signature."""
+    cfg = model.config
+    params = forward_signature(type(model)).parameters
+    axes = len(cfg.axes_dims_rope)
+    ids = torch.zeros(height, width, axes)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    t = functools.partial(torch.randn, dtype=dtype, device=device)
+    inputs = dict(hidden_states=t(batch, height * width, cfg.in_channels),
+                  encoder_hidden_states=t(batch, text_len, cfg.joint_attention_dim),
+                  timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
+                  img_ids=ids.reshape(-1, axes).to(device=device, dtype=dtype),
+                  txt_ids=torch.zeros(text_len, axes, device=device, dtype=dtype), return_dict=False)
+    if "pooled_projections" in params and getattr(cfg, "pooled_projection_dim", None):
+        inputs["pooled_projections"] = t(batch, cfg.pooled_projection_dim)
+    if "guidance" in params and getattr(cfg, "guidance_embeds", False):
+        inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+    return inputs
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where image tokens enter and leave a model, for the tile token layout (see tiling.py).
+
+    entry_tensors / entry_lists: forward arguments holding (batch, image tokens, channels) tensors
+    (or lists of them) to permute on entry; ids: the argument of per-token position ids;
+    token_modules: submodules whose outputs are the image token stream (patch embedders);
+    exit_modules: submodules whose outputs go back to raster order (the last per-token op before
+    unpatchify). Every (batch, image tokens, channels) tensor the model returns is permuted back.
+    """
+
+    entry_tensors: tuple[str, ...] = ()
+    entry_lists: tuple[str, ...] = ()
+    ids: str | None = None
+    token_modules: tuple[str, ...] = ()
+    exit_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything family-specific. Only ``name``, ``class_names``, ``example_inputs``,
+    ``grid_from_call`` and ``image_tokens`` are needed to analyze and convert; the rest switches
+    features on (tile layout, pipelines, built-ins, distillation)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    # (model, text_len, height, width, batch, dtype, device) -> forward kwargs of an example call
+    example_inputs: Callable[..., dict]
+    grid_from_call: Callable[[object, dict], tuple[int, int]]  # (model, bound forward args) -> grid
+    image_tokens: Callable[[object, dict], int]  # (model, bound forward args) -> image tokens of the call
+    # stock processor class -> dedicated CLEAR processor (exact classes; others take the generic route)
+    processors: Mapping[type, type] = field(default_factory=dict)
+    tile_plan: TilePlan | None = None  # None: the tile layout is refused for this family
+    pipelines: Mapping[str, str] = field(default_factory=dict)  # model class -> diffusers pipeline class
+    latent_packing: int = 1  # latent pixels per token side (FLUX packs 2x2 latents into one token)
+    pipeline_kwargs: Callable[[object], dict] | None = None  # extra kwargs of a pipeline call
+    builtins: Mapping[str, tuple[str, dict]] = field(default_factory=dict)  # tiny name -> (class, config)
+    tiny_pipeline: Callable[[str], object] | None = None  # tiny name -> a whole pipeline
+    samples: type | None = None  # distillation: cached samples <-> transformer inputs
+    order: int = 100  # position in listings
+
+    @property
+    def tileable(self) -> bool:
+        return self.tile_plan is not None
+
+    def grid(self, model, args, kwargs) -> tuple[int, int]:
+        """The call's image grid, checked against the number of image tokens it carries."""
+        bound = bound_arguments(model, args, kwargs)
+        grid = _GRID_OVERRIDE.get() or self.grid_from_call(model, bound)
+        tokens = self.image_tokens(model, bound)
+        if grid[0] * grid[1] != tokens:
+            raise GridError(f"image grid {grid[0]}x{grid[1]} = {grid[0] * grid[1]} tokens does not match the "
+                            f"{tokens} image tokens of this call")
+        return grid
+
+    def pipeline_for(self, model_class: str) -> str | None:
+        return self.pipelines.get(model_class)
+
+    def call_kwargs(self, pipe) -> dict:
+        return self.pipeline_kwargs(pipe) if self.pipeline_kwargs else {}

@@ -1,0 +1,139 @@
+"""FLUX.1 (dev, schnell) and its ControlNet: packed image tokens after the text tokens, the grid
+read from ``img_ids``."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+from .. import tiny
+from ..processors import ClearProcessorBase
+from .base import ModelFamily, TilePlan, flux_like_inputs, forward_signature, grid_from_ids, packed_tokens
+
+
+class ClearFluxAttnProcessor(ClearProcessorBase):
+    """CLEAR version of diffusers' FluxAttnProcessor (text tokens first)."""
+
+    text_first = True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = self._attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        text_len = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_len, hidden_states.shape[1] - text_len], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+
+
+def example_inputs(model, text_len, height, width, batch, dtype, device):
+    """The FLUX-style call, plus the control image for a ControlNet."""
+    inputs = flux_like_inputs(model, text_len, height, width, batch, dtype, device)
+    if "controlnet_cond" in forward_signature(type(model)).parameters:
+        cfg = model.config
+        extra = getattr(cfg, "num_extra_conditioning_channels", 0) or 0
+        inputs["controlnet_cond"] = torch.randn(batch, height * width, cfg.in_channels + extra, dtype=dtype,
+                                                device=device)
+        if getattr(cfg, "num_mode", None):
+            inputs["controlnet_mode"] = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    return inputs
+
+
+def pipeline_kwargs(pipe) -> dict:
+    """FLUX pipelines take the T5 sequence length; at most what the T5 tokenizer allows."""
+    tokenizer = getattr(pipe, "tokenizer_2", None)
+    return {"max_sequence_length": min(512, tokenizer.model_max_length)} if tokenizer is not None else {}
+
+
+class FluxSamples:
+    """Distillation samples: packed latents (tokens, 64), T5 embeddings, pooled CLIP, position ids;
+    timestep = sigma."""
+
+    name = "flux"
+
+    @staticmethod
+    def encode_and_generate(pipe, prompts, s, generators, device) -> list[dict]:
+        length = min(s.max_sequence_length, pipeline_kwargs(pipe).get("max_sequence_length", s.max_sequence_length))
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                      max_sequence_length=length)
+        kwargs = dict(guidance_scale=s.guidance) if s.guidance is not None else {}
+        latents = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=s.height, width=s.width,
+                       num_inference_steps=s.inference_steps, generator=generators, output_type="latent",
+                       **kwargs).images
+        grid = 2 * (s.height // (pipe.vae_scale_factor * 2)), 2 * (s.width // (pipe.vae_scale_factor * 2))
+        img_ids = pipe._prepare_latent_image_ids(1, grid[0] // 2, grid[1] // 2, device, latents.dtype)
+        return [dict(latents=latents[i], prompt_embeds=embeds[i], pooled_prompt_embeds=pooled[i],
+                     txt_ids=text_ids, img_ids=img_ids) for i in range(len(prompts))]
+
+    @staticmethod
+    def model_inputs(model, batch: dict, noisy: torch.Tensor, sigma: torch.Tensor, guidance: float | None) -> dict:
+        inputs = dict(hidden_states=noisy, encoder_hidden_states=batch["prompt_embeds"],
+                      pooled_projections=batch["pooled_prompt_embeds"], timestep=sigma,
+                      img_ids=batch["img_ids"][0], txt_ids=batch["txt_ids"][0], return_dict=False)
+        if getattr(model.config, "guidance_embeds", False):
+            inputs["guidance"] = torch.full_like(sigma, 3.5 if guidance is None else guidance)
+        return inputs
+
+
+_TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+# dev and schnell differ as the real ones do (guidance embedding)
+BUILTINS = {
+    "tiny-flux": ("FluxTransformer2DModel", dict(_TINY, guidance_embeds=True)),
+    "tiny-flux-schnell": ("FluxTransformer2DModel", dict(_TINY, guidance_embeds=False)),
+    "tiny-flux-controlnet": ("FluxControlNetModel", dict(_TINY, guidance_embeds=True, num_layers=1,
+                                                         num_single_layers=1)),
+}
+
+
+def tiny_pipeline(name: str, load_builtin):
+    """FluxPipeline around tiny-flux / tiny-flux-schnell; FluxControlNetPipeline for tiny-flux-controlnet."""
+    import diffusers
+
+    transformer = load_builtin("tiny-flux-schnell" if name == "tiny-flux-schnell" else "tiny-flux")
+    parts = tiny.seeded(lambda: dict(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=tiny.vae(),
+                                     text_encoder=tiny.clip(), tokenizer=tiny.tokenizer(), text_encoder_2=tiny.t5(32),
+                                     tokenizer_2=tiny.tokenizer()), tiny.SEED + 1)
+    if name == "tiny-flux-controlnet":
+        return diffusers.FluxControlNetPipeline(transformer=transformer, controlnet=load_builtin(name), **parts)
+    return diffusers.FluxPipeline(transformer=transformer, **parts)
+
+
+FAMILY = ModelFamily(
+    name="flux",
+    class_names=("FluxTransformer2DModel", "FluxControlNetModel"),
+    example_inputs=example_inputs,
+    grid_from_call=grid_from_ids,
+    image_tokens=packed_tokens,
+    processors={FluxAttnProcessor: ClearFluxAttnProcessor},
+    tile_plan=TilePlan(entry_tensors=("hidden_states", "controlnet_cond"),
+                       entry_lists=("controlnet_block_samples", "controlnet_single_block_samples"), ids="img_ids"),
+    pipelines={"FluxTransformer2DModel": "FluxPipeline", "FluxControlNetModel": "FluxControlNetPipeline"},
+    latent_packing=2,
+    pipeline_kwargs=pipeline_kwargs,
+    builtins=BUILTINS,
+    tiny_pipeline=tiny_pipeline,
+    samples=FluxSamples,
+    order=0,
+)

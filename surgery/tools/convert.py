@@ -1,0 +1,164 @@
+"""``convert``: a model (any form the resolver takes) to a converted CLEAR folder or CLEAR layers.
+
+A model that lives in files (a local or cached Hub folder, a CLEAR folder) is converted without
+loading it: the analysis and the rewrite's re-trace check run on a meta-device instance of its
+class, every shard's header is checked against that class, and the output folder gets the same
+tensors (hard links where the filesystem allows, else streamed copies). Only what changes is
+rewritten, one tensor at a time: ``--dtype`` casts, ``--clear-layers`` replaces the attention
+tensors the layers file holds, ``--format layers`` reads just the tensors it writes. Built-in models
+live in memory and are saved from there. The output folder is written atomically either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from clear_surgery.hub import load_model, resolve_file, resolve_model, save_clear_layers, save_converted
+from clear_surgery.hub.atomic import atomic_directory, write_json
+from clear_surgery.hub.checkpoint import INDEX_NAME, check_specs, read_headers, read_json, skeleton, weight_files
+from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, apply_layer_tensors, check_layer_fit,
+                                            file_provenance, layers_meta, official_radius, select_names)
+from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
+from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
+from clear_surgery.hub.safetensors_io import read_header, read_tensor, write_file
+from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard
+from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
+
+FORMATS = ("full", "layers")
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    analysis: AnalysisReport  # after the rewrite: every converted site traced as clear::attention
+    sites: list[str]
+    streamed: bool  # converted from files without loading the model
+    linked: int = 0  # output shards hard-linked to the input's
+    copied: int = 0  # ... copied byte for byte
+    rewritten: int = 0  # ... rewritten (cast or CLEAR layers replaced)
+
+
+def default_radius(ref: ModelRef, layers_file: Path | None) -> float:
+    """The radius when none is given: from an official layers file's name, or the CLEAR folder's config."""
+    if layers_file is not None:
+        return official_radius(layers_file.name)
+    if ref.is_clear:
+        return ref.meta["config"]["radius"]
+    raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file, or a CLEAR folder)")
+
+
+def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
+            subfolder: str | None = None, revision: str | None = None, dtype: torch.dtype | None = None,
+            clear_layers: str | Path | None = None, out_format: str = "full", overwrite: bool = False,
+            max_shard_size: str | int = "10GB", progress: bool = True) -> ConvertResult:
+    """Convert ``source`` to CLEAR and write ``out`` (``out_format`` full: the whole model; layers: the
+    CLEAR layers). ``config`` None: the radius comes from ``clear_layers``' name or the CLEAR folder."""
+    if out_format not in FORMATS:
+        raise ValueError(f"--format must be full or layers, got {out_format!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    ref = source if isinstance(source, ModelRef) else resolve_model(source, subfolder=subfolder, revision=revision)
+    layers_file = resolve_file(str(clear_layers), revision) if clear_layers is not None else None
+    if layers_file is not None and "down" in layers_file.name:
+        official_radius(layers_file.name)  # refuses the pooled-key variants with their reason
+    if layers_file is not None and ref.kind == LAYERS:
+        raise ValueError(f"{ref.source} is a CLEAR-layers folder already: give --clear-layers or that folder, not both")
+    config = config or ClearConfig(radius=default_radius(ref, layers_file))
+    provenance = file_provenance(layers_file) if layers_file else (ref.meta or {}).get("training")
+    weights_ref, base_record = ref, ref.record()
+    if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
+        weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE
+    if weights_ref.kind == BUILTIN:
+        return _convert_in_memory(weights_ref, out, config, dtype, layers_file, out_format, overwrite,
+                                  max_shard_size, base_record, provenance)
+    return _convert_files(weights_ref, out, config, dtype, layers_file, out_format, overwrite, base_record,
+                          provenance, progress)
+
+
+def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwrite, max_shard_size, base_record,
+                       provenance) -> ConvertResult:
+    model, _ = load_model(ref, dtype=dtype)
+    analysis = apply_clear(model, config, provenance=provenance)
+    if layers_file is not None:
+        apply_layer_tensors(model, layers_file)
+    if out_format == "layers":
+        save_clear_layers(model, out, base_model=base_record, overwrite=overwrite)
+    else:
+        save_converted(model, out, base_model=base_record, overwrite=overwrite, max_shard_size=max_shard_size)
+    return ConvertResult(out, analysis, list(get_clear_state(model).sites), streamed=False)
+
+
+def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, base_record, provenance,
+                   progress) -> ConvertResult:
+    folder = ref.local_folder()
+    files = weight_files(folder)
+    if not files:
+        raise ModelLoadError(f"{folder} has no safetensors weights (clear-surgery reads safetensors only)")
+    model_config = read_json(folder / "config.json")
+    cls = model_class(model_config.get("_class_name"), str(folder / "config.json"))
+    headers = read_headers(files)  # a truncated or damaged shard fails here, naming the file
+    specs = {e.name: (e.shape, e.dtype) for h in headers for e in h.tensors.values()}
+    check_specs(cls, model_config, specs, folder)
+    # analysis and the rewrite's re-trace check on the meta device: no weights, no compute
+    meta_model = skeleton(cls, model_config)
+    analysis = apply_clear(meta_model, config, provenance=provenance)
+    state = get_clear_state(meta_model)
+    replacements = {}
+    if layers_file is not None:
+        check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__)
+        layers = read_header(layers_file)
+        replacements = {name: (lambda name=name: read_tensor(layers, name)) for name in layers.tensors}
+    result = ConvertResult(out, analysis, list(state.sites), streamed=True)
+    source_of = {name: h for h in headers for name in h.tensors}
+    with atomic_directory(out, overwrite) as tmp:
+        link_or_copy(folder / "config.json", tmp / "config.json")
+        if out_format == "layers":
+            names = select_names(list(specs), state.sites, DEFAULT_TRAINED)
+            _write_layers(tmp, names, source_of, dtype, replacements)
+            meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, {n: specs[n][0] for n in names})
+        else:
+            for header in tqdm(headers, desc=f"writing {out.name}", unit="shard", disable=not progress):
+                target = tmp / header.path.name
+                if changes_shard(header, dtype, set(replacements)):
+                    rewrite_shard(header, target, dtype=dtype, replace=replacements)
+                    result.rewritten += 1
+                elif link_or_copy(header.path, target) == "link":
+                    result.linked += 1
+                else:
+                    result.copied += 1
+            _write_index(folder, tmp, dtype is not None and result.rewritten)
+            dtypes = sorted({str(dtype or e.torch_dtype).removeprefix("torch.") for h in headers
+                             for e in h.tensors.values()})
+            meta = clear_meta(state, cls.__name__, base_record, dtype=dtypes)
+        finish_folder(tmp, meta)
+    return result
+
+
+def _write_layers(tmp: Path, names, source_of, dtype, replacements) -> None:
+    def produce(name):
+        tensor = replacements[name]() if name in replacements else read_tensor(source_of[name], name)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    def out_dtype(entry):
+        return dtype if dtype is not None and entry.torch_dtype.is_floating_point else entry.torch_dtype
+
+    write_file(tmp / LAYERS_FILE, [(n, out_dtype(source_of[n].tensors[n]), source_of[n].tensors[n].shape)
+                                   for n in names], produce, {"format": "pt"})
+
+
+def _write_index(folder: Path, tmp: Path, sizes_changed: bool) -> None:
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return
+    if not sizes_changed:
+        link_or_copy(index, tmp / INDEX_NAME)
+        return
+    data = read_json(index)  # same file names; the total size follows the new dtype
+    total = sum(e.nbytes for f in set(data["weight_map"].values()) for e in read_header(tmp / f).tensors.values())
+    data.setdefault("metadata", {})["total_size"] = total
+    write_json(tmp / INDEX_NAME, data)
