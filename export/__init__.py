@@ -1,1 +1,66 @@
-"""Engine export (ONNX, TensorRT, AOTInductor) of CLEAR models: not built yet."""
+"""Deployment formats of a converted model: ONNX (ClearAttention nodes), TensorRT engines (the
+``clear::ClearAttention`` AOT plugin) and AOTInductor packages. One file per format; ``export_model`` is
+what ``clear-surgery export`` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import DTYPES, FORMATS, MANIFEST_FILE, ExportError, SizeProfile, parse_size
+
+DEFAULT_SIZES = {"min": "512x512", "opt": "1024x1024", "max": "2048x2048"}
+
+
+def export_model(source, out: str | Path, fmt: str, *, sizes: dict | None = None, dtype: str | None = None,
+                 batch: int = 1, text_len: int | None = None, overwrite: bool = False, timing_cache=None,
+                 progress=None) -> dict:
+    """Export a converted model (any form the model resolver takes) as ``fmt`` into the folder ``out``,
+    written atomically; returns the manifest. Every option is checked before any work."""
+    import torch
+
+    from clear_surgery.hub.atomic import atomic_directory, write_json
+
+    from .common import manifest, out_files, prepare
+
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if fmt == "tensorrt":
+        from .tensorrt import tensorrt_version
+
+        tensorrt_version()  # fails now, not after the export, when TensorRT is missing
+    if fmt == "aoti" and not torch.cuda.is_available():
+        raise ExportError("--format aoti compiles for the GPU the package will run on: it needs a CUDA GPU")
+    step = progress or (lambda message: None)
+    step("loading")
+    prepared = prepare(source, {**DEFAULT_SIZES, **(sizes or {})}, dtype=dtype, batch=batch, text_len=text_len,
+                       kernel_tile=fmt != "onnx", device="cuda" if fmt == "aoti" else "cpu")
+    with atomic_directory(out, overwrite) as tmp:
+        extra = {}
+        if fmt in ("onnx", "tensorrt"):
+            from .onnx import export_onnx
+
+            step("exporting ONNX")
+            export_onnx(prepared.wrapper, prepared.inputs, prepared.dynamic_shapes, tmp,
+                        output_names=prepared.plan.output_names(prepared.model))
+        if fmt == "tensorrt":
+            from .common import input_specs
+            from .tensorrt import build_engine
+
+            step("building the TensorRT engine")
+            extra = build_engine(tmp / "model.onnx", tmp, input_specs(prepared), timing_cache=timing_cache)
+        if fmt == "aoti":
+            from .aoti import export_aoti
+
+            step("compiling with AOTInductor")
+            extra = export_aoti(prepared, tmp)
+        data = manifest(prepared, fmt, out_files(tmp) + [MANIFEST_FILE], **extra)
+        write_json(tmp / MANIFEST_FILE, data)
+    return data
+
+
+__all__ = ["DEFAULT_SIZES", "ExportError", "FORMATS", "MANIFEST_FILE", "SizeProfile", "export_model", "parse_size"]

@@ -18,16 +18,18 @@ from .safetensors_io import Header, read_tensor, write_file
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EMLINK, getattr(errno, "EOPNOTSUPP", -1)}
 
 
-def link_or_copy(source: Path, target: Path) -> str:
-    """``target`` holds ``source``'s bytes: a hard link where the filesystem allows ("link"), else a
-    streamed copy ("copy"). Links of a Hub cache file point at its blob, not at the cache's symlink."""
+def link_or_copy(source: Path, target: Path, link: bool = True) -> str:
+    """``target`` holds ``source``'s bytes: a hard link where the filesystem allows and ``link`` is on
+    ("link"), else a streamed copy ("copy"). Links of a Hub cache file point at its blob, not at the
+    cache's symlink."""
     real = Path(source).resolve()
-    try:
-        os.link(real, target)
-        return "link"
-    except OSError as err:
-        if err.errno not in _NO_LINK:
-            raise
+    if link:
+        try:
+            os.link(real, target)
+            return "link"
+        except OSError as err:
+            if err.errno not in _NO_LINK:
+                raise
     shutil.copyfile(real, target)  # streamed in chunks (sendfile where available)
     return "copy"
 

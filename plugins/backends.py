@@ -14,6 +14,7 @@ import torch
 
 from .flex import can_run_flex, flex_clear_attention
 from .reference import can_run_reference, reference_attention
+from .triton_aot import can_run_triton_aot, triton_aot_attention
 from .triton_backend import can_run_triton, triton, triton_clear_attention
 
 logger = logging.getLogger("clear_surgery")
@@ -47,6 +48,9 @@ if triton is not None:
     # Inference kernel; training falls back to FlexAttention's backward (same math, same mask).
     BACKENDS["triton"] = Backend("triton", triton_clear_attention, can_run_triton,
                                  recompute_backward(flex_clear_attention))
+    # The self-contained kernel engines embed (tile layout only); chosen by name, not by "auto".
+    BACKENDS["triton-aot"] = Backend("triton-aot", triton_aot_attention, can_run_triton_aot,
+                                     recompute_backward(flex_clear_attention))
 
 # Preference for backend="auto": the fast kernels first on GPU; on CPU the dense reference
 # beats FlexAttention's unfused fallback at the sizes a CPU can handle.

@@ -63,6 +63,20 @@ def tile_permutation(height: int, width: int, tile: tuple[int, int], device=None
     return y * width + x
 
 
+def tile_inverse_permutation(height: int, width: int, tile: tuple[int, int], device=None) -> torch.Tensor:
+    """inverse such that raster_tokens = tiled_tokens[inverse]: the tile-order index of each raster token,
+    in closed form (no argsort), so that it traces with symbolic sizes."""
+    th, tw = tile
+    j = torch.arange(height * width, device=device)
+    y = j // width
+    x = j - y * width  # not j % width: the ONNX exporter cannot take a remainder by a symbolic size
+    band = y // th
+    band_h = torch.clamp(height - band * th, max=th)
+    chunk = x // tw
+    chunk_w = torch.clamp(width - chunk * tw, max=tw)
+    return band * th * width + chunk * band_h * tw + (y - band * th) * chunk_w + (x - chunk * tw)
+
+
 def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, radius: float) -> None:
     """One clear error for a malformed call; shared by the op and every backend's can_run."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

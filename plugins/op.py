@@ -7,6 +7,8 @@ under autograd, so only q, k, v are saved; the triton backend uses FlexAttention
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .backends import choose_backend
@@ -52,11 +54,33 @@ def _backward(ctx, grad_out):
 clear_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Route:
+    # a plain attribute, not a ContextVar: torch.compile reads it (with a guard) instead of breaking the graph
+    self_contained = False
+
+
+@contextlib.contextmanager
+def self_contained_attention():
+    """Inside this block, CLEAR attention calls go to ``clear::attention_aot``: the self-contained kernel
+    as a ``triton_op`` (tile token layout only), which AOTInductor compiles into a package. Meant for
+    the tracing step of an export, in one thread."""
+    previous, _Route.self_contained = _Route.self_contained, True
+    try:
+        yield
+    finally:
+        _Route.self_contained = previous
+
+
 def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int, radius: float,
               scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check."""
     if not isinstance(height, torch.SymInt):
         validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile), radius)
     tile_h, tile_w = tile or (0, 0)
+    if _Route.self_contained:
+        if not tile_h:
+            raise ValueError("the self-contained kernel needs the tile token layout")
+        return torch.ops.clear.attention_aot(q, k, v, height, width, float(radius), bool(text_first), tile_h, tile_w,
+                                             float(scale or 0.0))
     return torch.ops.clear.attention(q, k, v, text_len, text_first, height, width, float(radius),
                                      scale, backend, tile_h, tile_w)

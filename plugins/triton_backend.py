@@ -60,8 +60,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
+def triton_reason(q, v) -> str | None:
+    """Why a Triton kernel of this project cannot take these tensors (None: it can); shared by the
+    triton backends' can_run checks."""
     reason = None
     if triton is None:
         reason = "triton is not installed"
@@ -71,6 +72,12 @@ def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, rais
         reason = f"dtype {q.dtype} (bf16 and fp16 only)"
     elif q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         reason = f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
+    return reason
+
+
+def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
+    validate_call(q, k, v, layout, radius)
+    reason = triton_reason(q, v)
     if reason and raise_error:
         raise ValueError(f"triton backend: {reason}")
     return reason is None

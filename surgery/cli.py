@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a converted CLEAR folder, a CLEAR-layers "
               "folder, or a Hub id of any of these")
-USER_ERRORS = (ValueError, FileExistsError, OSError)  # what bad input or a bad environment raises
+# what bad input or a bad environment raises (RuntimeError: a model the rewrite's check or torch refuses)
+USER_ERRORS = (ValueError, FileExistsError, OSError, RuntimeError)
 
 
 def _fail(message: str) -> None:
@@ -40,6 +41,8 @@ def user_errors():
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _resolve(model: str, subfolder=None, revision=None):
@@ -93,6 +96,8 @@ def convert(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     max_shard_size: str = typer.Option("10GB", help="largest safetensors shard of a model saved from memory "
                                                     "(models read from files keep their shards)"),
+    link: bool = typer.Option(True, help="hard-link the files a conversion leaves unchanged (where the filesystem "
+                                         "allows) instead of copying them"),
 ):
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
     from clear_surgery.hub import parse_dtype, resolve_file
@@ -118,7 +123,7 @@ def convert(
             stages.update()
             stages.set_postfix_str("analyze, rewrite, verify, write")
             result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers_file, out_format=out_format,
-                         overwrite=overwrite, max_shard_size=max_shard_size)
+                         overwrite=overwrite, max_shard_size=max_shard_size, link=link)
             stages.update(2)
     typer.echo(result.analysis.table())
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
@@ -279,6 +284,39 @@ def push_to_hub(
         typer.echo(f"dry run: nothing uploaded to {repo_id}")
     else:
         typer.echo(f"uploaded {model} to {repo_id}" + (f": {result.commit_url}" if result is not None else ""))
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="a converted CLEAR model: " + MODEL_HELP),
+    out_format: str = typer.Option(..., "--format", "-f", help="onnx | tensorrt | aoti"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
+    min_size: str = typer.Option("512x512", help="smallest image served, HEIGHTxWIDTH in pixels"),
+    opt_size: str = typer.Option("1024x1024", help="the size engines are tuned for (and traced at)"),
+    max_size: str = typer.Option("2048x2048", help="largest image served"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
+    batch: int = typer.Option(1, help="batch size of the exported model"),
+    text_len: Optional[int] = typer.Option(None, help="text tokens (default: the family's, e.g. 512 for FLUX.1)"),
+    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to start from"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+):
+    """Export a converted model for deployment: ONNX with ClearAttention nodes, a TensorRT engine running
+    the CLEAR plugin, or an AOTInductor package."""
+    from clear_surgery.export import export_model
+
+    _quiet_libraries()
+    with user_errors(), tqdm(total=None, desc="export", unit="stage", file=sys.stderr) as stages:
+        def progress(message):
+            stages.set_postfix_str(message)
+            stages.update()
+
+        data = export_model(model, out, out_format, sizes={"min": min_size, "opt": opt_size, "max": max_size},
+                            dtype=dtype, batch=batch, text_len=text_len, overwrite=overwrite,
+                            timing_cache=timing_cache, progress=progress)
+    sizes = data["sizes"]
+    typer.echo(f"exported {data['model_class']} ({len(data['sites'])} CLEAR sites, r={data['clear_config']['radius']:g}) "
+               f"as {out_format} for {sizes['min'][0]}x{sizes['min'][1]} to {sizes['max'][0]}x{sizes['max'][1]} px, "
+               f"{data['dtype']}; wrote {out}: {', '.join(data['files'])}")
 
 
 def _numbers(text: str, cast=int) -> list:

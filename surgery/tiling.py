@@ -15,7 +15,7 @@ import functools
 import torch
 from diffusers.utils import BaseOutput
 
-from clear_surgery.plugins.layout import tile_permutation
+from clear_surgery.plugins.layout import tile_inverse_permutation, tile_permutation
 
 from .families.base import bound_arguments
 
@@ -23,8 +23,12 @@ from .families.base import bound_arguments
 @torch.compiler.disable  # built once per grid and cached; traced, inductor mis-bounds the indices
 @functools.lru_cache(maxsize=32)
 def permutations(height: int, width: int, tile: tuple[int, int], device: torch.device):
-    perm = tile_permutation(height, width, tile, device)
-    return perm, torch.argsort(perm)
+    return tile_permutation(height, width, tile, device), tile_inverse_permutation(height, width, tile, device)
+
+
+def traced_permutations(height, width, tile: tuple[int, int], device: torch.device):
+    """The same, computed in the graph: for torch.export with symbolic image sizes."""
+    return tile_permutation(height, width, tile, device), tile_inverse_permutation(height, width, tile, device)
 
 
 def _take(x, index, tokens):
@@ -63,7 +67,9 @@ class TileLayout:
 
     def _entry(self, model, args, kwargs):
         height, width = self.runtime.current_grid()  # set by the grid hook, which runs first
-        self.perm, self.inverse = permutations(height, width, self.tile, self._device(model))
+        symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+        build = traced_permutations if symbolic else permutations
+        self.perm, self.inverse = build(height, width, self.tile, self._device(model))
         bound = bound_arguments(model, args, kwargs)
         tokens = self._tokens()
         for name in [n for n in self.plan.entry_tensors if n in bound]:

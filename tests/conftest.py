@@ -38,6 +38,24 @@ def model_call(model, inputs):
 LOADED_TOLERANCE = 1e-6
 
 
+def check_under_interpreter(cases: list, backend: str = "triton") -> None:
+    """Run a triton backend on ``cases`` under TRITON_INTERPRET=1 (a subprocess: set before triton is
+    imported) against the float64 reference; each case within fp32 or half-precision tolerance."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = Path(__file__).with_name("triton_interpret_check.py")
+    done = subprocess.run([sys.executable, str(script), json.dumps(cases), backend], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(cases)
+    for case, res in zip(cases, results):
+        tol = 1e-5 if case[9] == "float32" else 2e-2
+        assert res["rel_err"] is not None and res["rel_err"] < tol, (case, res)
+
+
 def digest(folder: Path) -> dict[str, str]:
     """sha256 of every file of a folder, by name: equal digests, equal folders."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}

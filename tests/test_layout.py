@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clear_surgery.plugins import TokenLayout, classify_blocks, dense_mask, validate_call
-from clear_surgery.plugins.layout import image_positions, tile_permutation
+from clear_surgery.plugins.layout import image_positions, tile_inverse_permutation, tile_permutation
 
 
 def brute_force_mask(text_len, text_first, h, w, r):
@@ -43,6 +43,8 @@ def test_tile_order_is_a_permutation_with_compact_tiles(h, w, tile):
     assert torch.equal(y * w + x, perm)
     raster = torch.randn(h * w, 3)
     assert torch.equal(raster[perm][torch.argsort(perm)], raster)  # round trip is exact
+    # the closed-form inverse (it traces with symbolic sizes) is argsort's
+    assert torch.equal(tile_inverse_permutation(h, w, tile), torch.argsort(perm))
     # every full tile of th*tw consecutive tokens is one th x tw rectangle
     th, tw = tile
     full_bands, full_chunks = h // th, w // tw

@@ -1,9 +1,3 @@
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,7 +5,7 @@ triton = pytest.importorskip("triton")
 
 from clear_surgery.plugins import TokenLayout, attention, reference_attention  # noqa: E402
 from clear_surgery.plugins.triton_backend import CONFIGS, image_block_lists, kernel_config, triton_clear_attention  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import check_under_interpreter, rel_err  # noqa: E402
 
 # (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile, dtype)
 INTERPRET_CASES = [
@@ -34,16 +28,7 @@ INTERPRET_CASES = [
 
 
 def test_kernel_matches_reference_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = Path(__file__).with_name("triton_interpret_check.py")
-    done = subprocess.run([sys.executable, str(script), json.dumps(INTERPRET_CASES)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(results) == len(INTERPRET_CASES)
-    for case, res in zip(INTERPRET_CASES, results):
-        tol = 1e-5 if case[-1] == "float32" else 2e-2
-        assert res["rel_err"] is not None and res["rel_err"] < tol, (case, res)
+    check_under_interpreter(INTERPRET_CASES, "triton")
 
 
 @pytest.mark.parametrize("head_dim,tiled", [(128, True), (64, False)])

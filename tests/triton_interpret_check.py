@@ -8,9 +8,11 @@ import torch
 
 from clear_surgery.plugins import TokenLayout, reference_attention
 from clear_surgery.plugins import triton_backend
+from clear_surgery.plugins.triton_aot import triton_aot_attention
 from clear_surgery.plugins.triton_backend import KernelConfig, triton_clear_attention
 
 cases = json.loads(sys.argv[1])
+backend = sys.argv[2] if len(sys.argv) > 2 else "triton"  # triton (table-driven) | triton-aot (self-contained)
 default_configs = list(triton_backend.CONFIGS)
 for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype, *blocks) in enumerate(cases):
     # optional (block_m, block_n, segment_block_n): run that kernel config instead of the table's
@@ -20,7 +22,8 @@ for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype, *blocks) in enume
     q, k, v = (torch.randn(b, n, h, d, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
     layout = TokenLayout(text_len, text_first, gh, gw, tuple(tile) if tile else None)
     # poisoned output buffer: an element the kernel does not write stays NaN and fails the case
-    out = triton_clear_attention(q, k, v, layout, r, out=torch.full_like(q, float("nan")))
+    run = triton_clear_attention if backend == "triton" else triton_aot_attention
+    out = run(q, k, v, layout, r, out=torch.full_like(q, float("nan")))
     ref = reference_attention(q.double(), k.double(), v.double(), layout, r)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     print(json.dumps({"case": i, "rel_err": err if math.isfinite(err) else None}))

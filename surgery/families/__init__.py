@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import GridError, ModelFamily, TilePlan, image_grid
+from .base import ExportPlan, GridError, ModelFamily, TilePlan, image_grid
 
 # Example grid used for analysis: small, non-square, and with token counts that match no
 # channel size, so text and image streams are told apart by length alone.
@@ -55,5 +55,6 @@ def example_inputs(model, text_len=EXAMPLE_TEXT_TOKENS, grid=EXAMPLE_GRID, batch
     return family.example_inputs(model, text_len, grid[0], grid[1], batch, param.dtype, param.device)
 
 
-__all__ = ["EXAMPLE_GRID", "EXAMPLE_TEXT_TOKENS", "FAMILIES", "GridError", "ModelFamily", "TilePlan", "example_inputs",
+__all__ = ["EXAMPLE_GRID", "EXAMPLE_TEXT_TOKENS", "ExportPlan", "FAMILIES", "GridError", "ModelFamily", "TilePlan",
+           "example_inputs",
            "family_for_class", "family_of", "image_grid"]

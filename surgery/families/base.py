@@ -25,7 +25,8 @@ _GRID_OVERRIDE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Con
 def image_grid(height: int, width: int):
     """Fix the image-token grid for calls inside this block (needed when tracing FLUX models,
     whose grid otherwise comes from the values of ``img_ids``)."""
-    token = _GRID_OVERRIDE.set((int(height), int(width)))
+    # sizes traced symbolically (torch.export with dynamic shapes) stay symbolic
+    token = _GRID_OVERRIDE.set(tuple(v if isinstance(v, torch.SymInt) else int(v) for v in (height, width)))
     try:
         yield
     finally:
@@ -131,6 +132,26 @@ class TilePlan:
 
 
 @dataclass(frozen=True)
+class ExportPlan:
+    """How a family's models become engines (ONNX, TensorRT, AOTInductor).
+
+    wrap(model) -> a module whose forward takes tensors only, with the image grid visible in input
+    shapes (so one exported file serves every resolution); inputs(model, text_len, height, width,
+    batch, dtype, device) -> its example kwargs for a grid of height x width tokens; grid_dims(model)
+    -> {input name: ((dim, tokens per unit), (dim, tokens per unit))}: which input dims are the grid's
+    rows and columns, and how many of their units make one token (SD3: 2 latent pixels per token);
+    pixels_per_token: image pixels per token side; text_len: the usual text length of the family.
+    """
+
+    wrap: Callable[[object], object]
+    inputs: Callable[..., dict]
+    grid_dims: Callable[[object], dict]
+    output_names: Callable[[object], list]
+    pixels_per_token: int = 16
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Everything family-specific. Only ``name``, ``class_names``, ``example_inputs``,
     ``grid_from_call`` and ``image_tokens`` are needed to analyze and convert; the rest switches
@@ -151,6 +172,7 @@ class ModelFamily:
     builtins: Mapping[str, tuple[str, dict]] = field(default_factory=dict)  # tiny name -> (class, config)
     tiny_pipeline: Callable[[str], object] | None = None  # tiny name -> a whole pipeline
     samples: type | None = None  # distillation: cached samples <-> transformer inputs
+    export_plan: ExportPlan | None = None  # engines (ONNX, TensorRT, AOTInductor); None: not exportable
     order: int = 100  # position in listings
 
     @property

@@ -9,7 +9,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import ModelFamily, TilePlan, flux_like_inputs, forward_signature, grid_from_ids, packed_tokens
+from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, forward_signature, grid_from_ids, image_grid,
+                   packed_tokens)
 
 
 class ClearFluxAttnProcessor(ClearProcessorBase):
@@ -96,6 +97,59 @@ class FluxSamples:
         return inputs
 
 
+class FluxForExport(torch.nn.Module):
+    """FLUX.1 or its ControlNet with the image grid in input shapes, for engines: latents come as
+    (batch, rows, cols, channels) (FluxPipeline's packed latents, reshaped) and the position ids are
+    built inside from those sizes, as FluxPipeline builds them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.controlnet = "controlnet_cond" in forward_signature(type(model)).parameters
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None,
+                controlnet_cond=None):
+        batch, rows, cols, channels = hidden_states.shape
+        axes = len(self.model.config.axes_dims_rope)
+        like = dict(device=hidden_states.device, dtype=hidden_states.dtype)
+        img_ids = torch.zeros(rows, cols, axes, **like)
+        img_ids[..., 1] = torch.arange(rows, **like)[:, None]
+        img_ids[..., 2] = torch.arange(cols, **like)[None, :]
+        kwargs = dict(hidden_states=hidden_states.reshape(batch, rows * cols, channels),
+                      encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                      timestep=timestep, img_ids=img_ids.reshape(rows * cols, axes),
+                      txt_ids=torch.zeros(encoder_hidden_states.shape[1], axes, **like), return_dict=False)
+        if guidance is not None:
+            kwargs["guidance"] = guidance
+        if controlnet_cond is not None:
+            kwargs["controlnet_cond"] = controlnet_cond.reshape(batch, rows * cols, controlnet_cond.shape[-1])
+        with image_grid(rows, cols):
+            out = self.model(**kwargs)
+        return tuple(t for part in out for t in part) if self.controlnet else out[0]
+
+
+def export_inputs(model, text_len, height, width, batch, dtype, device):
+    packed = example_inputs(model, text_len, height, width, batch, dtype, device)
+    inputs = {k: packed[k] for k in ("encoder_hidden_states", "pooled_projections", "timestep", "guidance") if k in packed}
+    inputs["hidden_states"] = packed["hidden_states"].reshape(batch, height, width, -1)
+    if "controlnet_cond" in packed:
+        inputs["controlnet_cond"] = packed["controlnet_cond"].reshape(batch, height, width, -1)
+    return inputs
+
+
+def export_grid_dims(model) -> dict:
+    names = ["hidden_states"] + (["controlnet_cond"] if FluxForExport(model).controlnet else [])
+    return {name: ((1, 1), (2, 1)) for name in names}
+
+
+def export_outputs(model) -> list:
+    if not FluxForExport(model).controlnet:
+        return ["sample"]
+    cfg = model.config
+    return ([f"block_sample_{i}" for i in range(cfg.num_layers)]
+            + [f"single_block_sample_{i}" for i in range(cfg.num_single_layers)])
+
+
 _TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 # dev and schnell differ as the real ones do (guidance embedding)
@@ -135,5 +189,7 @@ FAMILY = ModelFamily(
     builtins=BUILTINS,
     tiny_pipeline=tiny_pipeline,
     samples=FluxSamples,
+    export_plan=ExportPlan(FluxForExport, export_inputs, export_grid_dims, export_outputs, pixels_per_token=16,
+                           text_len=512),
     order=0,
 )

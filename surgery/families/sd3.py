@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import ModelFamily, TilePlan, forward_signature, grid_from_latent, latent_tokens
+from .base import ExportPlan, ModelFamily, TilePlan, forward_signature, grid_from_latent, latent_tokens
 
 
 class ClearJointAttnProcessor(ClearProcessorBase):
@@ -92,6 +92,41 @@ class SD3Samples:
                     pooled_projections=batch["pooled_prompt_embeds"], timestep=sigma * 1000, return_dict=False)
 
 
+class SD3ForExport(torch.nn.Module):
+    """SD3 / SD3.5 or the SD3 ControlNet for engines: tensor inputs only (the grid is the latent's shape)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.controlnet = "controlnet_cond" in forward_signature(type(model)).parameters
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet_cond=None):
+        kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, timestep=timestep, return_dict=False)
+        if controlnet_cond is not None:
+            kwargs["controlnet_cond"] = controlnet_cond
+        out = self.model(**kwargs)
+        return tuple(out[0]) if self.controlnet else out[0]
+
+
+def export_inputs(model, text_len, height, width, batch, dtype, device):
+    inputs = example_inputs(model, text_len, height, width, batch, dtype, device)
+    inputs.pop("return_dict")
+    return inputs
+
+
+def export_grid_dims(model) -> dict:
+    patch = model.config.patch_size
+    names = ["hidden_states"] + (["controlnet_cond"] if SD3ForExport(model).controlnet else [])
+    return {name: ((2, patch), (3, patch)) for name in names}
+
+
+def export_outputs(model) -> list:
+    if not SD3ForExport(model).controlnet:
+        return ["sample"]
+    return [f"block_sample_{i}" for i in range(model.config.num_layers)]
+
+
 _TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
              caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
              pos_embed_max_size=64)
@@ -131,5 +166,8 @@ FAMILY = ModelFamily(
     builtins=BUILTINS,
     tiny_pipeline=tiny_pipeline,
     samples=SD3Samples,
+    # text: CLIP's 77 tokens and T5's 256 (StableDiffusion3Pipeline's default max_sequence_length)
+    export_plan=ExportPlan(SD3ForExport, export_inputs, export_grid_dims, export_outputs, pixels_per_token=16,
+                           text_len=333),
     order=1,
 )

@@ -195,6 +195,41 @@ def build_flux_dev(device="cuda", dtype=torch.bfloat16, config=None):
     return model.eval()
 
 
+def write_random_checkpoint(folder: Path, config: dict | None = None, *, model_class: str = "FluxTransformer2DModel",
+                            dtype=torch.bfloat16, shards: int = 5, seed: int = 0, progress: bool = True) -> Path:
+    """A diffusers model folder with random weights (normal, std 0.02) of the model class built from
+    ``config`` (default: FLUX.1-dev's), written shard by shard: one tensor in memory at a time, so a
+    FLUX.1-dev-sized folder (22 GiB in bf16) needs next to no memory."""
+    import diffusers
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from clear_surgery.hub.atomic import atomic_directory, write_json
+    from clear_surgery.hub.checkpoint import INDEX_NAME, WEIGHTS_PATTERN
+    from clear_surgery.hub.safetensors_io import write_file
+
+    cls = getattr(diffusers, model_class)
+    with torch.device("meta"):
+        model = cls(**(config or FLUX_DEV))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    total = sum(math.prod(s) for s in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+    meta = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=-(-total // shards) + 1)
+    generator = torch.Generator().manual_seed(seed)
+
+    def produce(name):
+        return torch.randn(shapes[name], generator=generator, dtype=torch.float32).mul_(0.02).to(dtype)
+
+    with atomic_directory(folder, overwrite=True) as tmp:
+        model.save_config(tmp)
+        for filename, names in tqdm(list(split.filename_to_tensors.items()), desc=f"writing {Path(folder).name}",
+                                    unit="shard", disable=not progress):
+            write_file(tmp / filename, [(n, dtype, shapes[n]) for n in names], produce, metadata={"format": "pt"})
+        if split.is_sharded:
+            write_json(tmp / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return Path(folder)
+
+
 def analyze_flux_dev(config=None):
     """The analysis of a FLUX.1-dev-shaped transformer, traced on the meta device (no memory, no compute):
     what apply_clear needs, so that it does not trace the real model again."""

@@ -11,6 +11,7 @@ live in memory and are saved from there. The output folder is written atomically
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def default_radius(ref: ModelRef, layers_file: Path | None) -> float:
 def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
             subfolder: str | None = None, revision: str | None = None, dtype: torch.dtype | None = None,
             clear_layers: str | Path | None = None, out_format: str = "full", overwrite: bool = False,
-            max_shard_size: str | int = "10GB", progress: bool = True) -> ConvertResult:
+            max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True) -> ConvertResult:
     """Convert ``source`` to CLEAR and write ``out`` (``out_format`` full: the whole model; layers: the
-    CLEAR layers). ``config`` None: the radius comes from ``clear_layers``' name or the CLEAR folder."""
+    CLEAR layers). ``config`` None: the radius comes from ``clear_layers``' name or the CLEAR folder.
+    ``link``: unchanged files of a model read from files are hard links to the source's (where the
+    filesystem allows), else byte copies."""
     if out_format not in FORMATS:
         raise ValueError(f"--format must be full or layers, got {out_format!r}")
     out = Path(out)
@@ -77,7 +80,7 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
         return _convert_in_memory(weights_ref, out, config, dtype, layers_file, out_format, overwrite,
                                   max_shard_size, base_record, provenance)
     return _convert_files(weights_ref, out, config, dtype, layers_file, out_format, overwrite, base_record,
-                          provenance, progress)
+                          provenance, link, progress)
 
 
 def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwrite, max_shard_size, base_record,
@@ -93,7 +96,7 @@ def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwri
     return ConvertResult(out, analysis, list(get_clear_state(model).sites), streamed=False)
 
 
-def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, base_record, provenance,
+def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, base_record, provenance, link,
                    progress) -> ConvertResult:
     folder = ref.local_folder()
     files = weight_files(folder)
@@ -104,39 +107,67 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
     headers = read_headers(files)  # a truncated or damaged shard fails here, naming the file
     specs = {e.name: (e.shape, e.dtype) for h in headers for e in h.tensors.values()}
     check_specs(cls, model_config, specs, folder)
-    # analysis and the rewrite's re-trace check on the meta device: no weights, no compute
-    meta_model = skeleton(cls, model_config)
-    analysis = apply_clear(meta_model, config, provenance=provenance)
-    state = get_clear_state(meta_model)
+    meta_model = skeleton(cls, model_config)  # the model on the meta device: names and shapes, no memory
     replacements = {}
     if layers_file is not None:
         check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__)
         layers = read_header(layers_file)
         replacements = {name: (lambda name=name: read_tensor(layers, name)) for name in layers.tensors}
-    result = ConvertResult(out, analysis, list(state.sites), streamed=True)
     source_of = {name: h for h in headers for name in h.tensors}
     with atomic_directory(out, overwrite) as tmp:
-        link_or_copy(folder / "config.json", tmp / "config.json")
-        if out_format == "layers":
-            names = select_names(list(specs), state.sites, DEFAULT_TRAINED)
-            _write_layers(tmp, names, source_of, dtype, replacements)
-            meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, {n: specs[n][0] for n in names})
-        else:
-            for header in tqdm(headers, desc=f"writing {out.name}", unit="shard", disable=not progress):
-                target = tmp / header.path.name
-                if changes_shard(header, dtype, set(replacements)):
-                    rewrite_shard(header, target, dtype=dtype, replace=replacements)
-                    result.rewritten += 1
-                elif link_or_copy(header.path, target) == "link":
-                    result.linked += 1
-                else:
-                    result.copied += 1
-            _write_index(folder, tmp, dtype is not None and result.rewritten)
+        link_or_copy(folder / "config.json", tmp / "config.json", link)
+        counts = {}
+        writer = None
+        if out_format == "full":
+            # The weights do not depend on the analysis: write them while it traces (an error in the
+            # analysis stops the writer after its current shard and discards the folder).
+            stop = threading.Event()
+            writer = threading.Thread(target=_write_weights, args=(headers, folder, tmp, dtype, replacements, link,
+                                                                   stop, counts, progress and out.name))
+            writer.start()
+        try:
+            # analysis and the rewrite's re-trace check on the meta device: no weights, no compute
+            analysis = apply_clear(meta_model, config, provenance=provenance)
+        except BaseException:
+            if writer is not None:
+                stop.set()
+                writer.join()
+            raise
+        state = get_clear_state(meta_model)
+        if writer is not None:
+            writer.join()
+            if "error" in counts:
+                raise counts["error"]
             dtypes = sorted({str(dtype or e.torch_dtype).removeprefix("torch.") for h in headers
                              for e in h.tensors.values()})
             meta = clear_meta(state, cls.__name__, base_record, dtype=dtypes)
+        else:
+            names = select_names(list(specs), state.sites, DEFAULT_TRAINED)
+            _write_layers(tmp, names, source_of, dtype, replacements)
+            meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, {n: specs[n][0] for n in names})
         finish_folder(tmp, meta)
-    return result
+    return ConvertResult(out, analysis, list(state.sites), streamed=True, linked=counts.get("link", 0),
+                         copied=counts.get("copy", 0), rewritten=counts.get("rewrite", 0))
+
+
+def _write_weights(headers, folder: Path, tmp: Path, dtype, replacements, link: bool, stop: threading.Event,
+                   counts: dict, progress) -> None:
+    """Every shard into ``tmp``: rewritten where the conversion changes it, else linked or copied;
+    then the index. Counts go into ``counts``, an exception into counts["error"] (run in a thread)."""
+    try:
+        for header in tqdm(headers, desc=f"writing {progress}", unit="shard", disable=not progress):
+            if stop.is_set():
+                return
+            target = tmp / header.path.name
+            if changes_shard(header, dtype, set(replacements)):
+                rewrite_shard(header, target, dtype=dtype, replace=replacements)
+                how = "rewrite"
+            else:
+                how = link_or_copy(header.path, target, link)
+            counts[how] = counts.get(how, 0) + 1
+        _write_index(folder, tmp, dtype is not None and counts.get("rewrite", 0) > 0, link)
+    except BaseException as err:  # handed to the main thread
+        counts["error"] = err
 
 
 def _write_layers(tmp: Path, names, source_of, dtype, replacements) -> None:
@@ -151,12 +182,12 @@ def _write_layers(tmp: Path, names, source_of, dtype, replacements) -> None:
                                    for n in names], produce, {"format": "pt"})
 
 
-def _write_index(folder: Path, tmp: Path, sizes_changed: bool) -> None:
+def _write_index(folder: Path, tmp: Path, sizes_changed: bool, link: bool) -> None:
     index = folder / INDEX_NAME
     if not index.is_file():
         return
     if not sizes_changed:
-        link_or_copy(index, tmp / INDEX_NAME)
+        link_or_copy(index, tmp / INDEX_NAME, link)
         return
     data = read_json(index)  # same file names; the total size follows the new dtype
     total = sum(e.nbytes for f in set(data["weight_map"].values()) for e in read_header(tmp / f).tensors.values())

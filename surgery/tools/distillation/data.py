@@ -72,9 +72,8 @@ def generate_samples(recipe, *, device=None, progress: bool = True) -> Path:
     if not todo:
         return folder
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, recipe.model.dtype)
-    pipe = load_pipeline(recipe.teacher_ref(), dtype=dtype, dense=True)  # the dense teacher
-    pipe.to(device=device, dtype=dtype)
+    pipe = load_pipeline(recipe.teacher_ref(), dtype=recipe.torch_dtype, dense=True)  # the dense teacher
+    pipe.to(device=device, **({"dtype": recipe.torch_dtype} if recipe.torch_dtype else {}))
     pipe.set_progress_bar_config(disable=True)
     family = samples_family(pipe.transformer)
     if not meta_path.exists():

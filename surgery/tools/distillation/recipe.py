@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
 from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig
@@ -33,7 +35,7 @@ class ModelSection:
     teacher: str  # Hub id, local diffusers folder or builtin:NAME (the dense model)
     subfolder: str | None = None
     revision: str | None = None
-    dtype: str = "float32"  # dtype the frozen weights are loaded in
+    dtype: str | None = None  # dtype the frozen weights are loaded in (None: as stored)
 
 
 @dataclass
@@ -118,6 +120,10 @@ class DistillRecipe:
     def clear_config(self):
         return ClearConfig(**dataclasses.asdict(self.clear))
 
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.model.dtype) if self.model.dtype else None
+
     def teacher_ref(self):
         """The resolved model.teacher (a CLEAR folder's base model is the dense teacher)."""
         return resolve_model(self.model.teacher, subfolder=self.model.subfolder, revision=self.model.revision)
@@ -197,8 +203,9 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
             r.teacher_ref()
         except ValueError as err:
             problems.append(f"model.teacher: {err}")
-    if r.model.dtype not in ("float32", "bfloat16", "float16"):
-        problems.append(f"model.dtype must be float32, bfloat16 or float16, got {r.model.dtype!r}")
+    if r.model.dtype not in (None, "float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype must be float32, bfloat16 or float16 (or absent: as stored), got "
+                        f"{r.model.dtype!r}")
     try:
         r.clear_config()
     except (ValueError, TypeError) as err:

@@ -1,0 +1,166 @@
+"""Engines on an H200: the TensorRT plugin's AOT kernel launched as TensorRT would, and an AOTInductor
+package of a FLUX.1-dev-shaped CLEAR model (random bf16 weights, r = 16, tile layout).
+
+    python recipes/benchmarks/export_h200.py kernel --out OUT     # AOT launch vs the triton backend
+    python recipes/benchmarks/export_h200.py aoti --out OUT       # .pt2 vs eager vs torch.compile
+    python recipes/benchmarks/export_h200.py aoti --tiny --out OUT  # the same on a toy model (smoke run)
+
+kernel: FLUX shapes (24 heads x 128, 512 text tokens) at 4096 px (256 x 256 tokens) and 8192 px, r = 16,
+text first and last: the kernel, grid and arguments of ``tensorrt_plugin.aot_launch`` launched through the
+CUDA driver (cupy) against the table-driven triton backend (rel. error, and ms of each).
+aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
+2048 px and 4096 px against eager; the 4096 px step timed for eager, torch.compile and the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "tests"))
+
+
+def ms(fn, warmup=1, rep=3) -> float:
+    from clear_surgery.surgery.tools.bench import time_ms
+
+    return time_ms(fn, warmup, rep)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def kernel_rows(out: Path) -> list[dict]:
+    from test_triton_aot import launch_as_tensorrt_would
+
+    from clear_surgery.plugins import TokenLayout
+    from clear_surgery.plugins.triton_aot import aot_tile, triton_aot_attention
+    from clear_surgery.plugins.triton_backend import triton_clear_attention
+
+    rows = []
+    for side in (256, 512):
+        for text_first in (True, False):
+            gen = torch.Generator(device="cuda").manual_seed(side)
+            q, k, v = (torch.randn(1, 512 + side * side, 24, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       for _ in range(3))
+            layout = TokenLayout(512, text_first, side, side, aot_tile(128))
+            want = triton_clear_attention(q, k, v, layout, 16)
+            got = torch.full_like(q, float("nan"))
+            launch_as_tensorrt_would(q, k, v, got, (side, side), 16.0, text_first, Path(tempfile.mkdtemp()))
+            row = {"res": side * 16, "text_first": text_first, "rel_err_vs_triton": rel_err(got, want),
+                   "nan": bool(got.isnan().any()),
+                   "triton_ms": ms(lambda: triton_clear_attention(q, k, v, layout, 16), 2, 5),
+                   "triton_aot_ms": ms(lambda: triton_aot_attention(q, k, v, layout, 16), 2, 5)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del q, k, v, want, got
+            torch.cuda.empty_cache()
+    return rows
+
+
+PROBE = """
+import json, sys, time, torch
+from torch._inductor import aoti_load_package
+runner = aoti_load_package(sys.argv[1])
+results = {}
+for name in sys.argv[3:]:
+    inputs = {k: v.cuda() for k, v in torch.load(f"{sys.argv[2]}/inputs-{name}.pt", weights_only=True).items()}
+    out = runner(**inputs)
+    torch.save(out.cpu(), f"{sys.argv[2]}/aoti-{name}.pt")
+    if name == "4096":
+        for _ in range(1):
+            runner(**inputs)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); runner(**inputs); e.record(); torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        results["aoti_ms_4096"] = sorted(times)[1]
+print(json.dumps(results))
+"""
+
+
+def aoti_rows(out: Path, tiny: bool) -> dict:
+    from clear_surgery.export.aoti import export_aoti
+    from clear_surgery.export.common import prepare
+    from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state
+    from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
+
+    config = TINY_FLUX_DEV if tiny else FLUX_DEV
+    sizes = {"min": "2048x2048", "opt": "4096x4096", "max": "4096x4096"}
+    report = {"model": "tiny FLUX.1-dev architecture" if tiny else "FLUX.1-dev-shaped, random bf16 weights"}
+    started = time.perf_counter()
+    model = build_flux_dev("cuda", torch.bfloat16, config)
+    apply_clear(model, ClearConfig(radius=16, backend="triton", token_layout="tiled"), analysis=analyze_flux_dev(config),
+                verify=False)
+    prepared = prepare(model, sizes, dtype=None, text_len=512, kernel_tile=True, device="cuda")
+    report["tile"] = get_clear_state(model).runtime.tile
+    plan = prepared.plan
+    inputs = {}
+    for side in (2048, 4096):
+        inputs[side] = plan.inputs(model, 512, side // 16, side // 16, 1, torch.bfloat16, "cuda")
+        torch.save({k: v.cpu() for k, v in inputs[side].items()}, out / f"inputs-{side}.pt")
+    t0 = time.perf_counter()
+    export_aoti(prepared, out)
+    report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
+    report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
+    print(json.dumps(report), flush=True)
+    wrapper = prepared.wrapper
+    eager = {}
+    with torch.no_grad():
+        for side, x in inputs.items():
+            eager[side] = wrapper(**x).float().cpu()
+        report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
+    print(json.dumps(report), flush=True)
+    done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), "2048", "4096"],
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        report["aoti_error"] = done.stderr[-3000:]
+        print(report["aoti_error"], flush=True)
+    else:
+        report.update(json.loads(done.stdout.splitlines()[-1]))
+        for side in (2048, 4096):
+            got = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
+            report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
+    print(json.dumps(report), flush=True)
+    compiled = torch.compile(wrapper)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        compiled(**inputs[4096])
+        torch.cuda.synchronize()
+        report["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
+        report["compiled_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", "aoti") for s in (2048, 4096)]:
+        (out / name).unlink(missing_ok=True)  # too large to bring back
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["kernel", "aoti"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.what == "kernel":
+        result = {**meta, "rows": kernel_rows(args.out)}
+    else:
+        result = {**meta, **aoti_rows(args.out, args.tiny)}
+    (args.out / f"{args.what}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Deployment: ONNX files with ClearAttention nodes (run on CPU by onnx's ReferenceEvaluator), the
+TensorRT plugin's fields and AOT step, and clean failures of `clear-surgery export`."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clear_surgery.export import ExportError, export_model
+from clear_surgery.export.onnx import ATTRIBUTES, clear_nodes, node_attributes, reference_session
+from clear_surgery.hub import load_model, save_converted
+from clear_surgery.plugins import tensorrt_plugin
+from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin
+from clear_surgery.surgery.cli import app
+from conftest import rel_err
+
+SIZES = {"min": "32x32", "opt": "48x64", "max": "128x128"}
+
+
+def converted(tmp_path, name, **config):
+    model = load_builtin(name)
+    apply_clear(model, ClearConfig(radius=2.5, **config))
+    save_converted(model, tmp_path / f"{name}-clear", base_model={"id": f"builtin:{name}"})
+    return tmp_path / f"{name}-clear"
+
+
+def run_both(folder, onnx_dir, rows, cols):
+    """The same call through PyTorch (the export wrapper around the loaded model) and the ONNX file."""
+    import onnx
+
+    from clear_surgery.surgery import get_clear_state
+
+    model, _ = load_model(str(folder))
+    plan = get_clear_state(model).family.export_plan
+    inputs = plan.inputs(model, 7, rows, cols, 2, torch.float32, "cpu")
+    with torch.no_grad():
+        expected = plan.wrap(model).eval()(**inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    session = reference_session(onnx_dir / "model.onnx")
+    names = [i.name for i in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.input]
+    got = session.run(None, {name: inputs[name].numpy() for name in names})
+    return got, [t.numpy() for t in expected]
+
+
+@pytest.mark.parametrize("name,config", [
+    ("tiny-flux", {}),
+    ("tiny-sd3", {"token_layout": "tiled", "tile_shape": [2, 3]}),  # image first, tile order traced
+    ("tiny-flux-controlnet", {}),
+])
+def test_onnx_matches_pytorch_at_two_resolutions_from_one_file(tmp_path, name, config):
+    folder = converted(tmp_path, name, **config)
+    data = export_model(str(folder), tmp_path / "onnx", "onnx", sizes=SIZES, text_len=7, batch=2)
+    assert "model.onnx" in data["files"] and data["inputs"]["hidden_states"]["min"] != data["inputs"]["hidden_states"]["max"]
+    for rows, cols in ((3, 4), (5, 2)):  # neither is the size it was traced at (3 x 4 tokens is 48 x 64 px)
+        got, want = run_both(folder, tmp_path / "onnx", rows, cols)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-4
+
+
+def test_every_clear_site_is_one_node_with_the_plugin_fields(tmp_path):
+    import onnx
+
+    folder = converted(tmp_path, "tiny-flux")
+    export_model(str(folder), tmp_path / "onnx", "onnx", sizes=SIZES, text_len=7)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    nodes = clear_nodes(model)
+    assert len(nodes) == 4 and all(len(n.input) == 4 and len(n.output) == 1 for n in nodes)
+    assert not [n for n in model.graph.node if "attention" in n.op_type.lower() and n.op_type != "ClearAttention"]
+    attributes = node_attributes(nodes[0])
+    assert attributes["plugin_namespace"] == tensorrt_plugin.PLUGIN_NAMESPACE
+    assert nodes[0].op_type == tensorrt_plugin.PLUGIN_NAME and nodes[0].domain == tensorrt_plugin.PLUGIN_NAMESPACE
+    assert attributes["radius"] == 2.5 and attributes["text_first"] == 1 and attributes["scale"] == 0.0
+    # the plugin's fields are the parameters of its shape function after the tensor inputs
+    fields = list(inspect.signature(tensorrt_plugin.describe).parameters.values())[len(tensorrt_plugin.TENSOR_INPUTS):]
+    types = {float: "FLOAT", int: "INT", "float": "FLOAT", "int": "INT"}
+    plugin_fields = {p.name: types[p.annotation] for p in fields}
+    onnx_fields = {name: "FLOAT" if isinstance(value, float) else "INT"
+                   for name, value in attributes.items() if name != "plugin_namespace"}
+    assert onnx_fields == plugin_fields == ATTRIBUTES
+
+
+def test_the_aot_step_compiles_for_sm90(tmp_path):
+    pytest.importorskip("triton")
+    from clear_surgery.plugins.triton_aot import KERNEL_NAME, SCALARS, TENSOR_INPUTS, TENSOR_OUTPUTS
+
+    name, ptx, plan, shared = tensorrt_plugin.aot_launch((1, 512 + 256 * 256, 24, 128), (256, 256), "bf16", 16.0, 1,
+                                                         8, 8, 0.0)
+    assert name == KERNEL_NAME and f".entry {KERNEL_NAME}(" in ptx and ".target sm_90" in ptx
+    assert "wgmma" in ptx  # Hopper tensor-core instructions
+    from clear_surgery.plugins.triton_aot import aot_kernel, spec_for
+
+    kernel = aot_kernel(spec_for(128, "bf16", 16.0, True, None, (8, 8)))
+    # inputs, scalars, outputs in TensorRT's AOT order; Triton appends two scratch pointers it never reads
+    assert kernel.parameters == (".u64",) * len(TENSOR_INPUTS) + (".u32",) * len(SCALARS) + \
+        (".u64",) * len(TENSOR_OUTPUTS) + (".u64", ".u64")
+    assert kernel.scratch_bytes == 0 and 0 < shared <= 227 * 1024 and kernel.cubin[:4] == b"\x7fELF"
+    # grid: (ceil(512 / 64) text blocks + (256 / 8)^2 tiles) per (batch, head); scalars: the sizes
+    assert plan.grid == ((8 + 32 * 32) * 24, 1, 1) and plan.scalars == (512 + 65536, 24, 24, 256, 256)
+    assert plan.block == (128, 1, 1)
+
+
+def test_plugin_tactics_cover_bf16_and_fp16():
+    combos = tensorrt_plugin.tactics()
+    assert [c.types for c in combos] == ["BF16, BF16, BF16, BF16, BF16", "FP16, FP16, FP16, FP16, FP16"]
+    assert all(c.tactics == (0, 1, 2) for c in combos)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["builtin:tiny-flux", "--format", "onnx"], "without CLEAR attention: convert it first"),
+    (["CONVERTED", "--format", "onnx", "--opt-size", "256x256", "--max-size", "128x128"], "sizes outside the profile"),
+    (["CONVERTED", "--format", "onnx", "--min-size", "40x32"], "must be a multiple of 16 pixels"),
+    (["CONVERTED", "--format", "onnx", "--dtype", "int8"], "unsupported dtype 'int8'"),
+    (["CONVERTED", "--format", "tensorrt"], "TensorRT is not installed"),
+    (["CONVERTED", "--format", "onnnx"], "--format must be one of onnx, tensorrt, aoti"),
+])
+def test_bad_exports_fail_with_one_message_and_leave_nothing(tmp_path, args, message):
+    if message == "TensorRT is not installed":
+        try:
+            import tensorrt  # noqa: F401
+            pytest.skip("TensorRT is installed here")
+        except ImportError:
+            pass
+    folder = converted(tmp_path, "tiny-flux")
+    args = [str(folder) if a == "CONVERTED" else a for a in args]
+    result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_aoti_without_a_gpu_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(ExportError, match="needs a CUDA GPU"):
+        export_model(str(converted(tmp_path, "tiny-flux")), tmp_path / "out", "aoti", sizes=SIZES)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_session_runs_the_node_as_the_reference(tmp_path):
+    """The CPU runner itself: the node's output is CLEAR attention on the grid its 'grid' input's shape gives."""
+    import onnx
+    from onnx import helper
+
+    from clear_surgery.export.onnx import register_schema
+    from clear_surgery.plugins import TokenLayout, reference_attention
+
+    register_schema()
+    node = helper.make_node("ClearAttention", ["q", "k", "v", "grid"], ["out"], domain="clear", radius=2.0,
+                            text_first=0, tile_h=2, tile_w=2, scale=0.0, plugin_namespace="clear")
+    tensor = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "g", [tensor(n, onnx.TensorProto.FLOAT, None) for n in ("q", "k", "v", "grid")],
+                              [tensor("out", onnx.TensorProto.FLOAT, None)])
+    path = tmp_path / "node.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("clear", 1)]),
+              path)
+    q, k, v = (np.random.default_rng(i).standard_normal((1, 3 + 20, 2, 8)).astype(np.float32) for i in range(3))
+    got = reference_session(path).run(None, {"q": q, "k": k, "v": v, "grid": np.zeros((4, 5), np.float32)})[0]
+    want = reference_attention(*(torch.from_numpy(t) for t in (q, k, v)), TokenLayout(3, False, 4, 5, (2, 2)), 2.0)
+    assert rel_err(torch.from_numpy(got), want) < 1e-6
+
+
+AOTI_PROBE = """
+import sys, torch
+from clear_surgery.export.aoti import load_package
+inputs = torch.load(sys.argv[2], weights_only=True)
+out = load_package(sys.argv[1])(**{k: v.cuda() for k, v in inputs.items()})
+torch.save(out.cpu(), sys.argv[3])
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_aoti_package_runs_in_a_fresh_process(tmp_path):
+    """A tiny converted FLUX as a .pt2: loaded in another process, it gives the eager model's output at two
+    resolutions (the kernel runs inside the package: bf16 tolerance)."""
+    import subprocess
+    import sys
+
+    from clear_surgery.surgery import get_clear_state
+
+    folder = converted(tmp_path, "tiny-flux")
+    export_model(str(folder), tmp_path / "aoti", "aoti", sizes=SIZES, text_len=7, dtype="bf16")
+    model, _ = load_model(str(folder), dtype=torch.bfloat16)
+    model.cuda()
+    plan = get_clear_state(model).family.export_plan
+    for rows, cols in ((3, 4), (8, 5)):
+        inputs = plan.inputs(model, 7, rows, cols, 1, torch.bfloat16, "cuda")
+        with torch.no_grad():
+            want = plan.wrap(model)(**inputs).float().cpu()
+        torch.save({k: v.cpu() for k, v in inputs.items()}, tmp_path / "inputs.pt")
+        done = subprocess.run([sys.executable, "-c", AOTI_PROBE, str(tmp_path / "aoti" / "model.pt2"),
+                               str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = torch.load(tmp_path / "out.pt", weights_only=True).float()
+        assert got.shape == want.shape and rel_err(got, want) < 2e-2

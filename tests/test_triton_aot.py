@@ -1,0 +1,103 @@
+"""The self-contained kernel (triton-aot backend): exact against the reference on CPU under the
+interpreter, and on the GPU, launched both from PyTorch and through the CUDA driver with exactly the
+kernel, grid and arguments the TensorRT plugin's AOT step hands TensorRT."""
+
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from clear_surgery.plugins import TokenLayout, attention, reference_attention  # noqa: E402
+from clear_surgery.plugins.triton_aot import aot_tile, triton_aot_attention  # noqa: E402
+from conftest import check_under_interpreter, rel_err  # noqa: E402
+
+# (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile, dtype)
+INTERPRET_CASES = [
+    (2, 2, 16, 5, True, 9, 11, 2.5, [4, 8], "float32"),  # ragged edge tiles both ways, batch 2
+    (1, 1, 16, 7, False, 13, 6, 3, [4, 8], "float32"),  # text last, non-square
+    (1, 2, 64, 20, True, 21, 16, 5, [8, 8], "bfloat16"),
+    (2, 1, 32, 9, False, 16, 24, 40, [8, 8], "float32"),  # r beyond the grid: every tile full
+    (1, 1, 16, 70, True, 8, 40, 1, [4, 8], "float16"),  # r = 1: each image query sees only itself
+    (1, 2, 16, 0, True, 5, 7, 2, [4, 8], "float32"),  # no text at all
+    (1, 1, 16, 3, False, 1, 37, 4.5, [4, 8], "float32"),  # one image row
+    (1, 1, 16, 4, True, 33, 1, 3, [4, 8], "float32"),  # one image column
+]
+
+
+def test_self_contained_kernel_matches_reference_under_the_interpreter():
+    check_under_interpreter(INTERPRET_CASES, "triton-aot")
+
+
+def test_backend_refuses_raster_order_with_a_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the device is no reason
+    q = torch.randn(1, 4 + 12, 1, 16)
+    with pytest.raises(ValueError, match="triton-aot backend: .*tile token layout"):
+        attention(q, q, q, text_len=4, text_first=True, height=3, width=4, radius=2, backend="triton-aot")
+
+
+GPU_SHAPES = [  # (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius)
+    (2, 3, 64, 77, False, 37, 53, 12),
+    (1, 4, 128, 512, True, 45, 29, 100),
+    (1, 2, 16, 9, True, 17, 23, 1.5),
+    (1, 2, 32, 0, False, 24, 16, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_self_contained_kernel_matches_reference(shape, dtype):
+    b, h, d, text_len, text_first, gh, gw, r = shape
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(b, text_len + gh * gw, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+    layout = TokenLayout(text_len, text_first, gh, gw, aot_tile(d))
+    out = triton_aot_attention(q, k, v, layout, r, out=torch.full_like(q, float("nan")))
+    ref = torch.cat([reference_attention(q[i:i + 1].double(), k[i:i + 1].double(), v[i:i + 1].double(), layout, r)
+                     for i in range(b)])
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+def launch_as_tensorrt_would(q, k, v, out, grid_shape, radius, text_first, folder):
+    """The plugin's AOT step (kernel name, PTX's cubin, launch plan, shared memory) launched through
+    the CUDA driver with cupy, arguments in TensorRT's order: inputs, scalars, outputs (then the two
+    scratch pointers Triton appends, which this kernel never reads)."""
+    import cupy
+    import numpy as np
+
+    from clear_surgery.plugins.tensorrt_plugin import aot_launch
+    from clear_surgery.plugins.triton_aot import aot_kernel, spec_for
+
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
+    tile = aot_tile(q.shape[-1])
+    name, ptx, plan, shared = aot_launch(tuple(q.shape), grid_shape, dtype, radius, int(text_first), *tile, 0.0)
+    cubin = folder / f"{name}.cubin"
+    cubin.write_bytes(aot_kernel(spec_for(q.shape[-1], dtype, radius, text_first, None, tile)).cubin)
+    function = cupy.RawModule(path=str(cubin)).get_function(name)
+    carrier = torch.empty(grid_shape, device="cuda", dtype=q.dtype)
+    pointers = [np.uint64(t.data_ptr()) for t in (q, k, v, carrier)]
+    args = (*pointers, *(np.int32(s) for s in plan.scalars), np.uint64(out.data_ptr()), np.uint64(0), np.uint64(0))
+    if shared > 48 * 1024:
+        function.max_dynamic_shared_size_bytes = shared
+    torch.cuda.synchronize()
+    function(plan.grid, plan.block, args, shared_mem=shared)
+    cupy.cuda.Device().synchronize()
+    return ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("text_first", [True, False])
+def test_gpu_tensorrt_launch_equals_the_triton_backend(text_first, tmp_path):
+    """FLUX shapes at 4096 px (256 x 256 tokens), r = 16, bf16: the engine's launch of the AOT kernel
+    gives the PyTorch triton backend's output."""
+    from clear_surgery.plugins.triton_backend import triton_clear_attention
+
+    pytest.importorskip("cupy")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 512 + 256 * 256, 24, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    layout = TokenLayout(512, text_first, 256, 256, aot_tile(128))
+    want = triton_clear_attention(q, k, v, layout, 16)
+    out = torch.full_like(q, float("nan"))
+    launch_as_tensorrt_would(q, k, v, out, (256, 256), 16.0, text_first, tmp_path)
+    assert not out.isnan().any() and rel_err(out, want) < 1e-2
