@@ -34,23 +34,29 @@ def link_or_copy(source: Path, target: Path, link: bool = True) -> str:
     return "copy"
 
 
-def rewrite_shard(header: Header, target: Path, *, dtype: torch.dtype | None = None,
-                  replace: dict[str, Callable[[], torch.Tensor]] | None = None) -> None:
-    """Write ``header``'s tensors to ``target`` in the same order, floating tensors cast to ``dtype``
-    and the tensors named in ``replace`` taken from there (cast to the output dtype), one at a time."""
+def write_tensors(target: Path, names, source_of: dict[str, Header], *, dtype: torch.dtype | None = None,
+                  replace: dict[str, Callable[[], torch.Tensor]] | None = None, metadata: dict | None = None) -> None:
+    """Write the tensors ``names`` (each read from its header in ``source_of``) to ``target`` one at a
+    time, in the stored dtype or, for floating tensors, ``dtype``; those named in ``replace`` come from
+    there instead, cast the same way."""
     replace = replace or {}
 
-    def out_dtype(entry):
-        return dtype if dtype is not None and entry.torch_dtype.is_floating_point else entry.torch_dtype
-
-    entries = list(header.tensors.values())
+    def out_dtype(name):
+        stored = source_of[name].tensors[name].torch_dtype
+        return dtype if dtype is not None and stored.is_floating_point else stored
 
     def produce(name):
-        entry = header.tensors[name]
-        tensor = replace[name]() if name in replace else read_tensor(header, name)
-        return tensor.to(out_dtype(entry))
+        tensor = replace[name]() if name in replace else read_tensor(source_of[name], name)
+        return tensor.to(out_dtype(name))
 
-    write_file(target, [(e.name, out_dtype(e), e.shape) for e in entries], produce, header.metadata)
+    write_file(target, [(n, out_dtype(n), source_of[n].tensors[n].shape) for n in names], produce, metadata)
+
+
+def rewrite_shard(header: Header, target: Path, *, dtype: torch.dtype | None = None,
+                  replace: dict[str, Callable[[], torch.Tensor]] | None = None) -> None:
+    """Write ``header``'s tensors to ``target`` in the same order (see ``write_tensors``)."""
+    write_tensors(target, list(header.tensors), dict.fromkeys(header.tensors, header), dtype=dtype, replace=replace,
+                  metadata=header.metadata)
 
 
 def changes_shard(header: Header, dtype: torch.dtype | None, replaced: set[str]) -> bool:

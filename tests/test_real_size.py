@@ -208,3 +208,18 @@ def test_a_refused_rewrite_stops_the_writes_and_leaves_nothing(bf16_folder, tmp_
                                "--out", tmp_path / "out")
     assert code == 2 and len(errors) == 1 and "leave no attention site" in errors[0], output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_format_with_imported_layers_keeps_the_stored_dtype(bf16_folder, tmp_path):
+    """--format layers with --clear-layers: the imported tensors (fp32 here) are written in the model's dtype."""
+    source = tensors_of(bf16_folder)
+    attention = [n for n in source if ".attn.to_q." in n]
+    new = {n: torch.randn(source[n].shape) for n in attention}
+    layers_file = tmp_path / "clear_local_3.safetensors"
+    write_file(layers_file, [(n, t.dtype, tuple(t.shape)) for n, t in new.items()], new.__getitem__)
+    convert(str(bf16_folder), tmp_path / "layers", None, clear_layers=layers_file, out_format="layers",
+            progress=False)
+    with safe_open(str(tmp_path / "layers" / "clear_layers.safetensors"), "pt") as f:
+        stored = {n: f.get_tensor(n) for n in f.keys()}
+    assert all(torch.equal(stored[n], new[n].to(torch.bfloat16)) for n in attention)
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())

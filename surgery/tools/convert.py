@@ -25,8 +25,8 @@ from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, apply_
                                             file_provenance, layers_meta, official_radius, select_names)
 from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
 from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
-from clear_surgery.hub.safetensors_io import read_header, read_tensor, write_file
-from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard
+from clear_surgery.hub.safetensors_io import read_header, read_tensor
+from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard, write_tensors
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
 
 FORMATS = ("full", "layers")
@@ -143,7 +143,8 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
             meta = clear_meta(state, cls.__name__, base_record, dtype=dtypes)
         else:
             names = select_names(list(specs), state.sites, DEFAULT_TRAINED)
-            _write_layers(tmp, names, source_of, dtype, replacements)
+            write_tensors(tmp / LAYERS_FILE, names, source_of, dtype=dtype, replace=replacements,
+                          metadata={"format": "pt"})
             meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, {n: specs[n][0] for n in names})
         finish_folder(tmp, meta)
     return ConvertResult(out, analysis, list(state.sites), streamed=True, linked=counts.get("link", 0),
@@ -168,18 +169,6 @@ def _write_weights(headers, folder: Path, tmp: Path, dtype, replacements, link: 
         _write_index(folder, tmp, dtype is not None and counts.get("rewrite", 0) > 0, link)
     except BaseException as err:  # handed to the main thread
         counts["error"] = err
-
-
-def _write_layers(tmp: Path, names, source_of, dtype, replacements) -> None:
-    def produce(name):
-        tensor = replacements[name]() if name in replacements else read_tensor(source_of[name], name)
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-    def out_dtype(entry):
-        return dtype if dtype is not None and entry.torch_dtype.is_floating_point else entry.torch_dtype
-
-    write_file(tmp / LAYERS_FILE, [(n, out_dtype(source_of[n].tensors[n]), source_of[n].tensors[n].shape)
-                                   for n in names], produce, {"format": "pt"})
 
 
 def _write_index(folder: Path, tmp: Path, sizes_changed: bool, link: bool) -> None:
