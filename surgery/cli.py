@@ -116,8 +116,8 @@ def convert(
             stages.set_postfix_str(f"resolving {model}")
             ref = _resolve(model, subfolder, revision)
             layers_file = resolve_file(clear_layers, revision) if clear_layers else None
-            if radius is None or (layers_file is not None and "down" in layers_file.name):
-                radius = default_radius(ref, layers_file) if radius is None else radius
+            if radius is None:
+                radius = default_radius(ref, layers_file)
             config = ClearConfig(radius=radius, backend=backend, target_modules=target or None,
                                  exclude_modules=exclude, token_layout=token_layout, radius_overrides=rules)
             stages.update()

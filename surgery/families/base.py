@@ -42,6 +42,11 @@ def forward_signature(cls):
     return inspect.signature(cls.forward)
 
 
+def takes_control_image(model) -> bool:
+    """A ControlNet: its forward takes ``controlnet_cond``."""
+    return "controlnet_cond" in forward_signature(type(model)).parameters
+
+
 def bound_arguments(model, args, kwargs) -> dict:
     """forward's arguments of one call, by name."""
     return dict(forward_signature(type(model)).bind_partial(*args, **kwargs).arguments)

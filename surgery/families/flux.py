@@ -9,8 +9,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, forward_signature, grid_from_ids, image_grid,
-                   packed_tokens)
+from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, grid_from_ids, image_grid, packed_tokens,
+                   takes_control_image)
 
 
 class ClearFluxAttnProcessor(ClearProcessorBase):
@@ -51,7 +51,7 @@ class ClearFluxAttnProcessor(ClearProcessorBase):
 def example_inputs(model, text_len, height, width, batch, dtype, device):
     """The FLUX-style call, plus the control image for a ControlNet."""
     inputs = flux_like_inputs(model, text_len, height, width, batch, dtype, device)
-    if "controlnet_cond" in forward_signature(type(model)).parameters:
+    if takes_control_image(model):
         cfg = model.config
         extra = getattr(cfg, "num_extra_conditioning_channels", 0) or 0
         inputs["controlnet_cond"] = torch.randn(batch, height * width, cfg.in_channels + extra, dtype=dtype,
@@ -105,7 +105,7 @@ class FluxForExport(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.controlnet = "controlnet_cond" in forward_signature(type(model)).parameters
+        self.controlnet = takes_control_image(model)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None,
                 controlnet_cond=None):
@@ -138,12 +138,12 @@ def export_inputs(model, text_len, height, width, batch, dtype, device):
 
 
 def export_grid_dims(model) -> dict:
-    names = ["hidden_states"] + (["controlnet_cond"] if FluxForExport(model).controlnet else [])
+    names = ["hidden_states"] + (["controlnet_cond"] if takes_control_image(model) else [])
     return {name: ((1, 1), (2, 1)) for name in names}
 
 
 def export_outputs(model) -> list:
-    if not FluxForExport(model).controlnet:
+    if not takes_control_image(model):
         return ["sample"]
     cfg = model.config
     return ([f"block_sample_{i}" for i in range(cfg.num_layers)]

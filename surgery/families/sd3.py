@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import ExportPlan, ModelFamily, TilePlan, forward_signature, grid_from_latent, latent_tokens
+from .base import ExportPlan, ModelFamily, TilePlan, grid_from_latent, latent_tokens, takes_control_image
 
 
 class ClearJointAttnProcessor(ClearProcessorBase):
@@ -59,7 +59,7 @@ def example_inputs(model, text_len, height, width, batch, dtype, device):
         timestep=torch.full((batch,), 500.0, dtype=dtype, device=device),
         return_dict=False,
     )
-    if "controlnet_cond" in forward_signature(type(model)).parameters:
+    if takes_control_image(model):
         extra = getattr(cfg, "extra_conditioning_channels", 0) or 0
         inputs["controlnet_cond"] = t(batch, cfg.in_channels + extra, height * p, width * p)
     return inputs
@@ -98,7 +98,7 @@ class SD3ForExport(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.controlnet = "controlnet_cond" in forward_signature(type(model)).parameters
+        self.controlnet = takes_control_image(model)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet_cond=None):
         kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -117,12 +117,12 @@ def export_inputs(model, text_len, height, width, batch, dtype, device):
 
 def export_grid_dims(model) -> dict:
     patch = model.config.patch_size
-    names = ["hidden_states"] + (["controlnet_cond"] if SD3ForExport(model).controlnet else [])
+    names = ["hidden_states"] + (["controlnet_cond"] if takes_control_image(model) else [])
     return {name: ((2, patch), (3, patch)) for name in names}
 
 
 def export_outputs(model) -> list:
-    if not SD3ForExport(model).controlnet:
+    if not takes_control_image(model):
         return ["sample"]
     return [f"block_sample_{i}" for i in range(model.config.num_layers)]
 
