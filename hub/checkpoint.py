@@ -99,16 +99,17 @@ def skeleton(cls, config: dict):
         return cls.from_config(config)
 
 
-def check_specs(cls, config: dict, specs: dict, where) -> None:
-    """Tensor names and shapes of a folder against ``cls`` built from ``config``; floating dtypes
-    must be one of those torch loads. One error lists every difference."""
-    expected = {k: tuple(v.shape) for k, v in skeleton(cls, config).state_dict().items()}
+def check_specs(model, specs: dict, where) -> None:
+    """Tensor names and shapes of a folder against ``model`` (its class built from the folder's config,
+    on the meta device); floating dtypes must be one of those torch loads. One error lists every
+    difference."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = tensor_mismatches(expected, {k: s for k, (s, _) in specs.items()})
     dtypes = sorted({code for _, code in specs.values() if DTYPES[code].is_floating_point})
     if len(dtypes) > 1:
         problems.append(f"weights mix floating dtypes {dtypes}")
     if problems:
-        raise ClearFolderError(f"tensors in {where} do not match {cls.__name__} built from its config.json:\n  "
+        raise ClearFolderError(f"tensors in {where} do not match {type(model).__name__} built from its config.json:\n  "
                                + listed(problems))
 
 

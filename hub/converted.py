@@ -105,8 +105,9 @@ def check_converted_folder(folder: str | os.PathLike) -> ConvertedFolder:
     if not files:
         raise ClearFolderError(f"{folder} is incomplete: no safetensors weights")
     specs = read_tensor_specs(files)
-    check_specs(cls, config, specs, folder)
-    modules = dict(skeleton(cls, config).named_modules())
+    meta_model = skeleton(cls, config)
+    check_specs(meta_model, specs, folder)
+    modules = dict(meta_model.named_modules())
     missing = [s for s in meta.get("sites", []) if not hasattr(modules.get(s), "processor")]
     if missing:
         raise ClearFolderError(f"{folder / CLEAR_CONFIG_NAME} lists sites that are not attention modules of "

@@ -106,8 +106,8 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
     cls = model_class(model_config.get("_class_name"), str(folder / "config.json"))
     headers = read_headers(files)  # a truncated or damaged shard fails here, naming the file
     specs = {e.name: (e.shape, e.dtype) for h in headers for e in h.tensors.values()}
-    check_specs(cls, model_config, specs, folder)
     meta_model = skeleton(cls, model_config)  # the model on the meta device: names and shapes, no memory
+    check_specs(meta_model, specs, folder)
     replacements = {}
     if layers_file is not None:
         check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__)
