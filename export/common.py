@@ -56,9 +56,6 @@ class SizeProfile:
         h, w = getattr(self, which)
         return h // self.pixels_per_token, w // self.pixels_per_token
 
-    def contains(self, height: int, width: int) -> bool:
-        return self.min[0] <= height <= self.max[0] and self.min[1] <= width <= self.max[1]
-
     def to_dict(self) -> dict:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max),
                 "pixels_per_token": self.pixels_per_token}
