@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import DTYPES, FORMATS, MANIFEST_FILE, ExportError, SizeProfile, parse_size
+from .common import DTYPES, FORMATS, MANIFEST_FILE, ExportError, SizeProfile, check_options, parse_size
 
 DEFAULT_SIZES = {"min": "512x512", "opt": "1024x1024", "max": "2048x2048"}
 
@@ -16,28 +16,18 @@ def export_model(source, out: str | Path, fmt: str, *, sizes: dict | None = None
                  progress=None) -> dict:
     """Export a converted model (any form the model resolver takes) as ``fmt`` into the folder ``out``,
     written atomically; returns the manifest. Every option is checked before any work."""
-    import torch
-
     from clear_surgery.hub.atomic import atomic_directory, write_json
 
-    from .common import manifest, out_files, prepare
+    from .common import check_options, manifest, out_files, prepare
 
     out = Path(out)
-    if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    if dtype is not None and dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    if fmt == "tensorrt":
-        from .tensorrt import tensorrt_version
-
-        tensorrt_version()  # fails now, not after the export, when TensorRT is missing
-    if fmt == "aoti" and not torch.cuda.is_available():
-        raise ExportError("--format aoti compiles for the GPU the package will run on: it needs a CUDA GPU")
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    check_options(fmt, sizes, dtype)
     step = progress or (lambda message: None)
     step("loading")
-    prepared = prepare(source, {**DEFAULT_SIZES, **(sizes or {})}, dtype=dtype, batch=batch, text_len=text_len,
+    prepared = prepare(source, sizes, dtype=dtype, batch=batch, text_len=text_len,
                        kernel_tile=fmt != "onnx", device="cuda" if fmt == "aoti" else "cpu")
     with atomic_directory(out, overwrite) as tmp:
         extra = {}
@@ -63,4 +53,5 @@ def export_model(source, out: str | Path, fmt: str, *, sizes: dict | None = None
     return data
 
 
-__all__ = ["DEFAULT_SIZES", "ExportError", "FORMATS", "MANIFEST_FILE", "SizeProfile", "export_model", "parse_size"]
+__all__ = ["DEFAULT_SIZES", "DTYPES", "ExportError", "FORMATS", "MANIFEST_FILE", "SizeProfile", "check_options",
+           "export_model", "parse_size"]

@@ -13,14 +13,36 @@ from clear_surgery.hub import load_model
 from clear_surgery.hub.checkpoint import package_version
 from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
+from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError
 
 FORMATS = ("onnx", "tensorrt", "aoti")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MANIFEST_FILE = "manifest.json"
 
 
-class ExportError(ValueError):
+class ExportError(InvalidValueError):
     pass
+
+
+def check_options(fmt: str, sizes: dict, dtype: str | None) -> None:
+    """What can be checked without the model: the format and whether this machine can make it, the
+    dtype, and the sizes' syntax and order (their multiple depends on the model: checked after loading)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    parsed = {k: parse_size(v, f"--{k}-size") if isinstance(v, str) else tuple(v) for k, v in sizes.items()}
+    for side, name in ((0, "height"), (1, "width")):
+        values = [parsed[k][side] for k in ("min", "opt", "max") if k in parsed]
+        if values != sorted(values) or min(values) < 1:
+            raise ExportError(f"sizes outside the profile: {name} must satisfy 0 < min <= opt <= max, got "
+                              + " / ".join(map(str, values)))
+    if fmt == "tensorrt":
+        from .tensorrt import tensorrt_version
+
+        tensorrt_version()  # fails now, not after the export, when TensorRT is missing
+    if fmt == "aoti" and not torch.cuda.is_available():
+        raise MissingHardwareError("--format aoti compiles for the GPU the package will run on: it needs a CUDA GPU")
 
 
 def parse_size(text: str, option: str) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clear_surgery.surgery.errors import MissingDependencyError
+
 ENGINE_FILE = "engine.plan"
 TIMING_CACHE_FILE = "timing.cache"
 MIN_VERSION = (10, 10)  # AOT plugins parsed from ONNX
@@ -24,13 +26,13 @@ def tensorrt_version() -> str:
     try:
         import tensorrt as trt
     except ImportError as err:
-        raise RuntimeError(
+        raise MissingDependencyError(
             f"TensorRT is not installed ({err}). --format tensorrt needs the tensorrt Python package >= "
             f"{'.'.join(map(str, MIN_VERSION))} on a machine with an NVIDIA GPU; or export --format onnx here and "
             "build the engine where TensorRT is (see README: TensorRT engines)") from err
     version = tuple(int(p) for p in trt.__version__.split(".")[:2])
     if version < MIN_VERSION:
-        raise RuntimeError(f"TensorRT {trt.__version__} is too old: AOT plugins from ONNX need >= "
+        raise MissingDependencyError(f"TensorRT {trt.__version__} is too old: AOT plugins from ONNX need >= "
                            f"{'.'.join(map(str, MIN_VERSION))}")
     return trt.__version__
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clear_surgery.surgery.errors import FileFormatError
+
 from .atomic import write_json
 from .safetensors_io import DTYPES, Header, SafetensorsError, read_header, write_file
 
@@ -21,7 +23,7 @@ WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
-class ClearFolderError(ValueError):
+class ClearFolderError(FileFormatError):
     pass
 
 

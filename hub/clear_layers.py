@@ -7,28 +7,33 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
+from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, remove_clear
+from clear_surgery.surgery.errors import MismatchError
 from clear_surgery.surgery.state import require_clear_state
 
 from .atomic import atomic_directory
 from .checkpoint import (FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version,
                          tensor_mismatches)
 from .converted import finish_folder, read_clear_config
-from .download import resolve_folder
+from .download import looks_like_path, resolve_file, resolve_folder
 from .safetensors_io import read_header, read_tensor, write_file
 
 LAYERS_FILE = "clear_layers.safetensors"
+OFFICIAL_NAME = re.compile(r"clear_local_(\d+)")  # the official releases' file names carry the radius
+logger = logging.getLogger("clear_surgery")
 # What the official code trains: attention q/k/v/out projections in all blocks.
 DEFAULT_TRAINED = ("{site}.to_q.*", "{site}.to_k.*", "{site}.to_v.*", "{site}.to_out.0.*")
 
 
-class ClearLayersError(ValueError):
+class ClearLayersError(MismatchError):
     pass
 
 
@@ -112,11 +117,64 @@ def official_radius(filename: str) -> int:
         raise ClearLayersError(f"{name} is a CLEAR 'down' variant: its image queries also attend to pooled key/value "
                                "tokens (spatial_weight), which clear-surgery does not build yet; loading it as plain "
                                "CLEAR would be wrong")
-    match = re.search(r"clear_local_(\d+)", name)
+    match = OFFICIAL_NAME.search(name)
     if not match:
         raise ClearLayersError(f"cannot read the radius from {name!r} (expected clear_local_<r>.safetensors); "
                                "pass --radius")
     return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class LayersSource:
+    """What ``--clear-layers`` named: the safetensors file, and the clear_config.json of the CLEAR-layers
+    folder it belongs to (None for a bare file such as the official clear_local_16.safetensors)."""
+
+    file: Path
+    meta: dict | None = None
+
+    @property
+    def radius(self) -> float:
+        """The radius the layers were made for: the folder's config, else the official file name's."""
+        return self.meta["config"]["radius"] if self.meta else official_radius(self.file.name)
+
+    def describe(self) -> str:
+        return str(self.file.parent if self.meta else self.file)
+
+    def check_target(self, model_class_name: str, radius: float, *, allow_radius_change: bool = False) -> None:
+        """Refuse layers made for another architecture, or (unless allowed) for another radius."""
+        made_for = (self.meta or {}).get("model_class")
+        if made_for and made_for != model_class_name:
+            theirs, ours = family_for_class(made_for), family_for_class(model_class_name)
+            if theirs is None or theirs is not ours:
+                raise ClearLayersError(f"CLEAR layers {self.describe()} were made for a {made_for}; the target is a "
+                                       f"{model_class_name} (another architecture)")
+        named = OFFICIAL_NAME.search(self.file.name)
+        made_at = self.meta["config"]["radius"] if self.meta else int(named.group(1)) if named else None
+        if made_at is not None and made_at != radius:
+            if not allow_radius_change:
+                raise ClearLayersError(f"CLEAR layers {self.describe()} were made for r={made_at:g}, not r={radius:g}: "
+                                       "drop --radius, or pass --allow-radius-change to use them at another radius")
+            logger.warning("using CLEAR layers made for r=%g at r=%g (--allow-radius-change)", made_at, radius)
+
+
+def resolve_layers(source: str | os.PathLike, revision: str | None = None) -> LayersSource:
+    """``--clear-layers``: a CLEAR-layers folder (local or a Hub id), a layers file inside one, a bare
+    safetensors file (local or OWNER/REPO/FILENAME on the Hub)."""
+    path = Path(source).expanduser()
+    text = str(source)
+    if path.is_dir() or (not path.exists() and text.count("/") == 1 and not looks_like_path(text)
+                         and not text.endswith(".safetensors")):
+        folder = resolve_folder(source, revision)
+        if not (folder / "clear_config.json").is_file():
+            raise ClearFolderError(f"{source} is not a CLEAR-layers folder: no clear_config.json")
+        return LayersSource(folder / LAYERS_FILE, read_layers_folder(folder))
+    file = resolve_file(text, revision)
+    if file.name == LAYERS_FILE and (file.parent / "clear_config.json").is_file():
+        return LayersSource(file, read_layers_folder(file.parent))
+    read_header(file)  # a damaged or truncated file is named now, not after the model is read
+    if "down" in file.name:
+        official_radius(file.name)  # refuses the pooled-key variants with their reason
+    return LayersSource(file)
 
 
 def read_layers_folder(folder: Path) -> dict:

@@ -11,15 +11,22 @@ logger = logging.getLogger("clear_surgery")
 REPO_PLACEHOLDER = "REPO_ID"  # replaced by the repo id when the card is rendered for an upload
 
 
-def base_model_license(base_id: str | None) -> str | None:
-    """The base model's license from its own card, when it can be read (Hub or cache)."""
+def base_model_license(base_id: str | None, *, online: bool = False) -> str | None:
+    """The base model's license from its own card, when it can be read: from the local Hugging Face
+    cache, or with ``online`` (an upload, which needs the network anyway) from the Hub. A local save
+    never touches the network."""
     if not base_id or base_id.startswith(BUILTIN_PREFIX) or Path(base_id).exists():
         return None
     try:
-        from huggingface_hub import ModelCard
+        from huggingface_hub import ModelCard, try_to_load_from_cache
 
-        return ModelCard.load(base_id).data.license
-    except Exception as err:  # offline, gated, no card: the card just carries no license
+        from .download import unreachable_reason
+
+        if online and unreachable_reason() is None:
+            return ModelCard.load(base_id).data.license
+        cached = try_to_load_from_cache(base_id, "README.md")  # a file lookup: no request of any kind
+        return ModelCard.load(cached).data.license if isinstance(cached, str) else None
+    except Exception as err:  # not cached, offline, gated, no card: the card just carries no license
         logger.info("no license for %s: %s", base_id, type(err).__name__)
         return None
 
@@ -65,7 +72,8 @@ def describe_training(training: dict | None) -> list[str]:
     return ["- training: " + ", ".join(f"{k} = {v}" for k, v in training.items())]
 
 
-def render_model_card(meta: dict, repo_id: str = REPO_PLACEHOLDER) -> str:
+def render_model_card(meta: dict, repo_id: str = REPO_PLACEHOLDER, *, online: bool = False) -> str:
+    """README.md of a CLEAR folder; ``online``: the base model's license may be read from the Hub."""
     from huggingface_hub import ModelCard, ModelCardData
 
     is_layers = meta["format"].endswith("clear-layers")
@@ -74,7 +82,7 @@ def render_model_card(meta: dict, repo_id: str = REPO_PLACEHOLDER) -> str:
     data = ModelCardData(
         base_model=base if base and not base.startswith(BUILTIN_PREFIX) else None,
         base_model_relation="adapter" if is_layers else "finetune",
-        library_name="diffusers", pipeline_tag="text-to-image", license=base_model_license(base),
+        library_name="diffusers", pipeline_tag="text-to-image", license=base_model_license(base, online=online),
         tags=["clear", "linear-attention", "local-attention", "clear-surgery", meta["model_class"]],
     )
     what = "CLEAR layers (the tensors CLEAR changes)" if is_layers else "a linearized transformer"

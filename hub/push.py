@@ -13,6 +13,7 @@ from pathlib import Path
 from .checkpoint import CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_json
 from .clear_layers import read_layers_folder
 from .converted import check_converted_folder, read_clear_config
+from .download import check_repo_id
 from .model_card import render_model_card
 
 LARGE_FOLDER_BYTES = 20 * 1024**3  # above this, the resumable large-folder upload is used
@@ -56,6 +57,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 commit_message: str | None = None, dry_run: bool = False, token: str | None = None):
     """Validate ``folder`` and upload it to ``repo_id``; returns the plan (dry run) or the commit info.
     The model card is rendered again for ``repo_id`` (the folder itself is never modified)."""
+    check_repo_id("repo_id", repo_id)
     plan = validate_folder(folder)
     if dry_run:
         return plan
@@ -66,7 +68,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     meta = read_json(plan.folder / CLEAR_CONFIG_NAME)
-    card = CommitOperationAdd("README.md", render_model_card(meta, repo_id).encode())
+    card = CommitOperationAdd("README.md", render_model_card(meta, repo_id, online=True).encode())
     message = commit_message or f"Upload {plan.kind} with clear-surgery (r = {meta['config']['radius']:g})"
     if plan.total_bytes > LARGE_FOLDER_BYTES:
         # everything but the card in huggingface_hub's large-upload path (resumable, several commits,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import BUILTIN_PREFIX, builtin_class, builtin_names, load_builtin
+from clear_surgery.surgery.errors import InvalidValueError
 
 from .checkpoint import (CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_headers, read_json, read_tensor_specs, stored_dtype,
                          weight_files)
@@ -37,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InvalidValueError):
     pass
 
 

@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from clear_surgery.surgery.errors import FileFormatError
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -25,7 +27,7 @@ CODES = {dtype: code for code, dtype in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(FileFormatError):
     pass
 
 

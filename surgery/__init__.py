@@ -1,22 +1,21 @@
 """Model surgery: analyze a diffusion transformer's attention and rewrite it into CLEAR.
 
 The core (config, families, analysis, rewrite, tiling, state) is here; the tools built on it
-(generate, profile, bench, coverage, distillation) are in ``clear_surgery.surgery.tools``.
+(generate, profile, bench, coverage, distillation) are in ``clear_surgery.surgery.tools``. Names are
+imported on first use (``clear_surgery.surgery.lazy``).
 """
 
-from .analysis import AnalysisReport, AttentionSite, analyze
-from .builtin import BUILTIN_PREFIX, builtin_class, builtin_names, load_builtin, tiny_pipeline
-from .config import ClearConfig
-from .families import FAMILIES, ModelFamily, example_inputs, family_for_class, family_of, image_grid
-from .processors import ClearRuntime, ClearSDPAProcessor
-from .rewrite import (NoJointAttentionError, RewriteError, apply_clear, dense_attention, remove_clear,
-                      select_sites)
-from .state import ClearState, get_clear_state
+from .lazy import lazy_exports
 
-__all__ = [
-    "AnalysisReport", "AttentionSite", "BUILTIN_PREFIX", "ClearConfig", "ClearRuntime", "ClearSDPAProcessor",
-    "ClearState", "FAMILIES", "ModelFamily", "NoJointAttentionError", "RewriteError", "analyze", "apply_clear",
-    "builtin_class", "builtin_names", "dense_attention", "example_inputs", "family_for_class", "family_of",
-    "get_clear_state",
-    "image_grid", "load_builtin", "remove_clear", "select_sites", "tiny_pipeline",
-]
+_EXPORTS = {
+    "analysis": ["AnalysisReport", "AttentionSite", "analyze"],
+    "builtin": ["BUILTIN_PREFIX", "builtin_class", "builtin_names", "load_builtin", "tiny_pipeline"],
+    "config": ["ClearConfig"],
+    "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid"],
+    "processors": ["ClearRuntime", "ClearSDPAProcessor"],
+    "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "remove_clear",
+                "select_sites"],
+    "state": ["ClearState", "get_clear_state"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -8,7 +8,9 @@ and the image stream; their segment order is read from that concatenation in the
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import sys
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
@@ -217,7 +219,7 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
     elif family is None:
         family = family_for_class(type(model).__name__)
     with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
-        program = torch.export.export(model, (), dict(example_inputs_), strict=False)
+        program = _export_quietly(model, example_inputs_)
     report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
     for node in program.graph.nodes:
         if node.op == "call_function" and (node.target in SDPA_OPS or node.target == CLEAR_OP):
@@ -225,6 +227,16 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
     report.op_counts = _compute_op_counts(program.graph)
     _mark_duplicate_owners(report)
     return report
+
+
+def _export_quietly(model, inputs):
+    """torch.export, without the partial graph it prints to stderr when it fails (a hundred lines of
+    code per model; the exception says what failed). Whatever it writes on success passes through."""
+    written = io.StringIO()
+    with contextlib.redirect_stderr(written):
+        program = torch.export.export(model, (), dict(inputs), strict=False)
+    sys.stderr.write(written.getvalue())
+    return program
 
 
 def _mark_duplicate_owners(report: AnalysisReport) -> None:

@@ -5,21 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
+
+from clear_surgery.surgery.errors import (ClearSurgeryError, InvalidValueError, MismatchError, MissingHardwareError,
+                                          OutputPathError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Linearize diffusion transformers with CLEAR local attention.")
 
 MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a converted CLEAR folder, a CLEAR-layers "
               "folder, or a Hub id of any of these")
-# what bad input or a bad environment raises (RuntimeError: a model the rewrite's check or torch refuses)
-USER_ERRORS = (ValueError, FileExistsError, OSError, RuntimeError)
+# Pillow's formats by extension, for checking an image path before the work that makes the image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _fail(message: str) -> None:
@@ -27,22 +31,117 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, ClearSurgeryError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 @contextlib.contextmanager
 def user_errors():
-    """One ``error: ...`` line and exit code 2 for errors the user's input or machine causes."""
+    """One ``error: ...`` line and exit code 2 for what the user's input or machine causes: clear-surgery's
+    own errors, bad values (ValueError) and files, paths, disks and networks (OSError). Anything else is
+    a bug and keeps its traceback."""
     try:
         yield
-    except USER_ERRORS as err:
-        text = str(err) if not isinstance(err, OSError) or not err.strerror else \
-            f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-        _fail(text)
+    except (ClearSurgeryError, ValueError, OSError) as err:
+        _fail(_one_line(err))
 
 
 def _quiet_libraries() -> None:
+    """Library notices a user cannot act on (set before the libraries are imported)."""
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(torchvision|TorchScript|torch.jit).*")
+    for name in ("diffusers", "transformers", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
+                 "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels itself, from this
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidValueError(message)
+
+
+def _in_range(option: str, value, low=None, high=None, *, low_open=True, high_open=False) -> None:
+    """``value`` finite and within (low, high] (or as the flags say); None passes (not given)."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            wanted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        _check(False, f"{option} must be {wanted} and finite, got {value:g}")
+
+
+def _numbers(option: str, text: str, cast=int, low: float = 0) -> list:
+    """A comma-separated list of numbers, each > ``low``."""
+    try:
+        values = [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    _check(bool(values), f"{option} takes comma-separated numbers, got {text!r}")
+    for value in values:
+        _in_range(option, value, low)
+    return values
+
+
+def _output_file(option: str, path: Path | None, suffixes=None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{option} {path}: folder {path.parent} does not exist")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; use one of "
+                              f"{', '.join(suffixes)}")
+
+
+def _output_folder(option: str, path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"output folder {path} already exists (pass --overwrite to replace it)")
+
+
+def _check_sources(model: str | None, file: str | None = None) -> None:
+    """Fail within seconds (before torch is imported) when a model or file argument can only come from an
+    unreachable Hub and the local cache does not have it."""
+    from clear_surgery.hub.download import require_reachable
+
+    if model:
+        require_reachable(model)
+    if file:
+        require_reachable(file, file=True)
+
+
+@contextlib.contextmanager
+def _stages(desc: str, total: int | None = None):
+    """A stage counter on stderr: ``step(message, n)`` shows the stage starting; the bar's last line
+    (written when it closes) is printed once, not again after the final step."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="stage", file=sys.stderr) as bar:
+        def step(message: str, n: int = 1) -> None:
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(n)
+            bar.refresh()
+
+        def finish(message: str | None = None) -> None:  # counted, shown by close()
+            if message:
+                bar.set_postfix_str(message, refresh=False)
+            bar.n = bar.total if bar.total is not None else bar.n + 1
+
+        step.finish = finish
+        yield step
 
 
 def _resolve(model: str, subfolder=None, revision=None):
@@ -59,18 +158,18 @@ def analyze(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
 ):
     """List every attention site of a model: owner, kind, segment order, token counts, rewritable or why not."""
-    from clear_surgery.hub import load_model
-    from clear_surgery.surgery import analyze as run_analysis
-
-    _quiet_libraries()
     with user_errors():
-        if json_out is not None and not json_out.parent.is_dir():
-            raise ValueError(f"--json: folder {json_out.parent} does not exist")
+        _output_file("--json", json_out)
+        _check_sources(model)
+        from clear_surgery.hub import load_model
+        from clear_surgery.hub.atomic import write_text
+        from clear_surgery.surgery import analyze as run_analysis
+
         loaded, _ = load_model(_resolve(model, subfolder, revision))
         report = run_analysis(loaded)
         typer.echo(report.table())
         if json_out:
-            json_out.write_text(report.to_json() + "\n")
+            write_text(json_out, report.to_json() + "\n")
             typer.echo(f"wrote {json_out}")
 
 
@@ -79,11 +178,15 @@ def convert(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     radius: Optional[float] = typer.Option(None, "--radius", "-r",
                                            help="CLEAR radius in tokens (strict: d < r); default: from the "
-                                                "--clear-layers file name or the CLEAR folder given"),
+                                                "--clear-layers folder or file name, or the CLEAR folder given"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
     clear_layers: Optional[str] = typer.Option(None, "--clear-layers",
-                                               help="apply CLEAR layers: a safetensors file (e.g. the official "
-                                                    "clear_local_16.safetensors) or OWNER/REPO/FILE on the Hub"),
+                                               help="apply CLEAR layers: a CLEAR-layers folder (from convert "
+                                                    "--format layers or distill; local or a Hub id), a safetensors "
+                                                    "file (e.g. the official clear_local_16.safetensors) or "
+                                                    "OWNER/REPO/FILE on the Hub"),
+    allow_radius_change: bool = typer.Option(False, help="use --clear-layers at a --radius other than the one "
+                                                         "they were made for"),
     out_format: str = typer.Option("full", "--format", help="full (whole model) | layers (only the CLEAR layers)"),
     radius_for: list[str] = typer.Option([], "--radius-for", help="PATTERN=R: another radius for matching modules"),
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
@@ -100,31 +203,35 @@ def convert(
                                          "allows) instead of copying them"),
 ):
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
-    from clear_surgery.hub import parse_dtype, resolve_file
-    from clear_surgery.surgery import ClearConfig
-    from clear_surgery.surgery.tools.convert import convert as run, default_radius
-
-    _quiet_libraries()
     with user_errors():
-        if out_format not in ("full", "layers"):
-            raise ValueError(f"--format must be full or layers, got {out_format!r}")
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
-        torch_dtype = parse_dtype(dtype)
+        _check(out_format in ("full", "layers"), f"--format must be full or layers, got {out_format!r}")
+        _output_folder("--out", out, overwrite)
+        _in_range("--radius", radius, 0)
         rules = _radius_rules(radius_for)
-        with tqdm(total=3, desc="convert", unit="stage", file=sys.stderr) as stages:
-            stages.set_postfix_str(f"resolving {model}")
+        shard_bytes = _size_in_bytes("--max-shard-size", max_shard_size)
+        _check_sources(model, clear_layers)
+        from clear_surgery.hub import parse_dtype
+        from clear_surgery.hub.clear_layers import resolve_layers
+        from clear_surgery.surgery import ClearConfig
+        from clear_surgery.surgery.tools.convert import convert as run, default_radius
+
+        torch_dtype = parse_dtype(dtype)
+        settings = dict(backend=backend, target_modules=target or None, exclude_modules=exclude,
+                        token_layout=token_layout, radius_overrides=rules)
+        if radius is not None:
+            ClearConfig(radius=radius, **settings)  # every setting checked before the model is read
+        with _stages("convert", total=3) as step:
+            step(f"resolving {model}", 0)
             ref = _resolve(model, subfolder, revision)
-            layers_file = resolve_file(clear_layers, revision) if clear_layers else None
+            layers = resolve_layers(clear_layers, revision) if clear_layers else None
             if radius is None:
-                radius = default_radius(ref, layers_file)
-            config = ClearConfig(radius=radius, backend=backend, target_modules=target or None,
-                                 exclude_modules=exclude, token_layout=token_layout, radius_overrides=rules)
-            stages.update()
-            stages.set_postfix_str("analyze, rewrite, verify, write")
-            result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers_file, out_format=out_format,
-                         overwrite=overwrite, max_shard_size=max_shard_size, link=link)
-            stages.update(2)
+                radius = default_radius(ref, layers)
+            config = ClearConfig(radius=radius, **settings)
+            step("analyze, rewrite, verify, write")
+            result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers, out_format=out_format,
+                         overwrite=overwrite, max_shard_size=shard_bytes, link=link,
+                         allow_radius_change=allow_radius_change)
+            step.finish()
     typer.echo(result.analysis.table())
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
            if result.streamed and out_format == "full" else "")
@@ -140,79 +247,123 @@ def _radius_rules(rules: list[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not pattern:
-            raise ValueError(f"--radius-for takes PATTERN=RADIUS, got {rule!r}")
+            raise InvalidValueError(f"--radius-for takes PATTERN=RADIUS, got {rule!r}")
+        _in_range(f"--radius-for {pattern}", parsed[pattern], 0)
     return parsed
+
+
+def _size_in_bytes(option: str, text: str) -> int:
+    """'10GB', '500MB', '2GiB' or a plain byte count."""
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise InvalidValueError(f"{option} takes a size such as 10GB or 500MB, got {text!r}")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
 @app.command()
 def profile(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (with a pipeline around it)"),
     prompt: str = typer.Option("a photo of a cat in a city at night", help="prompt for the denoising run"),
-    resolution: int = typer.Option(512, help="image side in pixels"),
-    steps: int = typer.Option(4, help="denoising steps"),
-    radii: str = typer.Option("2,4,8,16,32", help="radii to measure"),
-    keep: float = typer.Option(0.95, help="attention-mass share a recommended radius must keep"),
-    queries: int = typer.Option(256, help="sampled image queries per attention call"),
-    out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs"),
+    resolution: int = typer.Option(512, min=1, help="image side in pixels"),
+    steps: int = typer.Option(4, min=1, help="denoising steps"),
+    radii: str = typer.Option("2,4,8,16,32", help="radii to measure (each > 0)"),
+    keep: float = typer.Option(0.95, help="attention-mass share a recommended radius must keep, in (0, 1]"),
+    queries: int = typer.Option(256, min=1, help="sampled image queries per attention call"),
+    out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs (written "
+                                                                   "atomically)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Measure how local a model's attention is (dense run) and recommend a CLEAR radius.
     A CLEAR folder is measured with its weights and dense attention."""
-    from clear_surgery.surgery import family_of, get_clear_state, remove_clear
-    from clear_surgery.surgery.tools.pipeline import load_pipeline
-    from clear_surgery.surgery.tools.profile import profile_pipeline
-
-    _quiet_libraries()
     with user_errors():
+        radius_list = _numbers("--radii", radii, float)
+        _in_range("--keep", keep, 0, 1)
+        _output_folder("--out", out, overwrite)
+        _check_sources(model)
+        from clear_surgery.hub.atomic import atomic_directory
+        from clear_surgery.surgery import family_of, get_clear_state, remove_clear
+        from clear_surgery.surgery.tools.pipeline import load_pipeline
+        from clear_surgery.surgery.tools.profile import profile_pipeline
+
         pipe = load_pipeline(_resolve(model))
         if get_clear_state(pipe.transformer) is not None:
             remove_clear(pipe.transformer)
+        _check_image_size(pipe, resolution)
         pipe.set_progress_bar_config(desc="denoising")
-        results = profile_pipeline(pipe, prompt, resolution, resolution, steps, _numbers(radii, float), keep=keep,
-                                   queries_per_call=queries, out=out, **family_of(pipe.transformer).call_kwargs(pipe))
+        with atomic_directory(out, overwrite) as tmp:
+            results = profile_pipeline(pipe, prompt, resolution, resolution, steps, radius_list, keep=keep,
+                                       queries_per_call=queries, out=tmp, **family_of(pipe.transformer).call_kwargs(pipe))
     for r, kept in zip(results["radii"], results["kept_share_mean"]):
         typer.echo(f"r = {r:>5g}: mean attention mass kept (text + window) {kept:.3f}")
     typer.echo(f"recommended radius (keeps >= {keep:g}): {results['recommended_radius']}")
     typer.echo(f"wrote {out}/locality.json, locality_heatmap.png, attention_maps.png")
 
 
+def _check_image_size(pipe, resolution: int) -> None:
+    from clear_surgery.surgery.tools.generate import size_multiple
+
+    multiple = size_multiple(pipe)
+    _check(resolution % multiple == 0, f"--resolution {resolution} is not a multiple of {multiple} (this "
+                                       "pipeline's size step)")
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " (with a pipeline around it)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
-    height: Optional[int] = typer.Option(None, help="default 1024"),
-    width: Optional[int] = typer.Option(None, help="default 1024"),
-    steps: Optional[int] = typer.Option(None, help="default 28"),
-    guidance: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    from_size: Optional[int] = typer.Option(None, help="SDEdit: generate at this size first, then refine"),
+    height: Optional[int] = typer.Option(None, min=1, help="default 1024"),
+    width: Optional[int] = typer.Option(None, min=1, help="default 1024"),
+    steps: Optional[int] = typer.Option(None, min=1, help="default 28"),
+    guidance: Optional[float] = typer.Option(None, help=">= 0"),
+    seed: Optional[int] = typer.Option(None, min=0),
+    from_size: Optional[int] = typer.Option(None, min=1, help="SDEdit: generate at this size first, then refine"),
     strength: Optional[float] = typer.Option(None, help="SDEdit strength in (0, 1], default 0.7"),
-    ntk_factor: Optional[float] = typer.Option(None, help="scale RoPE theta (NTK) for high resolution"),
+    ntk_factor: Optional[float] = typer.Option(None, help="scale RoPE theta (NTK) for high resolution (> 0)"),
     proportional_attention: Optional[bool] = typer.Option(None, help="scale = sqrt(log_4608(N) / d)"),
     radius: Optional[float] = typer.Option(None, help="convert a dense model on the fly with this radius"),
     require_clear: Optional[bool] = typer.Option(None, help="refuse a model without CLEAR attention"),
-    recipe: Optional[Path] = typer.Option(None, help="TOML recipe with a [generate] table (flags override it)"),
-    out: Path = typer.Option(Path("image.png"), "--out", "-o"),
+    recipe: Optional[Path] = typer.Option(None, help=r"TOML recipe with a \[generate] table (flags override it)"),
+    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="image file (.png, .jpg, .webp, ...)"),
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
-    from clear_surgery.surgery.tools.generate import GenerateSettings, generate as run
-    from clear_surgery.surgery.tools.pipeline import load_pipeline
-
-    _quiet_libraries()
     with user_errors():
+        _output_file("--out", out, IMAGE_SUFFIXES)
+        _in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
                      proportional_attention=proportional_attention, require_clear=require_clear)
+        from clear_surgery.surgery.tools.generate import GenerateSettings, generate as run
+
         if recipe is not None:
             settings = GenerateSettings.from_recipe(recipe, **flags)
         else:
-            if prompt is None:
-                raise ValueError("--prompt is required (or a --recipe that sets it)")
+            _check(prompt is not None, "--prompt is required (or a --recipe that sets it)")
             settings = GenerateSettings(**{"height": 1024, "width": 1024, **{k: v for k, v in flags.items()
                                                                               if v is not None}})
-        pipe = load_pipeline(_resolve(model), radius)
+        _check_sources(model)
+        from clear_surgery.hub.atomic import atomic_file
+        from clear_surgery.surgery.tools.pipeline import load_pipeline
+
+        ref = _resolve(model)
+        if ref.is_clear and radius is not None:
+            raise MismatchError(f"{model} is {ref.describe()} at r={ref.meta['config']['radius']:g} already: "
+                                "--radius converts a dense model on the fly; drop it (or convert the base model "
+                                "at the radius you want)")
+        pipe = load_pipeline(ref, radius)
         image = run(pipe, settings)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out)
+        with atomic_file(out) as tmp:
+            image.save(tmp, format=_image_format(out))
     typer.echo(f"wrote {out} ({image.width}x{image.height})")
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
 
 
 @app.command()
@@ -220,7 +371,6 @@ def coverage():
     """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
     from clear_surgery.surgery.tools.coverage import coverage_table
 
-    _quiet_libraries()
     typer.echo(coverage_table())
 
 
@@ -240,13 +390,17 @@ def distill(
 
     Several GPUs: torchrun --nproc_per_node N -m clear_surgery.surgery.cli distill --recipe R.toml
     """
-    from clear_surgery.hub import read_clear_config
-    from clear_surgery.surgery.tools.distillation import distill as run, load_recipe
-
-    _quiet_libraries()
     overrides = [*([f"model.teacher={json.dumps(model)}"] if model else []), *set_,
                  *([f"output.dir={json.dumps(str(out))}"] if out else [])]
     with user_errors():
+        _check(recipe.is_file(), f"recipe file {recipe} does not exist")
+        _check(not (resume and overwrite), "--resume and --overwrite exclude each other")
+        _check_sources(model)
+        from clear_surgery.hub import read_clear_config
+        from clear_surgery.surgery.tools.distillation import distill as run, load_recipe
+
+        if device is not None:
+            _check_device("--device", device)
         parsed = load_recipe(recipe, overrides)
         result = run(parsed, resume=resume, overwrite=overwrite, device=device)
     if result is not None:
@@ -254,6 +408,18 @@ def distill(
         typer.echo(f"held-out student-teacher MSE: zero-shot {metrics['zero_shot_student_teacher_mse']:.4g} -> "
                    f"distilled {metrics['eval_student_teacher_mse']:.4g}")
         typer.echo(f"wrote {result}")
+
+
+def _check_device(option: str, device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InvalidValueError(f"{option} {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MissingHardwareError(f"{option} {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                                   "use --device cpu")
 
 
 @app.command("push-to-hub")
@@ -266,24 +432,37 @@ def push_to_hub(
     dry_run: bool = typer.Option(False, help="list what would be uploaded, with sizes, and stop"),
 ):
     """Validate a CLEAR folder and upload it (token from HF_TOKEN or `hf auth login`, never printed)."""
-    from clear_surgery.hub.push import push_to_hub as push
-
-    _quiet_libraries()
     with user_errors():
+        from clear_surgery.hub.download import check_repo_id, require_reachable
+
+        check_repo_id("--repo-id", repo_id)
+        _check_sources(model)
+        if not dry_run:
+            require_reachable(repo_id, upload=True)
+        from clear_surgery.hub.push import push_to_hub as push
+
         ref = _resolve(model)
         if not ref.is_clear:
-            raise ValueError(f"{model} is {ref.describe()}: push-to-hub uploads a CLEAR folder (run clear-surgery "
-                             "convert first)")
+            raise InvalidValueError(f"{model} is {ref.describe()}: push-to-hub uploads a CLEAR folder (run "
+                                    "clear-surgery convert first)")
     try:
         result = push(ref.folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                       dry_run=dry_run)
-    except Exception as err:  # one line; huggingface_hub's messages carry no token
-        _fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    except Exception as err:
+        if not _from_hub_client(err):
+            raise
+        _fail(f"{type(err).__name__}: {_one_line(err).splitlines()[0]}")  # huggingface_hub's messages carry no token
     if dry_run:
         typer.echo(result.describe())
         typer.echo(f"dry run: nothing uploaded to {repo_id}")
     else:
         typer.echo(f"uploaded {model} to {repo_id}" + (f": {result.commit_url}" if result is not None else ""))
+
+
+def _from_hub_client(err: BaseException) -> bool:
+    """An error of the Hub, the network or the user's files, not of clear-surgery's code."""
+    return isinstance(err, (ClearSurgeryError, ValueError, OSError)) or \
+        type(err).__module__.split(".")[0] in ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
 
 
 @app.command("export")
@@ -295,37 +474,38 @@ def export_command(
     opt_size: str = typer.Option("1024x1024", help="the size engines are tuned for (and traced at)"),
     max_size: str = typer.Option("2048x2048", help="largest image served"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
-    batch: int = typer.Option(1, help="batch size of the exported model"),
-    text_len: Optional[int] = typer.Option(None, help="text tokens (default: the family's, e.g. 512 for FLUX.1)"),
+    batch: int = typer.Option(1, min=1, help="batch size of the exported model"),
+    text_len: Optional[int] = typer.Option(None, min=1, help="text tokens (default: the family's, e.g. 512 for "
+                                                             "FLUX.1)"),
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to start from"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Export a converted model for deployment: ONNX with ClearAttention nodes, a TensorRT engine running
     the CLEAR plugin, or an AOTInductor package."""
-    from clear_surgery.export import export_model
+    with user_errors():
+        _output_folder("--out", out, overwrite)
+        _check(timing_cache is None or timing_cache.is_file(), f"--timing-cache {timing_cache} does not exist")
+        from clear_surgery.export.common import check_options
 
-    _quiet_libraries()
-    with user_errors(), tqdm(total=None, desc="export", unit="stage", file=sys.stderr) as stages:
-        def progress(message):
-            stages.set_postfix_str(message)
-            stages.update()
+        sizes = {"min": min_size, "opt": opt_size, "max": max_size}
+        check_options(out_format, sizes, dtype)
+        _check_sources(model)
+        from clear_surgery.export import export_model
 
-        data = export_model(model, out, out_format, sizes={"min": min_size, "opt": opt_size, "max": max_size},
-                            dtype=dtype, batch=batch, text_len=text_len, overwrite=overwrite,
-                            timing_cache=timing_cache, progress=progress)
+        with _stages("export") as step:
+            data = export_model(model, out, out_format, sizes=sizes, dtype=dtype, batch=batch, text_len=text_len,
+                                overwrite=overwrite, timing_cache=timing_cache, progress=step)
+            step.finish("done")
     sizes = data["sizes"]
     typer.echo(f"exported {data['model_class']} ({len(data['sites'])} CLEAR sites, r={data['clear_config']['radius']:g}) "
                f"as {out_format} for {sizes['min'][0]}x{sizes['min'][1]} to {sizes['max'][0]}x{sizes['max'][1]} px, "
                f"{data['dtype']}; wrote {out}: {', '.join(data['files'])}")
 
 
-def _numbers(text: str, cast=int) -> list:
-    return [cast(x) for x in text.split(",") if x]
-
-
 @app.command()
 def bench(
-    out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="folder for JSON and PNG"),
+    out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="folder for JSON and PNG (written "
+                                                                        "atomically)"),
     sizes: str = typer.Option("1024,2048,4096,8192", help="image sides in pixels (16 px per token)"),
     radii: str = typer.Option("8,16,32", help="CLEAR radii"),
     backends: str = typer.Option("dense-cudnn,dense-flash,flex-raster,flex-tiled,triton-tiled",
@@ -333,27 +513,38 @@ def bench(
     step: bool = typer.Option(True, help="also time a FLUX.1-dev-shaped transformer step"),
     step_sizes: str = typer.Option("1024,2048,4096,8192", help="image sides for the step"),
     step_radius: float = typer.Option(16, help="radius for the step"),
-    dense_step_max: int = typer.Option(8192, help="largest size at which the dense step is timed"),
+    dense_step_max: int = typer.Option(8192, min=16, help="largest size at which the dense step is timed"),
     device: str = typer.Option("cuda", help="cuda (cpu only for smoke tests at tiny sizes)"),
-    heads: int = typer.Option(24), head_dim: int = typer.Option(128), text: int = typer.Option(512),
+    heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Time one attention layer (dense, flex, triton) and a FLUX-shaped step; write JSON + PNG."""
-    import json
+    with user_errors():
+        _output_folder("--out", out, overwrite)
+        size_list, radius_list = _numbers("--sizes", sizes), _numbers("--radii", radii, float)
+        step_size_list = _numbers("--step-sizes", step_sizes) if step else []
+        _in_range("--step-radius", step_radius, 0)
+        for option, values in (("--sizes", size_list), ("--step-sizes", step_size_list)):
+            _check(all(v % 16 == 0 for v in values), f"{option} must be multiples of 16 pixels, got {values}")
+        from clear_surgery.surgery.tools import bench as b
 
-    from clear_surgery.surgery.tools import bench as b
+        chosen = backends.split(",")
+        unknown = [name for name in chosen if name not in b.LAYER_BACKENDS]
+        _check(not unknown, f"--backends: unknown {unknown}; choose from {', '.join(b.LAYER_BACKENDS)}")
+        _check_device("--device", device)
+        from clear_surgery.hub.atomic import atomic_directory
 
-    _quiet_libraries()
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch_device_name(device), "torch": _torch_version()}
-    rows = b.bench_attention(_numbers(sizes), _numbers(radii, float), backends.split(","), heads=heads,
-                             head_dim=head_dim, text=text, device=device)
-    (out / "attention.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    typer.echo(_attention_table(rows))
-    step_rows = []
-    if step:
-        step_rows = b.bench_step(_numbers(step_sizes), step_radius, dense_max=dense_step_max, device=device)
-        (out / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
-    b.plot(rows, step_rows, out / "bench.png")
+        meta = {"device": torch_device_name(device), "torch": _torch_version()}
+        with atomic_directory(out, overwrite) as tmp:
+            rows = b.bench_attention(size_list, radius_list, chosen, heads=heads, head_dim=head_dim, text=text,
+                                     device=device)
+            (tmp / "attention.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+            typer.echo(_attention_table(rows))
+            step_rows = []
+            if step:
+                step_rows = b.bench_step(step_size_list, step_radius, dense_max=dense_step_max, device=device)
+                (tmp / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
+            b.plot(rows, step_rows, tmp / "bench.png")
     typer.echo(f"wrote {out}/attention.json{', step.json' if step else ''}, bench.png")
 
 
@@ -381,9 +572,25 @@ def _attention_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The ``clear-surgery`` console script; returns the exit code (2: bad input, one ``error:`` line)."""
+    _quiet_libraries()
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = app(args, prog_name="clear-surgery", standalone_mode=False)
+    except typer.TyperException as err:  # unknown option, missing or unparsable value: one line
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as a question
+            typer.echo(ctx.get_help())
+            return 0
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        typer.secho(f"error: {' '.join(err.format_message().split())}{where}", fg=typer.colors.RED, err=True)
+        return 2
+    except typer.Abort:
+        typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
+        return 130
+    return code or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

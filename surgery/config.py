@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
+
+from .errors import InvalidValueError
 
 CONFIG_VERSION = 1
 
@@ -33,31 +36,31 @@ class ClearConfig:
         for where, value in [("radius", self.radius), *((f"radius for {k!r}", v) for k, v in
                                                          dict(self.radius_overrides).items())]:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{where} must be a number, got {value!r}")
-            if not value > 0:
-                raise ValueError(f"{where} must be > 0, got {value}")
+                raise InvalidValueError(f"{where} must be a number, got {value!r}")
+            if not value > 0 or not math.isfinite(value):  # inf: dense attention, and not valid JSON
+                raise InvalidValueError(f"{where} must be > 0 and finite, got {value}")
         if not all(isinstance(k, str) and k for k in self.radius_overrides):
-            raise ValueError(f"radius_overrides keys must be module-name patterns, got {list(self.radius_overrides)}")
+            raise InvalidValueError(f"radius_overrides keys must be module-name patterns, got {list(self.radius_overrides)}")
         self.radius_overrides = dict(self.radius_overrides)
         if self.backend not in backend_names():
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {backend_names()}")
+            raise InvalidValueError(f"unknown backend {self.backend!r}; choose one of {backend_names()}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
-                raise ValueError(f"{name} must be a list of non-empty module-name patterns, got {value!r}")
+                raise InvalidValueError(f"{name} must be a list of non-empty module-name patterns, got {value!r}")
             setattr(self, name, list(value))
         if self.token_layout not in ("raster", "tiled"):
-            raise ValueError(f"token_layout must be 'raster' or 'tiled', got {self.token_layout!r}")
+            raise InvalidValueError(f"token_layout must be 'raster' or 'tiled', got {self.token_layout!r}")
         if self.tile_shape is not None:
             if self.token_layout != "tiled":
-                raise ValueError("tile_shape needs token_layout='tiled'")
+                raise InvalidValueError("tile_shape needs token_layout='tiled'")
             if len(self.tile_shape) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile_shape):
-                raise ValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
+                raise InvalidValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
             self.tile_shape = list(self.tile_shape)
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
+            raise InvalidValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
 
     def radius_for(self, module: str) -> float:
         import fnmatch
@@ -75,5 +78,5 @@ class ClearConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ClearConfig keys: {unknown}")
+            raise InvalidValueError(f"unknown ClearConfig keys: {unknown}")
         return cls(**data)

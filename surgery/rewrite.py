@@ -9,18 +9,19 @@ import torch
 
 from .analysis import AnalysisReport, AttentionSite, analyze
 from .config import ClearConfig
+from .errors import ClearSurgeryError, InvalidValueError
 from .families import ModelFamily, family_of
 from .processors import ClearRuntime, ClearSDPAProcessor, clear_processor_for
 from .state import ClearState, attach, detach, get_clear_state
 from .tiling import TileLayout
 
 
-class NoJointAttentionError(ValueError):
+class NoJointAttentionError(InvalidValueError):
     pass
 
 
-class RewriteError(RuntimeError):
-    pass
+class RewriteError(ClearSurgeryError, RuntimeError):
+    """The model cannot be rewritten (its forward does not re-trace with CLEAR as analyzed)."""
 
 
 def _matches(name: str, patterns) -> bool:
@@ -34,9 +35,11 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
         raise NoJointAttentionError(f"{report.model_class} has no joint text-image attention to convert: found "
                                     f"{report.describe()}{': ' + found if found else ''}")
     problems = []
-    for pattern in [*(config.target_modules or []), *config.exclude_modules]:
-        if not any(fnmatch.fnmatchcase(s.module, pattern) for s in report.sites):
-            problems.append(f"pattern {pattern!r} matches no attention module")
+    for option, patterns in (("target_modules / --target", config.target_modules or []),
+                             ("exclude_modules / --exclude", config.exclude_modules)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(s.module, pattern) for s in report.sites):
+                problems.append(f"{option} pattern {pattern!r} matches no attention module")
     if config.target_modules is None:
         chosen = report.joint_sites
     else:
@@ -45,12 +48,16 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
     problems += [f"{s.module}: {s.reason}" for s in chosen if not s.supported]
     for pattern in config.radius_overrides:
         if not any(fnmatch.fnmatchcase(s.module, pattern) for s in chosen):
-            problems.append(f"radius_overrides pattern {pattern!r} matches no converted attention module")
+            problems.append(f"radius_overrides / --radius-for pattern {pattern!r} matches no converted attention "
+                            "module")
     if problems:
-        raise ValueError("cannot convert to CLEAR (exclude unsupported sites with exclude_modules):\n  "
-                         + "\n  ".join(problems))
+        unsupported = any(not s.supported for s in chosen)
+        hint = (" (leave unsupported sites dense: exclude_modules in ClearConfig, --exclude on the command line)"
+                if unsupported else "")
+        raise InvalidValueError(f"cannot convert to CLEAR{hint}:\n  " + "\n  ".join(problems))
     if not chosen:
-        raise ValueError("target_modules / exclude_modules leave no attention site to convert")
+        raise InvalidValueError("target_modules / exclude_modules (--target / --exclude) leave no attention site "
+                                "to convert")
     return chosen
 
 

@@ -52,10 +52,11 @@ def test_step_bench_on_a_tiny_flux(tmp_path):
 
 
 def test_bench_cli_writes_json_and_png(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--sizes", "96", "--radii", "2",
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--out", str(out), "--sizes", "96", "--radii", "2",
                                       "--backends", "dense-math,flex-raster", "--no-step", "--device", "cpu",
                                       "--heads", "2", "--head-dim", "16", "--text", "4"])
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    rows = json.loads((out / "attention.json").read_text())["rows"]
     assert {r["backend"] for r in rows} == {"dense-math", "flex-raster"}
-    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clear_surgery.export import ExportError, export_model
+from clear_surgery.export import export_model
 from clear_surgery.export.onnx import ATTRIBUTES, clear_nodes, node_attributes, reference_session
 from clear_surgery.hub import load_model, save_converted
 from clear_surgery.plugins import tensorrt_plugin
@@ -135,7 +135,9 @@ def test_bad_exports_fail_with_one_message_and_leave_nothing(tmp_path, args, mes
 def test_aoti_without_a_gpu_is_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    with pytest.raises(ExportError, match="needs a CUDA GPU"):
+    from clear_surgery.surgery.errors import MissingHardwareError
+
+    with pytest.raises(MissingHardwareError, match="needs a CUDA GPU"):
         export_model(str(converted(tmp_path, "tiny-flux")), tmp_path / "out", "aoti", sizes=SIZES)
     assert not (tmp_path / "out").exists()
 

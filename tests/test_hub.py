@@ -95,18 +95,36 @@ def test_convert_layers_format_from_cli(tmp_path):
 
 
 def test_model_card_parses_and_carries_metadata(tmp_path, monkeypatch):
-    from huggingface_hub import ModelCard, ModelCardData
+    """A local save takes the base model's license from the Hugging Face cache and never opens a socket."""
+    import socket
+
+    from huggingface_hub import ModelCard, ModelCardData, constants
 
     from clear_surgery.hub import model_card
 
     model = _trained()
-    with monkeypatch.context() as patch:  # the base model's own card, as the Hub would serve it
-        patch.setattr(ModelCard, "load", classmethod(lambda cls, repo: cls.from_template(ModelCardData(license="other"))))
+    base_card = tmp_path / "base"
+    base_card.mkdir()
+    (base_card / "README.md").write_text(str(ModelCard.from_template(ModelCardData(license="other"))))
+    cache_repo(tmp_path / "hf-cache", "black-forest-labs/FLUX.1-dev", base_card)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, as a user's machine is
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    attempts = []
+    with monkeypatch.context() as patch:  # no network for a local save
+        def no_network(*args, **kwargs):
+            attempts.append(args)
+            raise OSError(101, "Network is unreachable")
+
+        patch.setattr(socket.socket, "connect", no_network)
+        patch.setattr(socket, "create_connection", no_network)
         save_converted(model, tmp_path / "full", base_model={"id": "black-forest-labs/FLUX.1-dev",
                                                               "revision": "a" * 40, "subfolder": "transformer"})
         save_clear_layers(model, tmp_path / "layers", base_model={"id": "black-forest-labs/FLUX.1-dev"})
         meta = json.loads((tmp_path / "full" / "clear_config.json").read_text())
         assert render_model_card(meta) == (tmp_path / "full" / "README.md").read_text()  # generated, reproducible
+        assert model_card.base_model_license("someone/not-cached") is None  # not cached: no license
+    assert attempts == []
     for folder, relation in (("full", "finetune"), ("layers", "adapter")):
         card = ModelCard.load(tmp_path / folder / "README.md")
         data = card.data.to_dict()
@@ -155,7 +173,7 @@ def test_large_folder_upload_sends_the_card_for_the_repo(tmp_path, monkeypatch):
                                                          "subfolder": "transformer"})
     assert b'load_converted("REPO_ID")' in (tmp_path / "full" / "README.md").read_bytes()
     monkeypatch.setattr(push, "LARGE_FOLDER_BYTES", 0)
-    monkeypatch.setattr("clear_surgery.hub.model_card.base_model_license", lambda base: None)  # no license lookup
+    monkeypatch.setattr("clear_surgery.hub.model_card.base_model_license", lambda base, online=False: None)  # no license lookup
     with FakeHub() as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

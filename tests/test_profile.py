@@ -60,13 +60,14 @@ def test_recommendation_is_the_smallest_radius_keeping_the_share():
 
 
 def test_profile_cli_on_tiny_flux(tmp_path):
+    out = tmp_path / "locality"
     result = CliRunner().invoke(app, ["profile", "--model", "builtin:tiny-flux", "--resolution", "64", "--steps", "2",
-                                      "--radii", "1,2,4,8", "--queries", "32", "--out", str(tmp_path)])
+                                      "--radii", "1,2,4,8", "--queries", "32", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    res = json.loads((tmp_path / "locality.json").read_text())
+    res = json.loads((out / "locality.json").read_text())
     assert len(res["window_share"]) == 4  # 2 double + 2 single blocks
     assert all(len(heads) == 2 and len(heads[0]) == 4 for heads in res["window_share"].values())
     assert all(0 <= t <= 1 for heads in res["text_share"].values() for t in heads)
     assert "recommended radius" in result.output
     for png in ("locality_heatmap.png", "attention_maps.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -204,7 +204,7 @@ def test_per_layer_radius_converts_saves_loads_and_runs(tmp_path):
 
 def test_per_layer_radius_rules_are_validated():
     model = load_builtin("tiny-flux")
-    with pytest.raises(ValueError, match="radius_overrides pattern 'blocks.9.*' matches no converted attention module"):
+    with pytest.raises(ValueError, match="radius_overrides / --radius-for pattern 'blocks.9.*' matches no converted attention module"):
         apply_clear(model, ClearConfig(radius=2, radius_overrides={"blocks.9.*": 4}))
     assert get_clear_state(model) is None
     with pytest.raises(ValueError, match="radius for 'transformer_blocks.0.attn' must be > 0"):

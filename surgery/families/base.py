@@ -17,6 +17,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from clear_surgery.surgery.errors import InvalidValueError
+
 _GRID_OVERRIDE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "clear_grid", default=None)
 
@@ -33,7 +35,7 @@ def image_grid(height: int, width: int):
         _GRID_OVERRIDE.reset(token)
 
 
-class GridError(ValueError):
+class GridError(InvalidValueError):
     pass
 
 

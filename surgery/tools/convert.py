@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clear_surgery.hub import load_model, resolve_file, resolve_model, save_clear_layers, save_converted
+from clear_surgery.hub import load_model, resolve_model, save_clear_layers, save_converted
 from clear_surgery.hub.atomic import atomic_directory, write_json
 from clear_surgery.hub.checkpoint import INDEX_NAME, check_specs, read_headers, read_json, skeleton, weight_files
-from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, apply_layer_tensors, check_layer_fit,
-                                            file_provenance, layers_meta, official_radius, select_names)
+from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, LayersSource, apply_layer_tensors,
+                                            check_layer_fit, file_provenance, layers_meta, resolve_layers, select_names)
 from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
 from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
@@ -43,10 +43,11 @@ class ConvertResult:
     rewritten: int = 0  # ... rewritten (cast or CLEAR layers replaced)
 
 
-def default_radius(ref: ModelRef, layers_file: Path | None) -> float:
-    """The radius when none is given: from an official layers file's name, or the CLEAR folder's config."""
-    if layers_file is not None:
-        return official_radius(layers_file.name)
+def default_radius(ref: ModelRef, layers: LayersSource | None) -> float:
+    """The radius when none is given: the CLEAR layers' (their folder's config, an official file's name), or
+    the CLEAR folder's."""
+    if layers is not None:
+        return layers.radius
     if ref.is_clear:
         return ref.meta["config"]["radius"]
     raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file, or a CLEAR folder)")
@@ -54,10 +55,13 @@ def default_radius(ref: ModelRef, layers_file: Path | None) -> float:
 
 def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
             subfolder: str | None = None, revision: str | None = None, dtype: torch.dtype | None = None,
-            clear_layers: str | Path | None = None, out_format: str = "full", overwrite: bool = False,
-            max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True) -> ConvertResult:
+            clear_layers: str | Path | LayersSource | None = None, out_format: str = "full", overwrite: bool = False,
+            max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True,
+            allow_radius_change: bool = False) -> ConvertResult:
     """Convert ``source`` to CLEAR and write ``out`` (``out_format`` full: the whole model; layers: the
-    CLEAR layers). ``config`` None: the radius comes from ``clear_layers``' name or the CLEAR folder.
+    CLEAR layers). ``clear_layers``: a CLEAR-layers folder or a safetensors file (``resolve_layers``); they
+    must be made for the model's architecture and, unless ``allow_radius_change``, for ``config``'s radius.
+    ``config`` None: the radius comes from ``clear_layers`` or the CLEAR folder.
     ``link``: unchanged files of a model read from files are hard links to the source's (where the
     filesystem allows), else byte copies."""
     if out_format not in FORMATS:
@@ -66,13 +70,17 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
     ref = source if isinstance(source, ModelRef) else resolve_model(source, subfolder=subfolder, revision=revision)
-    layers_file = resolve_file(str(clear_layers), revision) if clear_layers is not None else None
-    if layers_file is not None and "down" in layers_file.name:
-        official_radius(layers_file.name)  # refuses the pooled-key variants with their reason
-    if layers_file is not None and ref.kind == LAYERS:
+    layers = clear_layers
+    if clear_layers is not None and not isinstance(clear_layers, LayersSource):
+        layers = resolve_layers(clear_layers, revision)
+    if layers is not None and ref.kind == LAYERS:
         raise ValueError(f"{ref.source} is a CLEAR-layers folder already: give --clear-layers or that folder, not both")
-    config = config or ClearConfig(radius=default_radius(ref, layers_file))
-    provenance = file_provenance(layers_file) if layers_file else (ref.meta or {}).get("training")
+    config = config or ClearConfig(radius=default_radius(ref, layers))
+    if layers is not None:
+        layers.check_target(ref.model_class, config.radius, allow_radius_change=allow_radius_change)
+    layers_file = layers.file if layers is not None else None
+    provenance = ((layers.meta or {}).get("training") or file_provenance(layers_file) if layers is not None
+                  else (ref.meta or {}).get("training"))
     weights_ref, base_record = ref, ref.record()
     if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
         weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE

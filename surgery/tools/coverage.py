@@ -7,6 +7,7 @@ the model family registry (surgery/families/), by converting and comparing."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -362,7 +363,8 @@ def coverage_rows() -> list[dict]:
     for family, build in FAMILIES.items():
         row = {"family": family}
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # e.g. zero-size layers of the tiny configs
                 torch.manual_seed(0)
                 model, inputs, *tokens = build()  # optionally (text tokens, image tokens) of the example call
             model.eval()

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clear_surgery.surgery import family_of, get_clear_state
+from clear_surgery.surgery.errors import InvalidValueError
 
 from .pipeline import load_pipeline
 
 __all__ = ["GenerateError", "GenerateSettings", "check_settings", "generate", "load_pipeline", "size_multiple"]
 
 
-class GenerateError(ValueError):
+class GenerateError(InvalidValueError):
     pass
 
 
@@ -39,13 +41,40 @@ class GenerateSettings:
     base_guidance: float | None = None  # SDEdit base stage (default: guidance)
     refine_shift: float | None = None  # SDEdit refine stage: static scheduler shift (no dynamic shifting)
 
+    def __post_init__(self):
+        """Everything that does not depend on the pipeline (sizes' multiple does: ``check_settings``)."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise GenerateError(f"prompt must be a non-empty string, got {self.prompt!r}")
+        for name, low, integer in (("height", 1, True), ("width", 1, True), ("steps", 1, True), ("seed", 0, True),
+                                   ("from_size", 1, True), ("base_steps", 1, True), ("guidance", 0, False),
+                                   ("base_guidance", 0, False)):
+            value = getattr(self, name)
+            if value is None and name not in ("height", "width", "steps", "seed"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+                    or not math.isfinite(value) or value < low:
+                kind = "an integer" if integer else "a finite number"
+                raise GenerateError(f"{name.replace('_', '-')} must be {kind} >= {low}, got {value!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                or not 0 < self.strength <= 1:
+            raise GenerateError(f"strength must be in (0, 1], got {self.strength!r}")
+        for name, value in (("ntk-factor", self.ntk_factor), ("refine-shift", self.refine_shift)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise GenerateError(f"{name} must be a finite number > 0, got {value!r}")
+
     @classmethod
     def from_recipe(cls, path, **overrides) -> "GenerateSettings":
         """Settings from a TOML recipe's [generate] table, then ``overrides`` (None values ignored)."""
         import dataclasses
         import tomllib
 
-        table = tomllib.loads(Path(path).read_text()).get("generate", {})
+        try:
+            table = tomllib.loads(Path(path).read_text()).get("generate", {})
+        except FileNotFoundError:
+            raise GenerateError(f"recipe file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise GenerateError(f"recipe {path} is not valid TOML: {err}") from None
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(table) - known)
         if unknown:
@@ -69,10 +98,6 @@ def check_settings(pipe, s: GenerateSettings) -> None:
     for name, value in (("height", s.height), ("width", s.width), ("from-size", s.from_size)):
         if value is not None and (value <= 0 or value % multiple):
             raise GenerateError(f"{name} {value} is not a positive multiple of {multiple} (this pipeline's size step)")
-    if not 0 < s.strength <= 1:
-        raise GenerateError(f"strength must be in (0, 1], got {s.strength}")
-    if s.ntk_factor is not None and s.ntk_factor <= 0:
-        raise GenerateError(f"ntk-factor must be > 0, got {s.ntk_factor}")
     if s.require_clear and get_clear_state(pipe.transformer) is None:
         raise GenerateError(f"{type(pipe.transformer).__name__} has no CLEAR attention (--require-clear)")
 

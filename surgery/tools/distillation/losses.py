@@ -10,11 +10,12 @@ import re
 import torch
 
 from clear_surgery.surgery import get_clear_state
+from clear_surgery.surgery.errors import InvalidValueError
 
 from .recipe import OFFICIAL_ATTENTION_LAYERS
 
 
-class DistillError(ValueError):
+class DistillError(InvalidValueError):
     pass
 
 

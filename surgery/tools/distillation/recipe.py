@@ -14,6 +14,7 @@ import torch
 from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
 from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig
+from clear_surgery.surgery.errors import InvalidValueError
 
 RECIPE_VERSION = 1
 OFFICIAL_ATTENTION_LAYERS = "official"  # single-stream blocks with index % 4 == 0, as the official code
@@ -22,7 +23,7 @@ OFFICIAL_ATTENTION_LAYERS = "official"  # single-stream blocks with index % 4 ==
 SAMPLE_GLOB = "sample-*.safetensors"  # cached teacher samples in a data folder
 
 
-class RecipeError(ValueError):
+class RecipeError(InvalidValueError):
     pass
 
 
