@@ -93,13 +93,17 @@ def _allow_cpu_autograd():
         _flex_module._validate_device = original
 
 
-def flex_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
+def flex_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
+                         return_lse: bool = False):
     """Same signature and result as reference_attention."""
     block_mask = clear_block_mask(layout, float(radius), q.device)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cuda":
-        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, scale=scale)
+        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, scale=scale, return_lse=return_lse)
     else:
         with _allow_cpu_autograd():
-            out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale)
+            out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale, return_lse=return_lse)
+    if return_lse:  # FlexAttention's log-sum-exp is in natural log, (batch, heads, tokens)
+        out, lse = out
+        return out.transpose(1, 2), lse.float().transpose(1, 2)
     return out.transpose(1, 2)

@@ -72,11 +72,21 @@ def self_contained_attention():
 
 
 def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int, radius: float,
-              scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check."""
+              scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None,
+              return_lse: bool = False):
+    """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check.
+
+    ``return_lse``: also the log-sum-exp of each query row, (batch, tokens, heads) float32 natural log,
+    from the chosen backend directly (reference, flex, triton; differentiable where the backend is:
+    reference and flex), for merging partial results exactly (``merge_partials``)."""
     if not isinstance(height, torch.SymInt):
         validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile), radius)
     tile_h, tile_w = tile or (0, 0)
+    if return_lse:
+        if backend == "triton-aot":
+            raise ValueError("the triton-aot backend (the engines' self-contained kernel) returns no log-sum-exp")
+        args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
+        return choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, return_lse=True)
     if _Route.self_contained:
         if not tile_h:
             raise ValueError("the self-contained kernel needs the tile token layout")

@@ -21,9 +21,18 @@ def can_run_reference(q, k, v, layout: TokenLayout, radius: float, scale=None, r
     return True
 
 
-def reference_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None) -> torch.Tensor:
-    """q, k, v: (batch, tokens, heads, head_dim). Returns (batch, tokens, heads, head_dim_v)."""
+def reference_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
+                        return_lse: bool = False):
+    """q, k, v: (batch, tokens, heads, head_dim). Returns (batch, tokens, heads, head_dim_v); with
+    ``return_lse`` also the log-sum-exp (natural log) of each query row's scaled, masked scores,
+    (batch, tokens, heads) float32 (float64 for float64 inputs): what merging partial results exactly needs."""
     mask = dense_mask(layout, radius, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+                                         attn_mask=mask, scale=scale).transpose(1, 2)
+    if not return_lse:
+        return out
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)
+    lse = [(torch.einsum("bnd,bmd->bnm", q[:, :, h].to(work), k[:, :, h].to(work)) * scale)
+           .masked_fill(~mask, float("-inf")).logsumexp(-1) for h in range(q.shape[2])]  # one head at a time: memory
+    return out, torch.stack(lse, -1)

@@ -185,7 +185,7 @@ def max_visible_d2(radius: float) -> int:
 
 
 def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, return_lse: bool = False):
     """Same signature and result as reference_attention (inference forward); ``out``: a buffer shaped
     like q to write into (every element is written)."""
     batch, tokens, heads, head_dim = q.shape
@@ -203,17 +203,18 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
     th, tw = layout.tile or (1, 1)
     grid = ((text_blocks + image_blocks) * batch * heads,)
+    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
     clear_fwd_kernel[grid](
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, batch * heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
         th, tw, max_visible_d2(radius), qk_scale, lists.full_count, lists.full_index, lists.part_count,
         lists.part_index, lists.ragged, lists.full_index.shape[1], lists.part_index.shape[1], text_blocks,
-        image_blocks, lists.table_entries, lists.mask_table,
+        image_blocks, lists.table_entries, lists.mask_table, lse,
         BLOCK_M=block_m, BLOCK_N=block_n, SEGMENT_BLOCK_N=config.segment_block_n, HEAD_DIM=head_dim,
         TILED=layout.tile is not None,
         USE_TABLE=lists.table_mode if use_mask_table() else 0,
-        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, STORE_LSE=return_lse,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out
+    return (out, lse.transpose(1, 2)) if return_lse else out

@@ -127,10 +127,10 @@ def clear_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
     HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, GH, GW, TH, TW, R2, qk_scale,
     FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks, image_q_blocks,
-    PART_OFFSET, MASK_TABLE,
+    PART_OFFSET, MASK_TABLE, LSE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT_BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILED: tl.constexpr,
-    USE_TABLE: tl.constexpr = 0, UPCAST_DOT: tl.constexpr = False,
+    USE_TABLE: tl.constexpr = 0, UPCAST_DOT: tl.constexpr = False, STORE_LSE: tl.constexpr = False,
 ):
     # 1-D grid: the long text-query programs of every (batch, head) first, so they start at once
     # and overlap the short image-query programs instead of forming a tail at the end.
@@ -189,3 +189,6 @@ def clear_fwd_kernel(
     out = acc / l_i[:, None]
     o_ptr = O + b * stride_ob + h * stride_oh + (q_start + rows)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if STORE_LSE:  # natural log, (batch * heads, tokens): scores were in log2 units
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + pid_bh * (TEXT_LEN + IMAGE_LEN) + q_start + rows, lse, mask=row_ok)

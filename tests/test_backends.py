@@ -155,3 +155,67 @@ def test_gpu_flex_stays_compiled_across_many_resolutions():
     qt = q.transpose(1, 2)
     eager = ms(lambda: flex_attention(qt, qt, qt, block_mask=mask))
     assert compiled < eager / 5, (compiled, eager)  # H200: a few ms against hundreds
+
+
+# -- log-sum-exp of each query row (return_lse), and exact merging of partial results by it
+
+def _naive_lse(q, k, layout, r, scale=None):
+    """Independent of the backends: every (query, key) pair scored and masked one by one from positions."""
+    from clear_surgery.plugins.layout import dense_mask
+
+    mask = dense_mask(layout, r)
+    scores = torch.einsum("bnhd,bmhd->bnhm", q.double(), k.double()) * (scale or q.shape[-1] ** -0.5)
+    return torch.where(mask[None, :, None, :], scores, -math.inf).logsumexp(-1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("tile", TILES, ids=["raster", "tiled"])
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_lse_matches_an_independent_computation(case, tile, backend):
+    b, h, d, text_len, text_first, hh, ww, r = case
+    layout = TokenLayout(text_len, text_first, hh, ww, tile)
+    q, k, v = (t.detach() for t in _inputs(b, h, d, layout.seq_len, torch.float32, seed=11))
+    fn = reference_attention if backend == "reference" else flex_clear_attention
+    out, lse = fn(q, k, v, layout, r, scale=0.3, return_lse=True)
+    assert lse.shape == (b, layout.seq_len, h) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), _naive_lse(q, k, layout, r, scale=0.3), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, r, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_partials_merged_by_lse_equal_the_whole(text_first):
+    """Keys split into text, one band of image rows and the rest (as ranks would hold them): the parts'
+    attention merged by their log-sum-exp is CLEAR attention over all keys, exactly (fp64)."""
+    from clear_surgery.plugins import merge_partials
+    from clear_surgery.plugins.layout import dense_mask
+
+    layout, r = TokenLayout(6, text_first, 9, 7), 2.5
+    q, k, v = (t.detach().double() for t in _inputs(2, 2, 16, layout.seq_len, torch.float32, seed=5))
+    mask = dense_mask(layout, r)
+    is_image, y, _ = layout.positions()
+    parts = [~is_image, is_image & (y < 4), is_image & (y >= 4)]
+    outs, lses = [], []
+    for keys in parts:
+        scores = torch.einsum("bnhd,bmhd->bnhm", q, k) * 16 ** -0.5
+        scores = torch.where((mask & keys[None, :])[None, :, None, :], scores, -math.inf)
+        lse = scores.logsumexp(-1)
+        weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None]).nan_to_num(0.0)
+        outs.append(torch.einsum("bnhm,bmhd->bnhd", weights, v))
+        lses.append(lse)
+    out, lse = merge_partials(outs, lses)
+    whole, whole_lse = reference_attention(q, k, v, layout, r, return_lse=True)
+    torch.testing.assert_close(out, whole, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse.double(), whole_lse.double(), atol=1e-5, rtol=1e-6)
+    assert torch.isinf(lses[1]).any()  # some queries see nothing of a band: handled, not NaN
+
+
+def test_front_door_returns_lse():
+    layout = TokenLayout(4, False, 5, 6)
+    q, k, v = (t.detach() for t in _inputs(1, 2, 16, layout.seq_len, torch.float32, seed=3))
+    out, lse = attention(q, k, v, text_len=4, text_first=False, height=5, width=6, radius=2, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout, 2, return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    with pytest.raises(ValueError, match="returns no log-sum-exp"):
+        attention(q, k, v, text_len=4, text_first=False, height=5, width=6, radius=2, backend="triton-aot",
+                  return_lse=True)

@@ -3,7 +3,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from clear_surgery.plugins import TokenLayout, attention, reference_attention  # noqa: E402
+from clear_surgery.plugins import BACKENDS, TokenLayout, attention, reference_attention  # noqa: E402
 from clear_surgery.plugins.triton_backend import CONFIGS, image_block_lists, kernel_config, triton_clear_attention  # noqa: E402
 from conftest import check_under_interpreter, rel_err  # noqa: E402
 
@@ -31,8 +31,8 @@ def test_kernel_matches_reference_under_the_interpreter():
     check_under_interpreter(INTERPRET_CASES, "triton")
 
 
-@pytest.mark.parametrize("head_dim,tiled", [(128, True), (64, False)])
-def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled):
+@pytest.mark.parametrize("head_dim,tiled,lse", [(128, True, False), (64, False, True)])
+def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled, lse):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -40,10 +40,10 @@ def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled):
 
     config = kernel_config(head_dim)
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, SEGMENT_BLOCK_N=config.segment_block_n,
-                      HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False)
+                      HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False, STORE_LSE=lse)
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "FULL_COUNT": "*i32", "FULL_INDEX": "*i32",
                 "PART_COUNT": "*i32", "PART_INDEX": "*i32", "RAGGED": "*i32", "PART_OFFSET": "*i32",
-                "MASK_TABLE": "*i8", "qk_scale": "fp32"}
+                "MASK_TABLE": "*i8", "LSE": "*fp32", "qk_scale": "fp32"}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in clear_fwd_kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=clear_fwd_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32),
@@ -122,11 +122,14 @@ def test_gpu_kernel_matches_reference(shape, dtype):
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     layout = TokenLayout(text_len, text_first, gh, gw, tile)
     poison = torch.full_like(q, float("nan"))  # every element must be written
-    out = triton_clear_attention(q, k, v, layout, r, out=poison)
+    out, lse = triton_clear_attention(q, k, v, layout, r, out=poison, return_lse=True)
     assert out.data_ptr() == poison.data_ptr() and not out.isnan().any()
-    ref = torch.cat([reference_attention(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(), layout, r)
-                     for i in range(b)])
-    assert rel_err(out, ref) < 1e-2
+    refs = [reference_attention(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(), layout, r, return_lse=True)
+            for i in range(b)]
+    assert rel_err(out, torch.cat([o for o, _ in refs])) < 1e-2
+    assert (lse - torch.cat([l for _, l in refs])).abs().max() < 2e-2  # log-sum-exp per query row
+    flex_out, flex_lse = BACKENDS["flex"].forward(q, k, v, layout, r, return_lse=True)
+    assert (flex_lse - torch.cat([l for _, l in refs])).abs().max() < 2e-2
 
 
 @pytest.mark.gpu

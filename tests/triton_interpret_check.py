@@ -22,8 +22,14 @@ for i, (b, h, d, text_len, text_first, gh, gw, r, tile, dtype, *blocks) in enume
     q, k, v = (torch.randn(b, n, h, d, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
     layout = TokenLayout(text_len, text_first, gh, gw, tuple(tile) if tile else None)
     # poisoned output buffer: an element the kernel does not write stays NaN and fails the case
-    run = triton_clear_attention if backend == "triton" else triton_aot_attention
-    out = run(q, k, v, layout, r, out=torch.full_like(q, float("nan")))
-    ref = reference_attention(q.double(), k.double(), v.double(), layout, r)
+    poisoned = torch.full_like(q, float("nan"))
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), layout, r, return_lse=True)
+    result = {"case": i}
+    if backend == "triton":  # with the log-sum-exp of every query row (each element written, or NaN)
+        out, lse = triton_clear_attention(q, k, v, layout, r, out=poisoned, return_lse=True)
+        lse_err = (lse.double() - ref_lse).abs().max().item()
+        result["lse_err"] = lse_err if math.isfinite(lse_err) else None
+    else:
+        out = triton_aot_attention(q, k, v, layout, r, out=poisoned)
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    print(json.dumps({"case": i, "rel_err": err if math.isfinite(err) else None}))
+    print(json.dumps({**result, "rel_err": err if math.isfinite(err) else None}))
