@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .op import attention
+from .backends import choose_backend
+from .layout import TokenLayout
 
 
 class BandPlanError(ValueError):
@@ -60,32 +61,49 @@ class BandPlan:
         return slice(start * self.width, stop * self.width)
 
 
-def _exchange_halos(k: torch.Tensor, v: torch.Tensor, plan: BandPlan, rank: int, group) -> tuple[torch.Tensor, ...]:
-    """K and V of the band with ``plan.halo`` rows from the band above and below (fewer at the image border)."""
-    rows = plan.halo * plan.width
-    kv = torch.cat([k, v], -1)  # one message per neighbour
-    above, below = None, None
-    ops = []
-    if rank > 0 and rows:
-        above = torch.empty_like(kv[:, :rows])
-        ops += [dist.P2POp(dist.isend, kv[:, :rows].contiguous(), rank - 1, group),
-                dist.P2POp(dist.irecv, above, rank - 1, group)]
-    if rank < plan.world - 1 and rows:
-        below = torch.empty_like(kv[:, -rows:])
-        ops += [dist.P2POp(dist.isend, kv[:, -rows:].contiguous(), rank + 1, group),
-                dist.P2POp(dist.irecv, below, rank + 1, group)]
+def _local_sequence(q, k, v, txt, img, plan: BandPlan, rank: int, group, text_first: bool):
+    """q, k, v of the band's own CLEAR problem: text, then (or before) the halo rows above, the band, the
+    halo rows below, in one buffer each; the halo rows of k and v are received from the neighbours
+    straight into their places, the halo rows of q are zeros (their outputs are not used)."""
+    count, rows = img.stop - img.start, plan.halo * plan.width
+    above = rows if rank > 0 else 0
+    below = rows if rank < plan.world - 1 else 0
+    text_len = txt.stop - txt.start
+    local = above + count + below
+    base = text_len if text_first else 0  # first image token of the local sequence
+    text_at = slice(0, text_len) if text_first else slice(local, local + text_len)
+    buffers = []
+    for t in (q, k, v):
+        buffer = t.new_empty(t.shape[0], text_len + local, *t.shape[2:])
+        buffer[:, text_at] = t[:, txt]
+        buffer[:, base + above:base + above + count] = t[:, img]
+        buffers.append(buffer)
+    lq, lk, lv = buffers
+    lq[:, base:base + above].zero_()
+    lq[:, base + above + count:base + local].zero_()
+    ops, staged = [], []
+    for neighbour, mine, theirs in ((rank - 1, slice(0, rows), slice(base, base + above)),
+                                    (rank + 1, slice(count - rows, count), slice(base + above + count, base + local))):
+        if not 0 <= neighbour < plan.world or not rows:
+            continue
+        for t, buffer in ((k, lk), (v, lv)):
+            send = t[:, img][:, mine].contiguous()
+            target = buffer[:, theirs]
+            receive = target if target.is_contiguous() else torch.empty_like(target)
+            ops += [dist.P2POp(dist.isend, send, neighbour, group), dist.P2POp(dist.irecv, receive, neighbour, group)]
+            staged.append((target, receive))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-    parts = [p for p in (above, kv, below) if p is not None]
-    full = torch.cat(parts, 1)
-    d = k.shape[-1]
-    return full[..., :d], full[..., d:], (0 if above is None else plan.halo)
+        for target, receive in staged:
+            if receive is not target:
+                target.copy_(receive)
+    return lq, lk, lv, above, local // plan.width  # above: halo tokens before the band
 
 
 def _merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
     """Exact attention over all ranks' keys from each rank's partial output and log-sum-exp."""
-    top = lse.clone()
+    top = lse.clone(memory_format=torch.contiguous_format)  # collectives take contiguous tensors
     dist.all_reduce(top, dist.ReduceOp.MAX, group=group)
     weight = torch.exp(lse - top.masked_fill(torch.isinf(top), 0.0)).nan_to_num(0.0)
     total = torch.cat([out.float() * weight[..., None], weight[..., None]], -1)
@@ -93,11 +111,19 @@ def _merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Te
     return (total[..., :-1] / total[..., -1:].clamp_min(torch.finfo(torch.float32).tiny)).to(out.dtype)
 
 
+TEXT_MERGES = ("exact", "average")
+
+
 def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: BandPlan, radius: float,
-                            scale: float | None = None, backend: str = "auto", group=None) -> torch.Tensor:
+                            scale: float | None = None, backend: str = "auto", group=None,
+                            text_merge: str = "exact") -> torch.Tensor:
     """CLEAR attention of this rank's part of the sequence: q, k, v (batch, text_len + band tokens, heads,
     head_dim) hold the text tokens and this rank's band of image rows (text first or last, raster order).
-    Returns this rank's part of the output, equal to the same rows of single-device CLEAR attention."""
+    Returns this rank's part of the output, equal to the same rows of single-device CLEAR attention.
+    ``text_merge="average"``: the text queries' outputs are the mean of each rank's attention over the
+    text and its own band (the paper's Eq. 7; approximate), instead of the exact log-sum-exp merge."""
+    if text_merge not in TEXT_MERGES:
+        raise BandPlanError(f"text_merge must be one of {TEXT_MERGES}, got {text_merge!r}")
     rank = dist.get_rank(group)
     if dist.get_world_size(group) != plan.world:
         raise BandPlanError(f"the plan is for {plan.world} ranks, the group has {dist.get_world_size(group)}")
@@ -105,27 +131,39 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     count = band.stop - band.start
     if q.shape[1] != text_len + count:
         raise BandPlanError(f"rank {rank} holds {q.shape[1]} tokens; its band and the text are {text_len + count}")
-    img = slice(text_len, None) if text_first else slice(0, count)
-    txt = slice(0, text_len) if text_first else slice(count, None)
-    k_img, v_img, above = _exchange_halos(k[:, img], v[:, img], plan, rank, group)
-    local_rows = k_img.shape[1] // plan.width
-    # image queries: the band with its halos as a CLEAR problem of its own; halo queries are zeros, dropped
-    q_img = torch.zeros_like(k_img[..., :q.shape[-1]])
-    q_img[:, above * plan.width:above * plan.width + count] = q[:, img]
-    seq = (lambda t, i: torch.cat([t[:, txt], i], 1)) if text_first else (lambda t, i: torch.cat([i, t[:, txt]], 1))
-    full = attention(seq(q, q_img), seq(k, k_img), seq(v, v_img), text_len=text_len, text_first=text_first,
-                     height=local_rows, width=plan.width, radius=radius, scale=scale, backend=backend)
-    start = (text_len if text_first else 0) + above * plan.width
+    img = slice(text_len, text_len + count) if text_first else slice(0, count)
+    txt = slice(0, text_len) if text_first else slice(count, count + text_len)
+    lq, lk, lv, above, local_rows = _local_sequence(q, k, v, txt, img, plan, rank, group, text_first)
+    # image queries: the band among its halos as a CLEAR problem of its own; with the triton kernel only
+    # the band's own query blocks run
+    layout = TokenLayout(text_len, text_first, local_rows, plan.width)
+    chosen = choose_backend(backend, lq, lk, lv, layout, float(radius), scale)
+    band = (above, above + count)  # the band's image tokens in the local problem
+    extra = {"image_queries": band} if chosen.name == "triton" else {}
+    full = chosen.forward(lq, lk, lv, layout, float(radius), scale, **extra)
+    start = layout.image_start + band[0]
     out_img = full[:, start:start + count]
     # text queries: every key, split over the ranks (rank 0 adds the text keys), merged exactly
-    keys = slice(None) if rank == 0 else img
-    out_txt, lse = _dense_with_lse(q[:, txt], k[:, keys], v[:, keys], scale)
-    out_txt = _merge_across_ranks(out_txt, lse, group)
+    if text_merge == "average":  # every rank: text + its band; the mean over ranks
+        out_txt, _ = _dense_with_lse(q[:, txt], k, v, scale)
+        total = out_txt.float().contiguous()
+        dist.all_reduce(total, dist.ReduceOp.SUM, group=group)
+        out_txt = (total / plan.world).to(q.dtype)
+    else:
+        keys = slice(None) if rank == 0 else img
+        out_txt, lse = _dense_with_lse(q[:, txt], k[:, keys], v[:, keys], scale)
+        out_txt = _merge_across_ranks(out_txt, lse, group)
     return torch.cat([out_txt, out_img], 1) if text_first else torch.cat([out_img, out_txt], 1)
 
 
 def _dense_with_lse(q, k, v, scale):
-    """Plain attention with the log-sum-exp of each row (B, N, H, D layout), one head at a time."""
+    """Plain attention with the log-sum-exp of each row (B, N, H, D layout): FlexAttention's fused kernel
+    on a GPU, else one head at a time in fp32."""
+    if q.device.type == "cuda":
+        from .flex import _compiled_flex
+
+        out, lse = _compiled_flex()(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale, return_lse=True)
+        return out.transpose(1, 2), lse.float().transpose(1, 2)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     outs, lses = [], []
     for h in range(q.shape[2]):

@@ -185,9 +185,12 @@ def max_visible_d2(radius: float) -> int:
 
 
 def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
-                           out: torch.Tensor | None = None, return_lse: bool = False):
+                           out: torch.Tensor | None = None, return_lse: bool = False,
+                           image_queries: tuple[int, int] | None = None):
     """Same signature and result as reference_attention (inference forward); ``out``: a buffer shaped
-    like q to write into (every element is written)."""
+    like q to write into (every element is written). ``image_queries=(start, stop)``: compute only the
+    image queries with these image-token indices (and no text query) against every key; the other
+    rows of the output are left as they are (patch parallelism: a band's queries among its halos)."""
     batch, tokens, heads, head_dim = q.shape
     config = kernel_config(head_dim, radius)
     block_m, block_n = config.block_m, config.block_n
@@ -200,6 +203,13 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
     text_blocks = -(-layout.text_len // block_m)
     image_blocks = -(-layout.image_tokens // block_m)
+    first_block = 0
+    if image_queries is not None:
+        start, stop = image_queries
+        if not 0 <= start < stop <= layout.image_tokens:
+            raise ValueError(f"image_queries {image_queries} outside the {layout.image_tokens} image tokens")
+        text_blocks, first_block = 0, start // block_m
+        image_blocks = -(-stop // block_m) - first_block
     qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
     th, tw = layout.tile or (1, 1)
     grid = ((text_blocks + image_blocks) * batch * heads,)
@@ -210,7 +220,7 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
         heads, batch * heads, layout.text_len, text_start, layout.image_tokens, layout.image_start, layout.height, layout.width,
         th, tw, max_visible_d2(radius), qk_scale, lists.full_count, lists.full_index, lists.part_count,
         lists.part_index, lists.ragged, lists.full_index.shape[1], lists.part_index.shape[1], text_blocks,
-        image_blocks, lists.table_entries, lists.mask_table, lse,
+        image_blocks, lists.table_entries, lists.mask_table, lse, first_block,
         BLOCK_M=block_m, BLOCK_N=block_n, SEGMENT_BLOCK_N=config.segment_block_n, HEAD_DIM=head_dim,
         TILED=layout.tile is not None,
         USE_TABLE=lists.table_mode if use_mask_table() else 0,

@@ -127,7 +127,7 @@ def clear_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
     HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, GH, GW, TH, TW, R2, qk_scale,
     FULL_COUNT, FULL_INDEX, PART_COUNT, PART_INDEX, RAGGED, max_full, max_part, text_q_blocks, image_q_blocks,
-    PART_OFFSET, MASK_TABLE, LSE,
+    PART_OFFSET, MASK_TABLE, LSE, Q_BLOCK_START,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT_BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILED: tl.constexpr,
     USE_TABLE: tl.constexpr = 0, UPCAST_DOT: tl.constexpr = False, STORE_LSE: tl.constexpr = False,
@@ -148,7 +148,7 @@ def clear_fwd_kernel(
     else:
         q_start = IMAGE_START
         q_len = IMAGE_LEN
-        block = (pid - n_text) % image_q_blocks
+        block = Q_BLOCK_START + (pid - n_text) % image_q_blocks  # a band's queries: the launched blocks only
         pid_bh = (pid - n_text) // image_q_blocks
     b = pid_bh // HEADS
     h = pid_bh % HEADS

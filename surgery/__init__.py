@@ -12,6 +12,7 @@ _EXPORTS = {
     "builtin": ["BUILTIN_PREFIX", "builtin_class", "builtin_names", "load_builtin", "tiny_pipeline"],
     "config": ["ClearConfig"],
     "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid"],
+    "patch_parallel": ["disable_patch_parallel", "enable_patch_parallel"],
     "processors": ["ClearRuntime", "ClearSDPAProcessor"],
     "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "remove_clear",
                 "select_sites"],

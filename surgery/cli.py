@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a converted CLEAR folder, a CLEAR-layers "
               "folder, or a Hub id of any of these")
 # Pillow's formats by extension, for checking an image path before the work that makes the image
+_INVOCATION: list[str] = []  # the arguments main() was called with (to relaunch a command under torchrun)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -328,6 +329,8 @@ def generate(
     require_clear: Optional[bool] = typer.Option(None, help="refuse a model without CLEAR attention"),
     recipe: Optional[Path] = typer.Option(None, help=r"TOML recipe with a \[generate] table (flags override it)"),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="image file (.png, .jpg, .webp, ...)"),
+    nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
+                                             "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
     with user_errors():
@@ -345,6 +348,8 @@ def generate(
             settings = GenerateSettings(**{"height": 1024, "width": 1024, **{k: v for k, v in flags.items()
                                                                               if v is not None}})
         _check_sources(model)
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            raise typer.Exit(_torchrun(nproc, "--nproc"))
         from clear_surgery.hub.atomic import atomic_file
         from clear_surgery.surgery.tools.pipeline import load_pipeline
 
@@ -354,10 +359,58 @@ def generate(
                                 "--radius converts a dense model on the fly; drop it (or convert the base model "
                                 "at the radius you want)")
         pipe = load_pipeline(ref, radius)
-        image = run(pipe, settings)
-        with atomic_file(out) as tmp:
-            image.save(tmp, format=_image_format(out))
-    typer.echo(f"wrote {out} ({image.width}x{image.height})")
+        rank = _patch_parallel(pipe)
+        image = run(pipe, settings, progress=rank == 0 and None)
+        if rank == 0:
+            with atomic_file(out) as tmp:
+                image.save(tmp, format=_image_format(out))
+    if rank == 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        typer.echo(f"wrote {out} ({image.width}x{image.height})" + (f"; patch parallel over {world} processes"
+                                                                      if world > 1 else ""))
+
+
+def _torchrun(nproc: int, option: str) -> int:
+    """Run this command again under torchrun with ``nproc`` processes (``option`` and its value dropped)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in _INVOCATION:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "clear_surgery.surgery.cli", *args]
+    return subprocess.call(command, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def _patch_parallel(pipe) -> int:
+    """Under torchrun: join the group, move the pipeline to this process's GPU (if any) and split the
+    CLEAR models' image rows over the processes. Returns this process's rank (0 alone)."""
+    import torch
+    import torch.distributed as dist
+
+    from clear_surgery.surgery import enable_patch_parallel, get_clear_state
+    from clear_surgery.surgery.patch_parallel import init_from_torchrun
+
+    init_from_torchrun()
+    if not dist.is_initialized():
+        return 0
+    if dist.get_rank() > 0:
+        pipe.set_progress_bar_config(disable=True)
+    if torch.cuda.is_available():
+        pipe.to(f"cuda:{torch.cuda.current_device()}")
+    for name in ("transformer", "controlnet"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            if get_clear_state(model) is None:
+                raise InvalidValueError(f"patch parallel needs CLEAR attention: the pipeline's {name} is dense "
+                                        "(give a CLEAR folder, or --radius to convert it)")
+            enable_patch_parallel(model)
+    return dist.get_rank()
 
 
 def _image_format(path: Path) -> str:
@@ -574,8 +627,10 @@ def _attention_table(rows) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``clear-surgery`` console script; returns the exit code (2: bad input, one ``error:`` line)."""
+    global _INVOCATION
     _quiet_libraries()
     args = sys.argv[1:] if argv is None else list(argv)
+    _INVOCATION = args
     try:
         code = app(args, prog_name="clear-surgery", standalone_mode=False)
     except typer.TyperException as err:  # unknown option, missing or unparsable value: one line

@@ -25,6 +25,7 @@ class ClearRuntime:
     hooks: list = field(default_factory=list)
     observer: object = None  # set by the locality profiler: sees q/k of every call, attention stays dense
     proportional_attention: bool = False  # scale = sqrt(log_4608(tokens) / head_dim), for resolution extrapolation
+    band: object = None  # patch parallel (surgery/patch_parallel.py): this rank's rows of the image, or None
 
     def current_grid(self) -> tuple[int, int]:
         if self.grid is None:
@@ -48,8 +49,12 @@ class ClearProcessorBase:
         text_len = query.shape[1] - height * width
         if self.runtime.observer is not None:
             return self.runtime.observer(self, query, key, value, text_len, height, width)
+        band = self.runtime.band
         if self.runtime.proportional_attention:  # the official high-resolution setting (4608 = 1024² FLUX tokens)
-            scale = math.sqrt(math.log(query.shape[1], 4608) / query.shape[-1])
+            tokens = query.shape[1] if band is None else band.text_len(query) + height * width  # the whole image's
+            scale = math.sqrt(math.log(tokens, 4608) / query.shape[-1])
+        if band is not None:  # patch parallel: this rank holds the text and one band of image rows
+            return band.attend(query, key, value, self.text_first, self.radius, self.backend, scale)
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
                          width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile, scale=scale)
 

@@ -247,6 +247,8 @@ def test_bad_input(workspace, request, capsys, monkeypatch, argv, message, cheap
 # -- offline: a machine without a network, in a fresh process as a user runs it
 
 NO_NETWORK = """
+import socket
+
 
 def unreachable(*args, **kwargs):
     with open({log!r}, "a") as f:

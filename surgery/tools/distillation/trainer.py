@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from clear_surgery.hub import load_model, save_clear_layers, trained_names
 from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state
+from clear_surgery.surgery.patch_parallel import init_from_torchrun
 
 from .data import SampleCache, collate, generate_samples, samples_family
 from .losses import AttentionCapture, DistillError, attention_layer_names, sample_sigmas
@@ -312,15 +312,6 @@ class Distiller:
                 "metrics": {"zero_shot_student_teacher_mse": zero_shot_mse, "eval_student_teacher_mse": final_mse}}
 
 
-def _init_distributed() -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def check_output(recipe: DistillRecipe, *, resume: bool, overwrite: bool) -> None:
     out = recipe.output_dir
     if (out / LAYERS_FOLDER).exists() and not overwrite:
@@ -337,7 +328,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     import shutil
 
     check_output(recipe, resume=resume, overwrite=overwrite)
-    started = _init_distributed()
+    started = init_from_torchrun()
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if overwrite and rank == 0:
