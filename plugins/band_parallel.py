@@ -7,7 +7,10 @@ just h rows of keys and values from each neighbouring band (the halo), not the w
 
 - image queries: the band with its halos is a small CLEAR problem of its own (text + halo + band +
   halo rows); the band's queries see exactly the keys they see in the whole image, so their output is
-  exact. (The halo rows' queries are computed too and dropped: 2h rows of extra work per band.)
+  exact. The triton kernel runs the band's own query blocks only; other backends compute the halo
+  rows' queries too, and they are dropped.
+- tile token layout (tiles of th rows): bands and halos are whole tile rows, so a band, its halos and
+  the local problem are each contiguous in tile order and tiled exactly as in the whole image.
 - text queries see every key: each rank attends them to its own band's image keys (rank 0 also to
   the text keys), with the log-sum-exp, and the partial results are merged across ranks exactly
   (max, then sums of exp-weighted outputs; not an average, which is what the paper's Eq. 7 does).
@@ -36,12 +39,15 @@ class BandPlan:
     height: int
     width: int
     world: int
-    halo: int  # rows of keys a band needs from each neighbour
+    halo: int  # rows of keys a band needs from each neighbour (whole tile rows with a tile layout)
+    tile: tuple[int, int] | None = None  # the tile token layout's (th, tw); None: raster
 
     @classmethod
-    def split(cls, height: int, width: int, radius: float, world: int) -> "BandPlan":
-        halo = max(math.ceil(radius) - 1, 0)
-        plan = cls(height, width, world, halo)
+    def split(cls, height: int, width: int, radius: float, world: int,
+              tile: tuple[int, int] | None = None) -> "BandPlan":
+        unit = tile[0] if tile else 1
+        halo = -(-max(math.ceil(radius) - 1, 0) // unit) * unit
+        plan = cls(height, width, world, halo, tuple(tile) if tile else None)
         thinnest = min(stop - start for start, stop in map(plan.rows, range(world)))
         if thinnest < 1 or (world > 1 and thinnest < halo):
             raise BandPlanError(f"{world} ranks split {height} image rows into bands of {thinnest} rows, thinner than "
@@ -50,10 +56,13 @@ class BandPlan:
         return plan
 
     def rows(self, rank: int) -> tuple[int, int]:
-        """[start, stop) of the image rows ``rank`` owns."""
-        base, extra = divmod(self.height, self.world)
+        """[start, stop) of the image rows ``rank`` owns (balanced in whole tile rows)."""
+        unit = self.tile[0] if self.tile else 1
+        units = -(-self.height // unit)
+        base, extra = divmod(units, self.world)
         start = rank * base + min(rank, extra)
-        return start, start + base + (1 if rank < extra else 0)
+        stop = start + base + (1 if rank < extra else 0)
+        return min(start * unit, self.height), min(stop * unit, self.height)
 
     def tokens(self, rank: int) -> slice:
         """The raster image-token indices of ``rank``'s band."""
@@ -136,7 +145,7 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     lq, lk, lv, above, local_rows = _local_sequence(q, k, v, txt, img, plan, rank, group, text_first)
     # image queries: the band among its halos as a CLEAR problem of its own; with the triton kernel only
     # the band's own query blocks run
-    layout = TokenLayout(text_len, text_first, local_rows, plan.width)
+    layout = TokenLayout(text_len, text_first, local_rows, plan.width, plan.tile)
     chosen = choose_backend(backend, lq, lk, lv, layout, float(radius), scale)
     band = (above, above + count)  # the band's image tokens in the local problem
     extra = {"image_queries": band} if chosen.name == "triton" else {}

@@ -29,17 +29,24 @@ class BandRuntime:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.band = None  # (start token, stop token) of this rank's rows in the current call
         self.tokens = 0  # image tokens of the whole image in the current call
+        # entry: after the tile layout's permutation (registered earlier); exit: before its inverse (prepend)
         self.handles = [model.register_forward_pre_hook(self._entry, with_kwargs=True),
-                        model.register_forward_hook(self._exit, with_kwargs=True)]
-        for names, hook in ((self.plan_spec.token_modules, self._cut), (self.plan_spec.exit_modules, self._gather)):
+                        model.register_forward_hook(self._exit, with_kwargs=True, prepend=True)]
+        for names, hook, first in ((self.plan_spec.token_modules, self._cut, False),
+                                   (self.plan_spec.exit_modules, self._gather, True)):
             for name in names:
                 module = getattr(model, name, None)
                 if isinstance(module, torch.nn.Module):
-                    self.handles.append(module.register_forward_hook(hook))
+                    self.handles.append(module.register_forward_hook(hook, prepend=first))
 
     def plan(self, radius: float) -> BandPlan:
         height, width = self.runtime.current_grid()
-        return BandPlan.split(height, width, radius, self.world)
+        return BandPlan.split(height, width, radius, self.world, self.runtime.tile)
+
+    def rows(self) -> BandPlan:
+        """The split of the current call's rows (no radius: which rows each rank owns)."""
+        height, width = self.runtime.current_grid()
+        return BandPlan(height, width, self.world, 0, self.runtime.tile)
 
     def text_len(self, query) -> int:
         return query.shape[1] - (self.band[1] - self.band[0])
@@ -56,10 +63,11 @@ class BandRuntime:
 
     def _entry(self, model, args, kwargs):
         height, width = self.runtime.current_grid()  # of the whole image: the grid hook runs first
-        rows = BandPlan(height, width, self.world, 0).rows(self.rank)
+        rows = self.rows().rows(self.rank)
         if rows[1] <= rows[0]:
-            raise InvalidValueError(f"patch parallel: {self.world} ranks for an image of {height} token rows leave "
-                                    f"rank {self.rank} without rows")
+            raise InvalidValueError(f"patch parallel: {self.world} ranks for an image of {height} token rows "
+                                    f"{'(in tiles of ' + str(self.runtime.tile[0]) + ' rows) ' if self.runtime.tile else ''}"
+                                    f"leave rank {self.rank} without rows")
         self.band, self.tokens = (rows[0] * width, rows[1] * width), height * width
         bound = bound_arguments(model, args, kwargs)
         for name in [n for n in self.plan_spec.entry_tensors if n in bound]:
@@ -76,9 +84,8 @@ class BandRuntime:
         """All ranks' bands of x (batch, band tokens, channels) back into the whole image, on every rank."""
         if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == self.band[1] - self.band[0]):
             return x
-        height, width = self.runtime.current_grid()
-        spec = BandPlan(height, width, self.world, 0)
-        counts = [(stop - start) * width for start, stop in map(spec.rows, range(self.world))]
+        spec = self.rows()
+        counts = [(stop - start) * spec.width for start, stop in map(spec.rows, range(self.world))]
         padded = torch.zeros(x.shape[0], max(counts), x.shape[2], dtype=x.dtype, device=x.device)
         padded[:, :x.shape[1]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world)]
@@ -139,8 +146,6 @@ def enable_patch_parallel(model: torch.nn.Module, group=None, *, text_merge: str
     if state.family.tile_plan is None:
         raise InvalidValueError(f"{type(model).__name__} ({state.family.name} family) has no plan of where its image "
                                 "tokens enter and leave: patch parallel is not available for it")
-    if state.runtime.tile is not None:
-        raise InvalidValueError("patch parallel runs the raster token layout; convert with token_layout='raster'")
     if state.runtime.band is not None:
         raise InvalidValueError("patch parallel is enabled already")
     # dense attention over image tokens (SD3.5's image-only attn2, sites left dense) needs the whole image

@@ -92,6 +92,9 @@ def test_band_parallel_equals_one_process(world):
 def test_plan_splits_rows_and_refuses_thin_bands():
     plan = BandPlan.split(13, 6, 4.2, 3)
     assert [plan.rows(r) for r in range(3)] == [(0, 5), (5, 9), (9, 13)] and plan.halo == 4
+    tiled = BandPlan.split(13, 6, 2.5, 2, tile=(2, 4))  # whole 2-row tiles: 7 tile rows, the last one ragged
+    assert [tiled.rows(r) for r in range(2)] == [(0, 8), (8, 13)] and tiled.halo == 2
+    assert BandPlan.split(13, 6, 3.5, 2, tile=(2, 4)).halo == 4  # 3 rows of keys: two whole tile rows
     assert BandPlan.split(12, 5, 1, 4).halo == 0
     with pytest.raises(BandPlanError, match="thinner than the 4 rows"):
         BandPlan.split(13, 6, 4.2, 4)  # bands of 3-4 rows need keys from two bands away
@@ -100,8 +103,18 @@ def test_plan_splits_rows_and_refuses_thin_bands():
 
 # -- whole models: tiny FLUX and its ControlNet, each rank running its band of image rows
 
-MODEL_GRID = (10, 6)  # token rows x columns: non-square, bands of 3-5 rows over 2 or 3 ranks
-MODELS = ("tiny-flux", "tiny-flux-controlnet", "tiny-sd3")
+MODEL_GRID = (16, 6)  # token rows x columns: non-square; bands of 5-8 rows (whole 2-row tiles) over 2 or 3 ranks
+# (built-in model, tile shape of the tile token layout or None: raster)
+MODELS = (("tiny-flux", None), ("tiny-flux-controlnet", None), ("tiny-sd3", None), ("tiny-flux", (2, 4)),
+          ("tiny-flux-controlnet", (2, 4)), ("tiny-sd3", (2, 4)))
+
+
+def _clear(model, tile):
+    from clear_surgery.surgery import ClearConfig, apply_clear
+
+    config = ClearConfig(radius=2.5, backend="reference", token_layout="tiled" if tile else "raster",
+                         tile_shape=list(tile) if tile else None)
+    apply_clear(model, config, verify=False)  # the rewrite is tested elsewhere
 
 
 def _model_inputs(name, seed=0):
@@ -113,37 +126,35 @@ def _model_inputs(name, seed=0):
 
 
 def _model_worker(rank, world, init_file, results):
-    from clear_surgery.surgery import ClearConfig, apply_clear, enable_patch_parallel
+    from clear_surgery.surgery import enable_patch_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name in MODELS:
+        for name, tile in MODELS:
             model, inputs = _model_inputs(name)
-            apply_clear(model, ClearConfig(radius=2.5, backend="reference"), verify=False)  # tested elsewhere
+            _clear(model, tile)
             enable_patch_parallel(model)
             with torch.no_grad():
-                results[(rank, name)] = model(**{**inputs, "return_dict": False})
+                results[(rank, name, tile)] = model(**{**inputs, "return_dict": False})
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_patch_parallel_model_equals_one_process(world):
-    from clear_surgery.surgery import ClearConfig, apply_clear
-
     results = _spawn(_model_worker, world)
-    for name in MODELS:
+    for name, tile in MODELS:
         model, inputs = _model_inputs(name)
-        apply_clear(model, ClearConfig(radius=2.5, backend="reference"), verify=False)  # tested elsewhere
+        _clear(model, tile)
         with torch.no_grad():
             whole = model(**{**inputs, "return_dict": False})
         flat = [t for part in whole for t in (part if isinstance(part, (list, tuple)) else [part])]
         for rank in range(world):
-            got = results[(rank, name)]
+            got = results[(rank, name, tile)]
             got = [t for part in got for t in (part if isinstance(part, (list, tuple)) else [part])]
             assert len(got) == len(flat) and all(g.shape == w.shape for g, w in zip(got, flat))
             for g, w in zip(got, flat):
-                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=f"{name}, rank {rank} of {world}")
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=f"{name}, tile {tile}, rank {rank} of {world}")
 
 
 def test_generate_nproc_2_gives_the_single_process_image(tmp_path):
@@ -167,7 +178,7 @@ def test_generate_nproc_2_gives_the_single_process_image(tmp_path):
 
 
 def test_patch_parallel_refuses_what_it_cannot_split(tmp_path):
-    """SD3.5's dense image-only attention, a tiled model, no process group: one clear error each."""
+    """SD3.5's dense image-only attention, an unknown text merge, no process group: one clear error each."""
     from clear_surgery.surgery import ClearConfig, apply_clear, enable_patch_parallel, load_builtin
     from clear_surgery.surgery.errors import InvalidValueError
 
@@ -177,10 +188,6 @@ def test_patch_parallel_refuses_what_it_cannot_split(tmp_path):
         apply_clear(model, ClearConfig(radius=2), verify=False)
         with pytest.raises(InvalidValueError, match="attn2 attends densely over all image tokens"):
             enable_patch_parallel(model)
-        tiled = load_builtin("tiny-flux")
-        apply_clear(tiled, ClearConfig(radius=2, token_layout="tiled"), verify=False)
-        with pytest.raises(InvalidValueError, match="raster token layout"):
-            enable_patch_parallel(tiled)
         flux = load_builtin("tiny-flux")
         apply_clear(flux, ClearConfig(radius=2), verify=False)
         with pytest.raises(InvalidValueError, match="text_merge must be one of"):

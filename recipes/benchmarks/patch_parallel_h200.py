@@ -1,13 +1,12 @@
 """Patch-parallel CLEAR: a FLUX.1-dev-shaped transformer step (random bf16 weights, 512 text tokens,
-r = 16, triton backend, raster token layout) on one GPU and split by image rows over all the GPUs of
-the launch; the same inputs on every rank; the outputs compared (bf16).
+r = 16, triton backend; raster and tile token layouts) on one GPU and split by image rows over all the
+GPUs of the launch; the same inputs on every rank; the outputs compared (bf16).
 
     torchrun --standalone --nproc_per_node 2 recipes/benchmarks/patch_parallel_h200.py --out OUT
 
 Rank 0 first times the step alone (one GPU, the same kernel, no patch parallelism), then every rank
-runs the patch-parallel step; it also times the single-GPU step with the tile token layout (the
-fastest one-GPU setting, which patch parallelism does not run yet), and breaks a patch-parallel step
-down by category with the torch profiler (halo exchange, text merge, attention, GEMMs)."""
+runs the patch-parallel step (raster, then tile layout); one raster patch-parallel step is broken down
+by category with the torch profiler (halo exchange, text merge, attention, GEMMs)."""
 
 import argparse
 import json
@@ -75,7 +74,17 @@ def main():
             row["parallel_breakdown_ms"] = profile_categories(lambda: model(**inputs))
             disable_patch_parallel(model)
             remove_clear(model)
+            # the same with the tile token layout (bands and halos in whole tile rows)
+            apply_clear(model, ClearConfig(radius=args.radius, backend="triton", token_layout="tiled"),
+                        analysis=report, verify=False)
+            enable_patch_parallel(model)
+            parallel_tiled = model(**inputs)[0]
+            row["parallel_tiled_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=3)
+            disable_patch_parallel(model)
+            remove_clear(model)
         if rank == 0:
+            row["speedup_tiled"] = row["one_gpu_tiled_ms"] / row["parallel_tiled_ms"]
+            row["tiled_rel_err"] = ((parallel_tiled.float() - tiled.float()).norm() / tiled.float().norm()).item()
             row["speedup"] = row["one_gpu_ms"] / row["parallel_ms"]
             row["speedup_vs_one_gpu_tiled"] = row["one_gpu_tiled_ms"] / row["parallel_ms"]
             diff = (parallel.float() - single.float())
@@ -87,7 +96,7 @@ def main():
             print(json.dumps(row), flush=True)
             rows.append(row)
             del single, tiled
-        parallel = None
+        parallel = parallel_tiled = None
         torch.cuda.empty_cache()
         dist.barrier()
     if rank == 0:
