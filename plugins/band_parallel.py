@@ -12,8 +12,9 @@ just h rows of keys and values from each neighbouring band (the halo), not the w
 - tile token layout (tiles of th rows): bands and halos are whole tile rows, so a band, its halos and
   the local problem are each contiguous in tile order and tiled exactly as in the whole image.
 - text queries see every key: each rank attends them to its own band's image keys (rank 0 also to
-  the text keys), with the log-sum-exp, and the partial results are merged across ranks exactly
-  (max, then sums of exp-weighted outputs; not an average, which is what the paper's Eq. 7 does).
+  the text keys), with the log-sum-exp, while the halo rows travel; the partial results are merged
+  across ranks exactly (max, then sums of exp-weighted outputs; not an average, which is what the
+  paper's Eq. 7 does: ``text_merge="average"``, for comparison).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class BandPlan:
 def _local_sequence(q, k, v, txt, img, plan: BandPlan, rank: int, group, text_first: bool):
     """q, k, v of the band's own CLEAR problem: text, then (or before) the halo rows above, the band, the
     halo rows below, in one buffer each; the halo rows of k and v are received from the neighbours
-    straight into their places, the halo rows of q are zeros (their outputs are not used)."""
+    straight into their places, the halo rows of q are zeros (their outputs are not used). The
+    exchange is only started: the returned ``wait()`` completes it (compute may run in between)."""
     count, rows = img.stop - img.start, plan.halo * plan.width
     above = rows if rank > 0 else 0
     below = rows if rank < plan.world - 1 else 0
@@ -101,13 +103,16 @@ def _local_sequence(q, k, v, txt, img, plan: BandPlan, rank: int, group, text_fi
             receive = target if target.is_contiguous() else torch.empty_like(target)
             ops += [dist.P2POp(dist.isend, send, neighbour, group), dist.P2POp(dist.irecv, receive, neighbour, group)]
             staged.append((target, receive))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
+    requests = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait():
+        for request in requests:
             request.wait()
         for target, receive in staged:
             if receive is not target:
                 target.copy_(receive)
-    return lq, lk, lv, above, local // plan.width  # above: halo tokens before the band
+
+    return lq, lk, lv, above, local // plan.width, wait  # above: halo tokens before the band
 
 
 def _merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
@@ -142,7 +147,16 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
         raise BandPlanError(f"rank {rank} holds {q.shape[1]} tokens; its band and the text are {text_len + count}")
     img = slice(text_len, text_len + count) if text_first else slice(0, count)
     txt = slice(0, text_len) if text_first else slice(count, count + text_len)
-    lq, lk, lv, above, local_rows = _local_sequence(q, k, v, txt, img, plan, rank, group, text_first)
+    lq, lk, lv, above, local_rows, halos_received = _local_sequence(q, k, v, txt, img, plan, rank, group,
+                                                                    text_first)
+    # text queries: every key, split over the ranks (rank 0 adds the text keys); computed while the halo
+    # rows travel, merged (a collective) after the image queries
+    if text_merge == "average":  # every rank: text + its band; the mean over ranks
+        out_txt, lse = _dense_with_lse(q[:, txt], k, v, scale)
+    else:
+        keys = slice(None) if rank == 0 else img
+        out_txt, lse = _dense_with_lse(q[:, txt], k[:, keys], v[:, keys], scale)
+    halos_received()
     # image queries: the band among its halos as a CLEAR problem of its own; with the triton kernel only
     # the band's own query blocks run
     layout = TokenLayout(text_len, text_first, local_rows, plan.width, plan.tile)
@@ -152,15 +166,11 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     full = chosen.forward(lq, lk, lv, layout, float(radius), scale, **extra)
     start = layout.image_start + band[0]
     out_img = full[:, start:start + count]
-    # text queries: every key, split over the ranks (rank 0 adds the text keys), merged exactly
-    if text_merge == "average":  # every rank: text + its band; the mean over ranks
-        out_txt, _ = _dense_with_lse(q[:, txt], k, v, scale)
+    if text_merge == "average":
         total = out_txt.float().contiguous()
         dist.all_reduce(total, dist.ReduceOp.SUM, group=group)
         out_txt = (total / plan.world).to(q.dtype)
     else:
-        keys = slice(None) if rank == 0 else img
-        out_txt, lse = _dense_with_lse(q[:, txt], k[:, keys], v[:, keys], scale)
         out_txt = _merge_across_ranks(out_txt, lse, group)
     return torch.cat([out_txt, out_img], 1) if text_first else torch.cat([out_img, out_txt], 1)
 

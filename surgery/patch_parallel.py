@@ -65,8 +65,8 @@ class BandRuntime:
         height, width = self.runtime.current_grid()  # of the whole image: the grid hook runs first
         rows = self.rows().rows(self.rank)
         if rows[1] <= rows[0]:
-            raise InvalidValueError(f"patch parallel: {self.world} ranks for an image of {height} token rows "
-                                    f"{'(in tiles of ' + str(self.runtime.tile[0]) + ' rows) ' if self.runtime.tile else ''}"
+            unit = f" (split in whole tiles of {self.runtime.tile[0]} rows)" if self.runtime.tile else ""
+            raise InvalidValueError(f"patch parallel: {self.world} ranks for an image of {height} token rows{unit} "
                                     f"leave rank {self.rank} without rows")
         self.band, self.tokens = (rows[0] * width, rows[1] * width), height * width
         bound = bound_arguments(model, args, kwargs)
