@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -14,17 +13,16 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.errors import (ClearSurgeryError, InvalidValueError, MismatchError, MissingHardwareError,
-                                          OutputPathError)
+from clear_surgery.surgery.errors import ClearSurgeryError, InvalidValueError, MismatchError
+from clear_surgery.surgery.tools.arguments import (IMAGE_SUFFIXES, check, check_device, image_format, in_range, numbers,
+                                                   output_file, output_folder, size_in_bytes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Linearize diffusion transformers with CLEAR local attention.")
 
 MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a converted CLEAR folder, a CLEAR-layers "
               "folder, or a Hub id of any of these")
-# Pillow's formats by extension, for checking an image path before the work that makes the image
 _INVOCATION: list[str] = []  # the arguments main() was called with (to relaunch a command under torchrun)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _fail(message: str) -> None:
@@ -61,56 +59,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels itself, from this
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidValueError(message)
-
-
-def _in_range(option: str, value, low=None, high=None, *, low_open=True, high_open=False) -> None:
-    """``value`` finite and within (low, high] (or as the flags say); None passes (not given)."""
-    if value is None:
-        return
-    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
-        and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        if high is None:
-            wanted = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        _check(False, f"{option} must be {wanted} and finite, got {value:g}")
-
-
-def _numbers(option: str, text: str, cast=int, low: float = 0) -> list:
-    """A comma-separated list of numbers, each > ``low``."""
-    try:
-        values = [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    _check(bool(values), f"{option} takes comma-separated numbers, got {text!r}")
-    for value in values:
-        _in_range(option, value, low)
-    return values
-
-
-def _output_file(option: str, path: Path | None, suffixes=None) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise OutputPathError(f"{option} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"{option} {path}: folder {path.parent} does not exist")
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise OutputPathError(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; use one of "
-                              f"{', '.join(suffixes)}")
-
-
-def _output_folder(option: str, path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{option} {path} is a file, not a folder")
-    if path.exists() and not overwrite:
-        raise OutputPathError(f"output folder {path} already exists (pass --overwrite to replace it)")
 
 
 def _check_sources(model: str | None, file: str | None = None) -> None:
@@ -160,7 +108,7 @@ def analyze(
 ):
     """List every attention site of a model: owner, kind, segment order, token counts, rewritable or why not."""
     with user_errors():
-        _output_file("--json", json_out)
+        output_file("--json", json_out)
         _check_sources(model)
         from clear_surgery.hub import load_model
         from clear_surgery.hub.atomic import write_text
@@ -205,11 +153,11 @@ def convert(
 ):
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
     with user_errors():
-        _check(out_format in ("full", "layers"), f"--format must be full or layers, got {out_format!r}")
-        _output_folder("--out", out, overwrite)
-        _in_range("--radius", radius, 0)
+        check(out_format in ("full", "layers"), f"--format must be full or layers, got {out_format!r}")
+        output_folder("--out", out, overwrite)
+        in_range("--radius", radius, 0)
         rules = _radius_rules(radius_for)
-        shard_bytes = _size_in_bytes("--max-shard-size", max_shard_size)
+        shard_bytes = size_in_bytes("--max-shard-size", max_shard_size)
         _check_sources(model, clear_layers)
         from clear_surgery.hub import parse_dtype
         from clear_surgery.hub.clear_layers import resolve_layers
@@ -249,20 +197,8 @@ def _radius_rules(rules: list[str]) -> dict[str, float]:
             sep = ""
         if not sep or not pattern:
             raise InvalidValueError(f"--radius-for takes PATTERN=RADIUS, got {rule!r}")
-        _in_range(f"--radius-for {pattern}", parsed[pattern], 0)
+        in_range(f"--radius-for {pattern}", parsed[pattern], 0)
     return parsed
-
-
-def _size_in_bytes(option: str, text: str) -> int:
-    """'10GB', '500MB', '2GiB' or a plain byte count."""
-    import re
-
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
-        raise InvalidValueError(f"{option} takes a size such as 10GB or 500MB, got {text!r}")
-    return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
 @app.command()
@@ -281,9 +217,9 @@ def profile(
     """Measure how local a model's attention is (dense run) and recommend a CLEAR radius.
     A CLEAR folder is measured with its weights and dense attention."""
     with user_errors():
-        radius_list = _numbers("--radii", radii, float)
-        _in_range("--keep", keep, 0, 1)
-        _output_folder("--out", out, overwrite)
+        radius_list = numbers("--radii", radii, float)
+        in_range("--keep", keep, 0, 1)
+        output_folder("--out", out, overwrite)
         _check_sources(model)
         from clear_surgery.hub.atomic import atomic_directory
         from clear_surgery.surgery import family_of, get_clear_state, remove_clear
@@ -308,7 +244,7 @@ def _check_image_size(pipe, resolution: int) -> None:
     from clear_surgery.surgery.tools.generate import size_multiple
 
     multiple = size_multiple(pipe)
-    _check(resolution % multiple == 0, f"--resolution {resolution} is not a multiple of {multiple} (this "
+    check(resolution % multiple == 0, f"--resolution {resolution} is not a multiple of {multiple} (this "
                                        "pipeline's size step)")
 
 
@@ -334,8 +270,8 @@ def generate(
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
     with user_errors():
-        _output_file("--out", out, IMAGE_SUFFIXES)
-        _in_range("--radius", radius, 0)
+        output_file("--out", out, IMAGE_SUFFIXES)
+        in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
                      proportional_attention=proportional_attention, require_clear=require_clear)
@@ -344,7 +280,7 @@ def generate(
         if recipe is not None:
             settings = GenerateSettings.from_recipe(recipe, **flags)
         else:
-            _check(prompt is not None, "--prompt is required (or a --recipe that sets it)")
+            check(prompt is not None, "--prompt is required (or a --recipe that sets it)")
             settings = GenerateSettings(**{"height": 1024, "width": 1024, **{k: v for k, v in flags.items()
                                                                               if v is not None}})
         _check_sources(model)
@@ -363,7 +299,7 @@ def generate(
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:
             with atomic_file(out) as tmp:
-                image.save(tmp, format=_image_format(out))
+                image.save(tmp, format=image_format(out))
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         typer.echo(f"wrote {out} ({image.width}x{image.height})" + (f"; patch parallel over {world} processes"
@@ -413,12 +349,6 @@ def _patch_parallel(pipe) -> int:
     return dist.get_rank()
 
 
-def _image_format(path: Path) -> str:
-    from PIL import Image
-
-    return Image.registered_extensions()[path.suffix.lower()]
-
-
 @app.command()
 def coverage():
     """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
@@ -446,14 +376,14 @@ def distill(
     overrides = [*([f"model.teacher={json.dumps(model)}"] if model else []), *set_,
                  *([f"output.dir={json.dumps(str(out))}"] if out else [])]
     with user_errors():
-        _check(recipe.is_file(), f"recipe file {recipe} does not exist")
-        _check(not (resume and overwrite), "--resume and --overwrite exclude each other")
+        check(recipe.is_file(), f"recipe file {recipe} does not exist")
+        check(not (resume and overwrite), "--resume and --overwrite exclude each other")
         _check_sources(model)
         from clear_surgery.hub import read_clear_config
         from clear_surgery.surgery.tools.distillation import distill as run, load_recipe
 
         if device is not None:
-            _check_device("--device", device)
+            check_device("--device", device)
         parsed = load_recipe(recipe, overrides)
         result = run(parsed, resume=resume, overwrite=overwrite, device=device)
     if result is not None:
@@ -461,18 +391,6 @@ def distill(
         typer.echo(f"held-out student-teacher MSE: zero-shot {metrics['zero_shot_student_teacher_mse']:.4g} -> "
                    f"distilled {metrics['eval_student_teacher_mse']:.4g}")
         typer.echo(f"wrote {result}")
-
-
-def _check_device(option: str, device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise InvalidValueError(f"{option} {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MissingHardwareError(f"{option} {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
-                                   "use --device cpu")
 
 
 @app.command("push-to-hub")
@@ -536,8 +454,8 @@ def export_command(
     """Export a converted model for deployment: ONNX with ClearAttention nodes, a TensorRT engine running
     the CLEAR plugin, or an AOTInductor package."""
     with user_errors():
-        _output_folder("--out", out, overwrite)
-        _check(timing_cache is None or timing_cache.is_file(), f"--timing-cache {timing_cache} does not exist")
+        output_folder("--out", out, overwrite)
+        check(timing_cache is None or timing_cache.is_file(), f"--timing-cache {timing_cache} does not exist")
         from clear_surgery.export.common import check_options
 
         sizes = {"min": min_size, "opt": opt_size, "max": max_size}
@@ -573,18 +491,18 @@ def bench(
 ):
     """Time one attention layer (dense, flex, triton) and a FLUX-shaped step; write JSON + PNG."""
     with user_errors():
-        _output_folder("--out", out, overwrite)
-        size_list, radius_list = _numbers("--sizes", sizes), _numbers("--radii", radii, float)
-        step_size_list = _numbers("--step-sizes", step_sizes) if step else []
-        _in_range("--step-radius", step_radius, 0)
+        output_folder("--out", out, overwrite)
+        size_list, radius_list = numbers("--sizes", sizes), numbers("--radii", radii, float)
+        step_size_list = numbers("--step-sizes", step_sizes) if step else []
+        in_range("--step-radius", step_radius, 0)
         for option, values in (("--sizes", size_list), ("--step-sizes", step_size_list)):
-            _check(all(v % 16 == 0 for v in values), f"{option} must be multiples of 16 pixels, got {values}")
+            check(all(v % 16 == 0 for v in values), f"{option} must be multiples of 16 pixels, got {values}")
         from clear_surgery.surgery.tools import bench as b
 
         chosen = backends.split(",")
         unknown = [name for name in chosen if name not in b.LAYER_BACKENDS]
-        _check(not unknown, f"--backends: unknown {unknown}; choose from {', '.join(b.LAYER_BACKENDS)}")
-        _check_device("--device", device)
+        check(not unknown, f"--backends: unknown {unknown}; choose from {', '.join(b.LAYER_BACKENDS)}")
+        check_device("--device", device)
         from clear_surgery.hub.atomic import atomic_directory
 
         meta = {"device": torch_device_name(device), "torch": _torch_version()}

@@ -1,0 +1,92 @@
+"""Checks of command-line arguments that run before any model is read: ranges, choices, output paths,
+devices. Light to import (no torch, no diffusers at module level): bad input fails within a second."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError, OutputPathError
+
+# Pillow's formats by extension, for checking an image path before the work that makes the image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidValueError(message)
+
+
+def in_range(option: str, value, low=None, high=None, *, low_open=True, high_open=False) -> None:
+    """``value`` finite and within (low, high] (or as the flags say); None passes (not given)."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            wanted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        check(False, f"{option} must be {wanted} and finite, got {value:g}")
+
+
+def numbers(option: str, text: str, cast=int, low: float = 0) -> list:
+    """A comma-separated list of numbers, each > ``low``."""
+    try:
+        values = [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    check(bool(values), f"{option} takes comma-separated numbers, got {text!r}")
+    for value in values:
+        in_range(option, value, low)
+    return values
+
+
+def output_file(option: str, path: Path | None, suffixes=None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{option} {path}: folder {path.parent} does not exist")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; use one of "
+                              f"{', '.join(suffixes)}")
+
+
+def output_folder(option: str, path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"output folder {path} already exists (pass --overwrite to replace it)")
+
+
+def size_in_bytes(option: str, text: str) -> int:
+    """'10GB', '500MB', '2GiB' or a plain byte count."""
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise InvalidValueError(f"{option} takes a size such as 10GB or 500MB, got {text!r}")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def image_format(path: Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
+def check_device(option: str, device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InvalidValueError(f"{option} {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MissingHardwareError(f"{option} {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                                   "use --device cpu")
