@@ -19,6 +19,7 @@ from clear_surgery.plugins.band_parallel import BandPlan, band_parallel_attentio
 from .errors import InvalidValueError
 from .families.base import bound_arguments
 from .state import require_clear_state
+from .tiling import map_tensors
 
 
 class BandRuntime:
@@ -93,7 +94,7 @@ class BandRuntime:
         return torch.cat([p[:, :n] for p, n in zip(parts, counts)], 1)
 
     def _exit(self, model, args, kwargs, output):
-        return _map_tensors(output, self._gather_tensor)
+        return map_tensors(output, self._gather_tensor)
 
     def _cut(self, module, args, output):
         return self._take(output)
@@ -104,18 +105,6 @@ class BandRuntime:
     def remove(self):
         for handle in self.handles:
             handle.remove()
-
-
-def _map_tensors(obj, fn):
-    from diffusers.utils import BaseOutput
-
-    if isinstance(obj, BaseOutput):
-        for key in list(obj.keys()):
-            obj[key] = _map_tensors(obj[key], fn)
-        return obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(x, fn) for x in obj)
-    return fn(obj)
 
 
 def init_from_torchrun() -> bool:

@@ -37,15 +37,20 @@ def _take(x, index, tokens):
     return x
 
 
-def map_image_tensors(obj, index: torch.Tensor, tokens: int):
-    """Apply the permutation to every (batch, tokens, channels) tensor inside obj."""
+def map_tensors(obj, fn):
+    """fn applied to every leaf of a model output (a diffusers BaseOutput, lists and tuples of tensors)."""
     if isinstance(obj, BaseOutput):
         for key in list(obj.keys()):
-            obj[key] = map_image_tensors(obj[key], index, tokens)
+            obj[key] = map_tensors(obj[key], fn)
         return obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_image_tensors(x, index, tokens) for x in obj)
-    return _take(obj, index, tokens)
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    return fn(obj)
+
+
+def map_image_tensors(obj, index: torch.Tensor, tokens: int):
+    """Apply the permutation to every (batch, tokens, channels) tensor inside obj."""
+    return map_tensors(obj, lambda x: _take(x, index, tokens))
 
 
 class TileLayout:
