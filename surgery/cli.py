@@ -306,6 +306,62 @@ def generate(
                                                                       if world > 1 else ""))
 
 
+@app.command("check-transfer")
+def check_transfer(
+    target: str = typer.Option(..., "--target", "-m", help="the dense model the layers should work on: "
+                               + MODEL_HELP.split(", a converted")[0] + " (with a pipeline around it)"),
+    clear_layers: Optional[str] = typer.Option(None, "--clear-layers", help="trained CLEAR layers: a CLEAR-layers "
+                                               "folder or safetensors file (local or Hub); omit for zero-shot CLEAR"),
+    radius: Optional[float] = typer.Option(None, "--radius", "-r", help="radius (default: the layers'); alone: "
+                                           "zero-shot CLEAR"),
+    controlnet: Optional[str] = typer.Option(None, help="a ControlNet model for the target (folder or Hub id)"),
+    control_images: Optional[Path] = typer.Option(None, help="condition images for the ControlNet (a folder, used "
+                                                             "in name order, or one file)"),
+    condition: str = typer.Option("gray", help="how the condition is recomputed from an output: gray or edges"),
+    controlnet_attention: str = typer.Option("clear", help="the ControlNet's own attention: clear (zero-shot, the "
+                                                           "same radius) or dense"),
+    prompts: Path = typer.Option(..., help="text file, one prompt per line (cycled)"),
+    num_images: int = typer.Option(4, min=1, help="image pairs to make"),
+    seed: int = typer.Option(0, min=0, help="image i uses seed + i"),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps (default: the pipeline's)"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale >= 0 (default: the pipeline's)"),
+    height: Optional[int] = typer.Option(None, min=1, help="default: the pipeline's"),
+    width: Optional[int] = typer.Option(None, min=1, help="default: the pipeline's"),
+    allow_radius_change: bool = typer.Option(False, help="use layers made for another radius at --radius"),
+    out: Path = typer.Option(..., "--out", "-o", help="report folder (written atomically)"),
+    overwrite: bool = typer.Option(False, help="replace an existing report folder"),
+):
+    """Check that CLEAR layers transfer: the same prompts, seeds and conditions through the dense target
+    and the CLEAR target; PSNR, SSIM, latent MSE (and the condition error with a ControlNet)."""
+    with user_errors():
+        in_range("--radius", radius, 0)
+        check(clear_layers is not None or radius is not None,
+              "give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
+        check((controlnet is None) == (control_images is None), "--controlnet and --control-images go together")
+        check(controlnet_attention in ("clear", "dense"), f"--controlnet-attention must be clear or dense, got "
+                                                          f"{controlnet_attention!r}")
+        output_folder("--out", out, overwrite)
+        from clear_surgery.surgery.tools.transfer import TransferSettings, read_control_images, read_prompts
+
+        settings = TransferSettings(prompts=read_prompts(prompts), num_images=num_images, seed=seed, steps=steps,
+                                    guidance=guidance, height=height, width=width, condition=condition)
+        if control_images is not None:
+            read_control_images(control_images)  # unreadable images fail before any model is loaded
+        _check_sources(target, clear_layers)
+        _check_sources(controlnet)
+        from clear_surgery.surgery.tools.transfer import check_transfer as run
+
+        metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
+                      control_images=control_images, controlnet_attention=controlnet_attention,
+                      allow_radius_change=allow_radius_change, overwrite=overwrite)
+    s = metrics["summary"]
+    typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "
+               f"SSIM {s['ssim']:.4f}, latent MSE {s['latent_mse']:.4g}"
+               + (f", condition MSE {s['condition_mse_original']:.4g} (dense) -> {s['condition_mse_clear']:.4g} "
+                  "(CLEAR)" if "condition_mse_clear" in s else ""))
+    typer.echo(f"wrote {out}/metrics.json, report.md, grid.png")
+
+
 def _torchrun(nproc: int, option: str) -> int:
     """Run this command again under torchrun with ``nproc`` processes (``option`` and its value dropped)."""
     import subprocess

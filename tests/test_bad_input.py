@@ -22,6 +22,10 @@ from conftest import cli_exe
 
 W = "{ws}"  # the workspace, in the argument templates below
 CONV, LAYERS, DENSE = f"{W}/conv", f"{W}/layers", f"{W}/dense"
+TESTBED = Path(__file__).parents[1] / "recipes" / "testbed"
+TB_DEV, TB_CN, TB_CONDITIONS = str(TESTBED / "models" / "dev"), str(TESTBED / "models" / "controlnet"), \
+    str(TESTBED / "conditions")
+TRANSFER = ["check-transfer", "--prompts", str(TESTBED / "prompts.txt"), "--num-images", "1", "-o", f"{W}/report"]
 
 # (id, argv, what the error line must say, cheap: fails before any model is resolved)
 CASES = [
@@ -30,6 +34,28 @@ CASES = [
     ("unknown-option", ["analyze", "--model", "builtin:tiny-flux", "--colour"], "No such option", True),
     ("missing-model", ["convert", "--out", f"{W}/o"], "Missing option '--model'", True),
     ("radius-not-a-number", ["convert", "-m", "builtin:tiny-flux", "-r", "four", "-o", f"{W}/o"], "'--radius'", True),
+    # -- check-transfer: what to compare, and sources that do not fit the target
+    ("transfer-no-clear", [*TRANSFER, "--target", TB_DEV], "give --clear-layers", True),
+    ("transfer-controlnet-alone", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--controlnet", TB_CN],
+     "--controlnet and --control-images go together", True),
+    ("transfer-condition", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--condition", "sobel"],
+     "condition must be one of ('gray', 'edges')", True),
+    ("transfer-no-prompts", ["check-transfer", "--target", TB_DEV, "-r", "4", "--prompts", f"{W}/none.txt", "-o",
+                             f"{W}/report"], "prompt file", True),
+    ("transfer-bad-control-image", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--controlnet", TB_CN,
+                                    "--control-images", f"{W}/afile.txt"], "cannot be read", True),
+    ("transfer-missing-layers", [*TRANSFER, "--target", TB_DEV, "--clear-layers", f"{W}/no-such-layers"],
+     "no-such-layers", False),
+    ("transfer-layers-other-architecture", [*TRANSFER, "--target", "builtin:tiny-sd3", "--clear-layers", LAYERS],
+     "were made for a FluxTransformer2DModel", False),
+    ("transfer-layers-do-not-fit", [*TRANSFER, "--target", TB_DEV, "--clear-layers", LAYERS], "do not fit", False),
+    ("transfer-target-is-clear", [*TRANSFER, "--target", CONV, "-r", "4"], "give the dense model", False),
+    ("transfer-controlnet-does-not-fit", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--controlnet",
+                                          "builtin:tiny-flux-controlnet", "--control-images", TB_CONDITIONS],
+     "does not fit the target's FluxTransformer2DModel", False),
+    ("transfer-controlnet-not-controlnet", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--controlnet",
+                                            f"{TB_DEV}/transformer", "--control-images", TB_CONDITIONS],
+     "not a ControlNet", False),
     # -- numeric options: every one has a range, checked up front
     ("radius-zero", ["convert", "-m", "builtin:tiny-flux", "-r", "0", "-o", f"{W}/o"], "--radius must be > 0", True),
     ("radius-negative", ["convert", "-m", "builtin:tiny-flux", "-r", "-2", "-o", f"{W}/o"], "--radius must be > 0", True),

@@ -1,0 +1,295 @@
+"""``check-transfer``: do CLEAR layers carry over to another model of their architecture (trained on
+FLUX.1-dev, used on FLUX.1-schnell or inside a ControlNet pipeline)? The target pipeline makes each
+image twice, with the same prompt, seed and condition: dense, then with CLEAR attention (the layers'
+tensors in place, or zero-shot at ``radius`` when no layers are given). One model in memory: the
+dense images are made first and the target is converted in place afterwards.
+
+The report folder holds metrics.json, report.md, grid.png (original | CLEAR | difference) and the
+images themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clear_surgery.hub import load_model, resolve_model
+from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
+from clear_surgery.hub.clear_layers import LayersSource, apply_layer_tensors, check_layer_fit, resolve_layers
+from clear_surgery.surgery import ClearConfig, apply_clear, family_of, family_for_class
+from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
+
+from . import image_metrics
+from .pipeline import load_pipeline
+
+REPORT_FILES = ("metrics.json", "report.md", "grid.png")
+DIFF_GAIN = 4  # the difference column shows |original - CLEAR| x 4
+
+
+class TransferError(MismatchError):
+    pass
+
+
+@dataclass
+class TransferSettings:
+    prompts: list[str]
+    num_images: int = 4
+    seed: int = 0
+    steps: int | None = None  # None: the pipeline's default
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    condition: str = "gray"  # how a ControlNet's condition is recomputed from an output
+    controlnet_scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise InvalidValueError("the prompt list is empty or holds an empty prompt")
+        for name in ("num_images", "steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("guidance", "controlnet_scale"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise InvalidValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.condition not in image_metrics.CONDITIONS:
+            raise InvalidValueError(f"condition must be one of {image_metrics.CONDITIONS}, got {self.condition!r}")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidValueError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise InvalidValueError(f"prompt file {path} holds no prompt")
+    return prompts
+
+
+def read_control_images(source: str | Path) -> list:
+    """A folder of images (sorted by name) or one image file, as RGB PIL images."""
+    from PIL import Image, UnidentifiedImageError
+
+    source = Path(source)
+    suffixes = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in suffixes) if source.is_dir() else [source]
+    if not source.exists() or not files:
+        raise InvalidValueError(f"control images: {source} is not an image file or a folder holding images")
+    images = []
+    for file in files:
+        try:
+            images.append(Image.open(file).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise FileFormatError(f"control image {file} cannot be read: {err}") from None
+    return images
+
+
+# --- the target and its ControlNet --------------------------------------------------------------
+
+def _controlnet_problems(transformer, controlnet) -> list[str]:
+    """What keeps ``controlnet`` from feeding ``transformer``'s blocks (empty when it fits)."""
+    t, c = transformer.config, controlnet.config
+    problems = []
+    if family_for_class(type(controlnet).__name__) is not family_of(transformer):
+        return [f"a {type(controlnet).__name__} does not drive a {type(transformer).__name__}"]
+    for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim", "axes_dims_rope"):
+        theirs, ours = (list(v) if isinstance(v, (list, tuple)) else v for v in (c.get(key), t.get(key)))
+        if key in t and key in c and theirs != ours:
+            problems.append(f"{key}: ControlNet {c[key]}, target {t[key]}")
+    inner = lambda cfg: cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)  # noqa: E731
+    if inner(t) != inner(c):
+        problems.append(f"hidden size: ControlNet {inner(c)}, target {inner(t)}")
+    return problems
+
+
+def _load_controlnet(source: str, transformer):
+    ref = resolve_model(source)
+    if "ControlNet" not in ref.model_class:
+        raise TransferError(f"--controlnet {source} is {ref.describe()}, not a ControlNet")
+    controlnet, _ = load_model(ref, dtype=transformer.dtype)
+    problems = _controlnet_problems(transformer, controlnet)
+    if problems:
+        raise TransferError(f"ControlNet {source} does not fit the target's {type(transformer).__name__}: "
+                            + "; ".join(problems))
+    return controlnet
+
+
+def _controlnet_pipeline(pipe, controlnet):
+    import diffusers
+
+    name = family_of(pipe.transformer).pipelines.get(type(controlnet).__name__)
+    if name is None or not hasattr(diffusers, name):
+        raise TransferError(f"no diffusers pipeline runs a {type(controlnet).__name__}")
+    return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+def _generate(pipe, s: TransferSettings, controls, progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, H, W) in [0, 1], final latents (N, ...)) for every prompt/seed/condition."""
+    from tqdm.auto import tqdm
+
+    images, latents = [], []
+    common = family_of(pipe.transformer).call_kwargs(pipe)
+    for i in tqdm(range(s.num_images), desc=progress, unit="image", disable=progress is None):
+        captured = {}
+
+        def keep_latents(_pipe, step, timestep, tensors):
+            captured["latents"] = tensors["latents"].detach().float().cpu()
+            return {}
+
+        kwargs = dict(prompt=s.prompts[i % len(s.prompts)], generator=torch.Generator().manual_seed(s.seed + i),
+                      output_type="pt", callback_on_step_end=keep_latents,
+                      callback_on_step_end_tensor_inputs=["latents"], **common)
+        kwargs.update({k: v for k, v in (("num_inference_steps", s.steps), ("guidance_scale", s.guidance),
+                                         ("height", s.height), ("width", s.width)) if v is not None})
+        if controls is not None:
+            kwargs.update(control_image=controls[i % len(controls)], controlnet_conditioning_scale=s.controlnet_scale)
+        with torch.no_grad():
+            images.append(pipe(**kwargs).images[0].float().cpu().clamp(0, 1))
+        latents.append(captured["latents"][0])
+    return torch.stack(images), torch.stack(latents)
+
+
+def _condition_errors(images: torch.Tensor, controls: list, kind: str) -> dict:
+    """MSE and PSNR between the condition recomputed from each image and the control image given."""
+    import numpy as np
+
+    h, w = images.shape[-2:]
+    given = torch.stack([torch.from_numpy(np.asarray(controls[i % len(controls)].resize((w, h), resample=3)))
+                         .permute(2, 0, 1).float() / 255 for i in range(len(images))])
+    target = image_metrics.condition_of(given, "gray")  # the control image is the condition map itself
+    recomputed = image_metrics.condition_of(images, kind)
+    mse = (recomputed - target).pow(2).flatten(1).mean(1)
+    return {"mse": mse.tolist(), "psnr": image_metrics.psnr(recomputed, target)}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return math.inf if any(v == math.inf for v in values) else sum(values) / len(values)
+
+
+# --- the check ------------------------------------------------------------------------------------
+
+def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, clear_layers: str | Path | None = None,
+                   radius: float | None = None, controlnet: str | None = None, control_images=None,
+                   controlnet_attention: str = "clear", allow_radius_change: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
+    ``radius``), compare, and write the report folder ``out``. Returns the metrics."""
+    if clear_layers is None and radius is None:
+        raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
+    if controlnet_attention not in ("clear", "dense"):
+        raise InvalidValueError(f"controlnet attention must be clear or dense, got {controlnet_attention!r}")
+    if (controlnet is None) != (control_images is None):
+        raise InvalidValueError("--controlnet and --control-images go together")
+    layers: LayersSource | None = resolve_layers(clear_layers) if clear_layers is not None else None
+    radius = radius if radius is not None else layers.radius
+    config = ClearConfig(radius=radius)
+    controls = read_control_images(control_images) if control_images is not None else None
+
+    ref = resolve_model(target)
+    if ref.is_clear:
+        raise TransferError(f"--target {target} is {ref.describe()}: give the dense model the layers should work on")
+    pipe = load_pipeline(ref)
+    transformer = pipe.transformer
+    if layers is not None:  # every mismatch is found before the first image is made
+        layers.check_target(type(transformer).__name__, radius, allow_radius_change=allow_radius_change)
+        check_layer_fit({n: tuple(t.shape) for n, t in transformer.state_dict().items()}, layers.file,
+                        f"the target's {type(transformer).__name__}")
+    if controlnet is not None:
+        pipe = _controlnet_pipeline(pipe, _load_controlnet(controlnet, transformer))
+    pipe.set_progress_bar_config(disable=True)
+
+    with atomic_directory(out, overwrite) as tmp:
+        original, original_latents = _generate(pipe, settings, controls, "dense" if progress else None)
+        apply_clear(transformer, config)
+        if layers is not None:
+            apply_layer_tensors(transformer, layers.file)
+        if controlnet is not None and controlnet_attention == "clear":
+            apply_clear(pipe.controlnet, config)  # zero-shot: the layers are the target's, not the ControlNet's
+        clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
+        metrics = _metrics(original, clear, original_latents, clear_latents, settings, controls)
+        metrics["setup"] = {
+            "target": str(target), "target_class": type(transformer).__name__,
+            "clear_layers": str(layers.describe()) if layers else None, "radius": radius,
+            "mode": "trained CLEAR layers" if layers else "zero-shot", "controlnet": controlnet,
+            "controlnet_attention": controlnet_attention if controlnet else None,
+            "control_images": str(control_images) if control_images else None,
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
+            "prompts": [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]}
+        _write_report(Path(tmp), metrics, original, clear)
+    return metrics
+
+
+def _metrics(original, clear, original_latents, clear_latents, s: TransferSettings, controls) -> dict:
+    per_image = {"psnr": image_metrics.psnr(original, clear), "ssim": image_metrics.ssim(original, clear),
+                 "latent_mse": (original_latents - clear_latents).pow(2).flatten(1).mean(1).tolist()}
+    learned = image_metrics.LearnedMetrics()
+    per_image.update(learned.compute(original, clear))
+    summary = {k: _mean(v) for k, v in per_image.items() if isinstance(v, list)}
+    summary.update({k: v for k, v in per_image.items() if not isinstance(v, list)})
+    result = {"summary": summary, "per_image": per_image, "learned_metrics_missing": learned.missing}
+    if controls is not None:
+        cond = {"original": _condition_errors(original, controls, s.condition),
+                "clear": _condition_errors(clear, controls, s.condition)}
+        result["condition_error"] = {"kind": s.condition, **cond}
+        for who in ("original", "clear"):
+            summary[f"condition_mse_{who}"] = _mean(cond[who]["mse"])
+            summary[f"condition_psnr_{who}"] = _mean(cond[who]["psnr"])
+    return result
+
+
+def _fmt(value) -> str:
+    return "inf" if value == math.inf else f"{value:.4g}"
+
+
+def _write_report(folder: Path, metrics: dict, original: torch.Tensor, clear: torch.Tensor) -> None:
+    setup = metrics["setup"]
+    lines = [f"# CLEAR transfer check: {setup['target']}", "",
+             f"{setup['mode']} (r = {setup['radius']:g}" + (f", layers {setup['clear_layers']}" if setup["clear_layers"]
+                                                            else "") + f"), {setup['num_images']} images, seed "
+             f"{setup['seed']}" + (f", ControlNet {setup['controlnet']} ({setup['controlnet_attention']} attention)"
+                                   if setup["controlnet"] else ""), "",
+             "| metric | mean |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics["summary"].items()]
+    if metrics["learned_metrics_missing"]:
+        lines += ["", "Not computed (weights not on this machine):", ""]
+        lines += [f"- {k}: {v}" for k, v in metrics["learned_metrics_missing"].items()]
+    lines += ["", "grid.png: original | CLEAR | difference x4, one row per image.", ""]
+    write_json(folder / "metrics.json", metrics)
+    write_text(folder / "report.md", "\n".join(lines))
+    _write_images(folder, original, clear)
+
+
+def _write_images(folder: Path, original: torch.Tensor, clear: torch.Tensor) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def u8(x):
+        return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+    (folder / "images").mkdir()
+    rows = []
+    for i, (a, b) in enumerate(zip(original, clear)):
+        Image.fromarray(u8(a)).save(folder / "images" / f"{i:03d}-original.png")
+        Image.fromarray(u8(b)).save(folder / "images" / f"{i:03d}-clear.png")
+        rows.append(np.concatenate([u8(a), u8(b), u8(((a - b).abs() * DIFF_GAIN))], axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, 256 // original.shape[-1])  # small images drawn larger, pixels kept sharp
+    grid = grid.resize((grid.width * scale, grid.height * scale), resample=Image.NEAREST)
+    header = Image.new("RGB", (grid.width, 16), "white")
+    draw = ImageDraw.Draw(header)
+    for col, title in enumerate(("original", "CLEAR", f"|difference| x{DIFF_GAIN}")):
+        draw.text((col * grid.width // 3 + 4, 2), title, fill="black")
+    canvas = Image.new("RGB", (grid.width, grid.height + 16), "white")
+    canvas.paste(header, (0, 0))
+    canvas.paste(grid, (0, 16))
+    canvas.save(folder / "grid.png")

@@ -1,0 +1,117 @@
+"""check-transfer: its metrics on known cases, and whole runs on the committed testbed (2 images)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from clear_surgery.surgery.cli import main
+from clear_surgery.surgery.tools import image_metrics as m
+
+TESTBED = Path(__file__).parents[1] / "recipes" / "testbed"
+MODELS = TESTBED / "models"
+
+
+def _images(seed=0, n=2, h=24, w=20):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_identical_images_have_infinite_psnr_and_ssim_one():
+    a = _images()
+    assert m.psnr(a, a.clone()) == [math.inf, math.inf]
+    assert m.ssim(a, a.clone()) == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_known_perturbation_has_its_known_psnr():
+    a = _images().double() * 0.8  # float64: the offsets below are exact enough for 1e-6 dB
+    for delta, expected in ((0.1, 20.0), (0.01, 40.0), (1 / 255, 20 * math.log10(255))):
+        assert m.psnr(a, a + delta) == pytest.approx([expected] * 2, abs=1e-6)
+    # one image changed, the other not: per-image values
+    b = a.clone()
+    b[1] += 0.1
+    assert m.psnr(a, b)[0] == math.inf and m.psnr(a, b)[1] == pytest.approx(20.0, abs=1e-6)
+
+
+def test_ssim_known_values():
+    a = _images(h=32, w=32)
+    # a constant offset leaves structure and contrast, only the luminance term moves:
+    # l = (2 mu (mu + d) + C1) / (mu^2 + (mu + d)^2 + C1) averaged over windows; close to 1, below it
+    shifted = m.ssim(a, a + 0.05)
+    assert all(0.95 < s < 1 for s in shifted)
+    # uncorrelated noise images: SSIM near 0; the inverted image (same means, correlation -1): near -1
+    assert all(abs(s) < 0.1 for s in m.ssim(a, _images(seed=1, h=32, w=32)))
+    assert all(s < -0.9 for s in m.ssim(a, 1 - a))
+    # the full formula by hand on one 11x11 window (an image of exactly the window size)
+    x, y = _images(seed=2, n=1, h=11, w=11), _images(seed=3, n=1, h=11, w=11)
+    g = m._gaussian_window(11)
+    w2 = (g[:, None] * g[None, :]).double()
+    values = []
+    for c in range(3):
+        xc, yc = x[0, c].double(), y[0, c].double()
+        mx, my = (w2 * xc).sum(), (w2 * yc).sum()
+        vx, vy = (w2 * xc * xc).sum() - mx ** 2, (w2 * yc * yc).sum() - my ** 2
+        cov = (w2 * xc * yc).sum() - mx * my
+        values.append(((2 * mx * my + 1e-4) * (2 * cov + 9e-4) / ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4))).item())
+    assert m.ssim(x, y)[0] == pytest.approx(sum(values) / 3, abs=1e-10)
+
+
+def test_conditions():
+    gray = torch.rand(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert torch.allclose(m.condition_of(gray, "gray"), gray[:, :1], atol=1e-6)
+    assert m.condition_of(torch.full((1, 3, 8, 8), 0.3), "edges").abs().max() == 0
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1  # a vertical edge: strongest response at the step, none far from it
+    edges = m.condition_of(step, "edges")[0, 0]
+    assert edges[:, 3:5].min() > 0.5 and edges[:, 0].max() == 0 and edges[:, 7].max() == 0
+    with pytest.raises(ValueError, match="condition must be one of"):
+        m.condition_of(step, "canny")
+
+
+def test_learned_metrics_name_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(m.LearnedMetrics, "clip_model", "no-such-org/no-clip")
+    learned = m.LearnedMetrics()
+    assert "clip" in learned.missing and "no-clip" in learned.missing["clip"]
+    assert set(learned.available) | set(learned.missing) == {"lpips", "clip", "dino", "fid"}
+    assert learned.compute(_images(), _images(seed=1)) == {}  # nothing runs without its weights
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "report"
+    argv = ["check-transfer", "--prompts", str(TESTBED / "prompts.txt"), "--num-images", "2", "--steps", "4",
+            "--guidance", "3.5", "--height", "64", "--width", "64", "--seed", "3", "-o", str(out), *args]
+    assert main(argv) == 0
+    for name in ("metrics.json", "report.md", "grid.png", "images/000-original.png", "images/001-clear.png"):
+        assert (out / name).is_file(), name
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_check_transfer_zero_shot_on_the_testbed(tmp_path):
+    metrics = _run(tmp_path, "--target", str(MODELS / "dev"), "--radius", "4")
+    s = metrics["summary"]
+    assert metrics["setup"]["mode"] == "zero-shot" and metrics["setup"]["prompts"][1] == \
+        (TESTBED / "prompts.txt").read_text().splitlines()[1]
+    assert 5 < s["psnr"] < 60 and 0 < s["ssim"] < 1 and s["latent_mse"] > 0  # CLEAR changes the image, a little
+    assert len(metrics["per_image"]["psnr"]) == 2
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "report" / "grid.png")
+    assert grid.width == 3 * 256 and grid.height == 2 * 256 + 16  # 64 px images drawn 4x, one row each
+
+
+def test_a_covering_radius_changes_nothing(tmp_path):
+    # r larger than the 16x16 grid's diagonal: every image query sees every key, so CLEAR is dense
+    s = _run(tmp_path, "--target", str(MODELS / "dev"), "--radius", "40")["summary"]
+    assert s["psnr"] > 60 and s["ssim"] > 0.9999
+
+
+def test_check_transfer_with_layers_and_controlnet(tmp_path):
+    metrics = _run(tmp_path, "--target", str(MODELS / "dev"), "--clear-layers", str(TESTBED / "layers" / "r4"),
+                   "--controlnet", str(MODELS / "controlnet"), "--control-images", str(TESTBED / "conditions"))
+    s = metrics["summary"]
+    assert metrics["setup"]["mode"] == "trained CLEAR layers" and metrics["setup"]["radius"] == 4
+    assert metrics["condition_error"]["kind"] == "gray"
+    assert 0 < s["condition_mse_original"] < 0.05  # the ControlNet follows its condition ...
+    assert 0 < s["condition_mse_clear"] < 0.05  # ... and still does with CLEAR attention
