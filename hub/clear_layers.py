@@ -101,6 +101,35 @@ def apply_layer_tensors(model, path: str | os.PathLike) -> list[str]:
     return sorted(header.tensors)
 
 
+def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, torch.Tensor], *,
+                       shared_only: bool = False) -> list[str]:
+    """Add to ``model``'s tensors what the layers changed in the model they were made from
+    (``layers - base_tensors``), instead of replacing them: how layers carry over to a relative whose
+    own attention weights moved away from the base in its training (a task vector, as LoRAs are
+    carried). ``shared_only``: just the tensors ``model`` has under the same name and shape (a
+    ControlNet holding copies of some of the base's blocks). Every name and shape is checked first;
+    on a mismatch nothing is changed. Returns the names written."""
+    path = Path(path)
+    header = read_header(path)
+    state = model.state_dict()
+    names = list(header.tensors)
+    if shared_only:
+        names = [n for n in names if n in state and tuple(state[n].shape) == tuple(header.tensors[n].shape)]
+    else:
+        check_layer_fit({n: tuple(t.shape) for n, t in state.items()}, path, type(model).__name__)
+    missing = sorted(n for n in names if n not in base_tensors)
+    if missing:
+        raise ClearLayersError(f"the base model lacks {len(missing)} of the layers' tensors: " + listed(missing))
+    wrong = [n for n in names if tuple(base_tensors[n].shape) != tuple(header.tensors[n].shape)]
+    if wrong:
+        raise ClearLayersError("the base model's tensors differ in shape from the layers': " + listed(wrong))
+    with torch.no_grad():
+        for name in names:
+            delta = read_tensor(header, name).double() - base_tensors[name].double()
+            state[name].copy_((state[name].double() + delta).to(state[name].dtype))
+    return sorted(names)
+
+
 def file_provenance(path: Path) -> dict:
     """How CLEAR tensors imported from a file were made: the file, by name and content hash."""
     digest = hashlib.sha256()
@@ -131,6 +160,11 @@ class LayersSource:
 
     file: Path
     meta: dict | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        """The model the layers were made from, as their folder records it (None for a bare file)."""
+        return ((self.meta or {}).get("base_model") or {}).get("id")
 
     @property
     def radius(self) -> float:

@@ -314,12 +314,18 @@ def check_transfer(
                                                "folder or safetensors file (local or Hub); omit for zero-shot CLEAR"),
     radius: Optional[float] = typer.Option(None, "--radius", "-r", help="radius (default: the layers'); alone: "
                                            "zero-shot CLEAR"),
+    layers_mode: str = typer.Option("replace", help="replace: the target's attention tensors become the layers'; "
+                                    "delta: the target's own plus what the layers changed in their base model"),
+    layers_base: Optional[str] = typer.Option(None, help="delta: the model the layers were made from (default: "
+                                              "the one their folder records)"),
     controlnet: Optional[str] = typer.Option(None, help="a ControlNet model for the target (folder or Hub id)"),
     control_images: Optional[Path] = typer.Option(None, help="condition images for the ControlNet (a folder, used "
                                                              "in name order, or one file)"),
     condition: str = typer.Option("gray", help="how the condition is recomputed from an output: gray or edges"),
-    controlnet_attention: str = typer.Option("clear", help="the ControlNet's own attention: clear (zero-shot, the "
-                                                           "same radius) or dense"),
+    controlnet_attention: Optional[str] = typer.Option(None, help="the ControlNet's own attention: layers (CLEAR "
+                                                      "with the layers' changes on the blocks it shares with the "
+                                                      "target; the default with --clear-layers), clear (zero-shot "
+                                                      "CLEAR; the default without), or dense"),
     prompts: Path = typer.Option(..., help="text file, one prompt per line (cycled)"),
     num_images: int = typer.Option(4, min=1, help="image pairs to make"),
     seed: int = typer.Option(0, min=0, help="image i uses seed + i"),
@@ -338,8 +344,13 @@ def check_transfer(
         check(clear_layers is not None or radius is not None,
               "give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
         check((controlnet is None) == (control_images is None), "--controlnet and --control-images go together")
-        check(controlnet_attention in ("clear", "dense"), f"--controlnet-attention must be clear or dense, got "
-                                                          f"{controlnet_attention!r}")
+        controlnet_attention = controlnet_attention or ("layers" if clear_layers else "clear")
+        check(controlnet_attention in ("dense", "clear", "layers"), "--controlnet-attention must be dense, clear or "
+              f"layers, got {controlnet_attention!r}")
+        check(controlnet_attention != "layers" or clear_layers is not None,
+              "--controlnet-attention layers needs --clear-layers")
+        check(layers_mode in ("replace", "delta"), f"--layers-mode must be replace or delta, got {layers_mode!r}")
+        check(layers_mode == "replace" or clear_layers is not None, "--layers-mode delta needs --clear-layers")
         output_folder("--out", out, overwrite)
         from clear_surgery.surgery.tools.transfer import TransferSettings, read_control_images, read_prompts
 
@@ -349,10 +360,12 @@ def check_transfer(
             read_control_images(control_images)  # unreadable images fail before any model is loaded
         _check_sources(target, clear_layers)
         _check_sources(controlnet)
+        _check_sources(layers_base)
         from clear_surgery.surgery.tools.transfer import check_transfer as run
 
         metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
-                      control_images=control_images, controlnet_attention=controlnet_attention,
+                      control_images=control_images, layers_mode=layers_mode, layers_base=layers_base,
+                      controlnet_attention=controlnet_attention,
                       allow_radius_change=allow_radius_change, overwrite=overwrite)
     s = metrics["summary"]
     typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "

@@ -115,3 +115,42 @@ def test_check_transfer_with_layers_and_controlnet(tmp_path):
     assert metrics["condition_error"]["kind"] == "gray"
     assert 0 < s["condition_mse_original"] < 0.05  # the ControlNet follows its condition ...
     assert 0 < s["condition_mse_clear"] < 0.05  # ... and still does with CLEAR attention
+
+
+def test_layer_deltas_add_what_the_layers_changed(tmp_path):
+    from safetensors.torch import save_file
+
+    from clear_surgery.hub.clear_layers import ClearLayersError, apply_layer_deltas
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    target = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))  # a relative: other values
+    part = torch.nn.Sequential(torch.nn.Linear(4, 4))  # shares "0.*" only, as a ControlNet its first blocks
+    layers = {n: t + 0.1 * torch.randn_like(t) for n, t in base.state_dict().items()}
+    save_file(layers, tmp_path / "layers.safetensors")
+    base_tensors = {n: t.clone() for n, t in base.state_dict().items()}
+    before = {n: t.clone() for n, t in target.state_dict().items()}
+    assert apply_layer_deltas(target, tmp_path / "layers.safetensors", base_tensors) == sorted(layers)
+    for n, t in target.state_dict().items():
+        torch.testing.assert_close(t, before[n] + layers[n] - base_tensors[n], rtol=0, atol=1e-6)
+    part_before = {n: t.clone() for n, t in part.state_dict().items()}
+    assert apply_layer_deltas(part, tmp_path / "layers.safetensors", base_tensors, shared_only=True) == \
+        ["0.bias", "0.weight"]
+    torch.testing.assert_close(part.state_dict()["0.weight"], part_before["0.weight"] + layers["0.weight"]
+                               - base_tensors["0.weight"], rtol=0, atol=1e-6)
+    with pytest.raises(ClearLayersError, match="do not fit"):  # without shared_only every tensor must fit
+        apply_layer_deltas(part, tmp_path / "layers.safetensors", base_tensors)
+    unchanged = {n: t.clone() for n, t in target.state_dict().items()}
+    with pytest.raises(ClearLayersError, match="base model lacks 2"):
+        apply_layer_deltas(target, tmp_path / "layers.safetensors", {n: t for n, t in base_tensors.items()
+                                                                        if n.startswith("0.")})
+    assert all(torch.equal(t, unchanged[n]) for n, t in target.state_dict().items())  # nothing half-written
+
+
+def test_check_transfer_delta_on_schnell(tmp_path, monkeypatch):
+    monkeypatch.chdir(TESTBED.parents[1])  # the layers record their base as a path from the repository root
+    metrics = _run(tmp_path, "--target", str(MODELS / "schnell"), "--clear-layers", str(TESTBED / "layers" / "r8"),
+                   "--layers-mode", "delta")
+    setup = metrics["setup"]
+    assert setup["mode"] == "trained CLEAR layers (delta)" and setup["layers_base"] == "recipes/testbed/models/dev"
+    assert metrics["summary"]["psnr"] > 20

@@ -9,30 +9,41 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = ("dev", "schnell", "controlnet")
+# (row label, zero-shot report, distilled report) per radius
+ROWS = (
+    ("dev", "dev-zero-shot", "dev-distilled"),
+    ("schnell, layers replace schnell's tensors", "schnell-zero-shot", "schnell-distilled"),
+    ("schnell, layers' changes added to schnell's tensors (delta)", "schnell-zero-shot", "schnell-distilled-delta"),
+    ("dev + ControlNet, ControlNet attention zero-shot CLEAR", "controlnet-zero-shot", "controlnet-distilled"),
+    ("dev + ControlNet, ControlNet also gets the layers' changes", "controlnet-zero-shot",
+     "controlnet-distilled-layers"),
+    ("dev + ControlNet, ControlNet attention dense", "controlnet-dense-zero-shot", "controlnet-dense-distilled"),
+)
 
 
 def main(folder: Path) -> None:
-    def summary(target, mode, r):
-        return json.loads((folder / f"{target}-{mode}-r{r}" / "metrics.json").read_text())["summary"]
+    def summary(name, r):
+        return json.loads((folder / f"{name}-r{r}" / "metrics.json").read_text())["summary"]
 
-    radii = sorted({int(p.name.rsplit("-r", 1)[1]) for p in folder.glob("*-r*") if p.is_dir()}, reverse=True)
+    radii = sorted({int(p.name.rsplit("-r", 1)[1]) for p in folder.glob("*-r*") if p.is_dir()
+                    and p.name.rsplit("-r", 1)[1].isdigit()}, reverse=True)
     lines = ["| target | r | PSNR zero-shot (dB) | PSNR distilled (dB) | gain (dB) | share of dev's gain | "
              "SSIM zero-shot | SSIM distilled | latent MSE zero-shot | latent MSE distilled | condition MSE "
              "dense / zero-shot / distilled |", "|" + "---|" * 11]
     table = {}
     for r in radii:
-        dev_gain = summary("dev", "distilled", r)["psnr"] - summary("dev", "zero-shot", r)["psnr"]
-        for target in TARGETS:
-            z, d = summary(target, "zero-shot", r), summary(target, "distilled", r)
+        dev_gain = summary("dev-distilled", r)["psnr"] - summary("dev-zero-shot", r)["psnr"]
+        for label, zero_name, distilled_name in ROWS:
+            z, d = summary(zero_name, r), summary(distilled_name, r)
             gain = d["psnr"] - z["psnr"]
             share = gain / dev_gain if dev_gain else float("nan")
-            cond = (f"{z['condition_mse_original']:.4f} / {z['condition_mse_clear']:.4f} / "
-                    f"{d['condition_mse_clear']:.4f}" if "condition_mse_clear" in d else "")
-            lines.append(f"| {target} | {r} | {z['psnr']:.2f} | {d['psnr']:.2f} | {gain:+.2f} | "
-                         f"{'' if target == 'dev' else f'{share:.0%}'} | {z['ssim']:.4f} | {d['ssim']:.4f} | "
+            cond = (f"{z['condition_mse_original']:.5f} / {z['condition_mse_clear']:.5f} / "
+                    f"{d['condition_mse_clear']:.5f}" if "condition_mse_clear" in d else "")
+            lines.append(f"| {label} | {r} | {z['psnr']:.2f} | {d['psnr']:.2f} | {gain:+.2f} | "
+                         f"{'' if label == 'dev' else f'{share:.0%}'} | {z['ssim']:.4f} | {d['ssim']:.4f} | "
                          f"{z['latent_mse']:.4g} | {d['latent_mse']:.4g} | {cond} |")
-            table[f"{target}-r{r}"] = dict(zero_shot=z, distilled=d, gain_db=gain, share_of_dev_gain=share)
+            table[f"{distilled_name}-r{r}"] = dict(label=label, zero_shot=z, distilled=d, gain_db=gain,
+                                                   share_of_dev_gain=share)
     (folder / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
     text = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
     start, end = "<!-- table -->", "<!-- /table -->"

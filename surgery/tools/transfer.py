@@ -18,7 +18,8 @@ import torch
 
 from clear_surgery.hub import load_model, resolve_model
 from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
-from clear_surgery.hub.clear_layers import LayersSource, apply_layer_tensors, check_layer_fit, resolve_layers
+from clear_surgery.hub.clear_layers import (LayersSource, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
+                                            layer_shapes, resolve_layers)
 from clear_surgery.surgery import ClearConfig, apply_clear, family_of, family_for_class
 from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
 
@@ -26,6 +27,10 @@ from . import image_metrics
 from .pipeline import load_pipeline
 
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
+LAYERS_MODES = ("replace", "delta")
+# a ControlNet's own attention: dense; CLEAR zero-shot; CLEAR plus the layers' changes on the blocks it
+# shares with the target (a FLUX ControlNet starts as a copy of the first blocks)
+CONTROLNET_ATTENTION = ("dense", "clear", "layers")
 DIFF_GAIN = 4  # the difference column shows |original - CLEAR| x 4
 
 
@@ -109,6 +114,16 @@ def _controlnet_problems(transformer, controlnet) -> list[str]:
     return problems
 
 
+def _layers_base_tensors(layers: LayersSource | None, base: str | None) -> dict:
+    """The original values, in the model the layers were made from, of the tensors the layers hold."""
+    record = ((layers.meta or {}).get("base_model") or {}) if base is None else {"id": base}
+    if not record.get("id"):
+        raise InvalidValueError(f"CLEAR layers {layers.describe()} do not record the model they were made from: "
+                                "give it with --layers-base")
+    ref = resolve_model(record["id"], subfolder=record.get("subfolder"), revision=record.get("revision"))
+    return ref.read_tensors(list(layer_shapes(layers.file)))
+
+
 def _load_controlnet(source: str, transformer):
     ref = resolve_model(source)
     if "ControlNet" not in ref.model_class:
@@ -163,7 +178,7 @@ def _condition_errors(images: torch.Tensor, controls: list, kind: str) -> dict:
     import numpy as np
 
     h, w = images.shape[-2:]
-    given = torch.stack([torch.from_numpy(np.asarray(controls[i % len(controls)].resize((w, h), resample=3)))
+    given = torch.stack([torch.from_numpy(np.array(controls[i % len(controls)].resize((w, h), resample=3)))
                          .permute(2, 0, 1).float() / 255 for i in range(len(images))])
     target = image_metrics.condition_of(given, "gray")  # the control image is the condition map itself
     recomputed = image_metrics.condition_of(images, kind)
@@ -180,14 +195,26 @@ def _mean(values) -> float:
 
 def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, clear_layers: str | Path | None = None,
                    radius: float | None = None, controlnet: str | None = None, control_images=None,
-                   controlnet_attention: str = "clear", allow_radius_change: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+                   layers_mode: str = "replace", layers_base: str | None = None, controlnet_attention: str = "clear",
+                   allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
-    ``radius``), compare, and write the report folder ``out``. Returns the metrics."""
+    ``radius``), compare, and write the report folder ``out``. Returns the metrics.
+
+    ``layers_mode`` replace: the target's attention tensors become the layers' (right for the model
+    the layers were made from); delta: the target's own tensors plus what the layers changed in
+    their base model (``layers_base``, default the base their folder records) -- for a relative
+    whose attention weights moved in its own training (schnell from dev)."""
     if clear_layers is None and radius is None:
         raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
-    if controlnet_attention not in ("clear", "dense"):
-        raise InvalidValueError(f"controlnet attention must be clear or dense, got {controlnet_attention!r}")
+    if layers_mode not in LAYERS_MODES:
+        raise InvalidValueError(f"layers mode must be one of {LAYERS_MODES}, got {layers_mode!r}")
+    if layers_mode == "delta" and clear_layers is None:
+        raise InvalidValueError("--layers-mode delta needs --clear-layers")
+    if controlnet_attention not in CONTROLNET_ATTENTION:
+        raise InvalidValueError(f"controlnet attention must be one of {CONTROLNET_ATTENTION}, got "
+                                f"{controlnet_attention!r}")
+    if controlnet_attention == "layers" and clear_layers is None:
+        raise InvalidValueError("--controlnet-attention layers needs --clear-layers")
     if (controlnet is None) != (control_images is None):
         raise InvalidValueError("--controlnet and --control-images go together")
     layers: LayersSource | None = resolve_layers(clear_layers) if clear_layers is not None else None
@@ -204,6 +231,12 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         layers.check_target(type(transformer).__name__, radius, allow_radius_change=allow_radius_change)
         check_layer_fit({n: tuple(t.shape) for n, t in transformer.state_dict().items()}, layers.file,
                         f"the target's {type(transformer).__name__}")
+    base_tensors = _layers_base_tensors(layers, layers_base) if layers_mode == "delta" else None
+    if controlnet_attention == "layers" and base_tensors is None:  # replace: the target is the layers' base
+        state = transformer.state_dict()
+        base_tensors_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file)}
+    else:
+        base_tensors_cn = base_tensors
     if controlnet is not None:
         pipe = _controlnet_pipeline(pipe, _load_controlnet(controlnet, transformer))
     pipe.set_progress_bar_config(disable=True)
@@ -211,16 +244,24 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     with atomic_directory(out, overwrite) as tmp:
         original, original_latents = _generate(pipe, settings, controls, "dense" if progress else None)
         apply_clear(transformer, config)
-        if layers is not None:
+        if base_tensors is not None:
+            apply_layer_deltas(transformer, layers.file, base_tensors)
+        elif layers is not None:
             apply_layer_tensors(transformer, layers.file)
-        if controlnet is not None and controlnet_attention == "clear":
-            apply_clear(pipe.controlnet, config)  # zero-shot: the layers are the target's, not the ControlNet's
+        if controlnet is not None and controlnet_attention != "dense":
+            apply_clear(pipe.controlnet, config)
+            if controlnet_attention == "layers":
+                shared = apply_layer_deltas(pipe.controlnet, layers.file, base_tensors_cn, shared_only=True)
+                if not shared:
+                    raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}")
         clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
         metrics = _metrics(original, clear, original_latents, clear_latents, settings, controls)
         metrics["setup"] = {
             "target": str(target), "target_class": type(transformer).__name__,
             "clear_layers": str(layers.describe()) if layers else None, "radius": radius,
-            "mode": "trained CLEAR layers" if layers else "zero-shot", "controlnet": controlnet,
+            "mode": ("trained CLEAR layers" + (" (delta)" if base_tensors is not None else "")) if layers
+            else "zero-shot", "layers_base": str(layers_base or layers.base_model) if base_tensors is not None
+            else None, "controlnet": controlnet,
             "controlnet_attention": controlnet_attention if controlnet else None,
             "control_images": str(control_images) if control_images else None,
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
