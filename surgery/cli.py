@@ -136,6 +136,11 @@ def convert(
                                                     "OWNER/REPO/FILE on the Hub"),
     allow_radius_change: bool = typer.Option(False, help="use --clear-layers at a --radius other than the one "
                                                          "they were made for"),
+    layers_mode: str = typer.Option("replace", help="replace: the model's attention tensors become the layers'; "
+                                    "delta: the model's own plus what the layers changed in their base model (layers "
+                                    "made on FLUX.1-dev for FLUX.1-schnell)"),
+    layers_base: Optional[str] = typer.Option(None, help="delta: the model the layers were made from (default: "
+                                              "the one their folder records)"),
     out_format: str = typer.Option("full", "--format", help="full (whole model) | layers (only the CLEAR layers)"),
     radius_for: list[str] = typer.Option([], "--radius-for", help="PATTERN=R: another radius for matching modules"),
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
@@ -154,11 +159,14 @@ def convert(
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
     with user_errors():
         check(out_format in ("full", "layers"), f"--format must be full or layers, got {out_format!r}")
+        check(layers_mode in ("replace", "delta"), f"--layers-mode must be replace or delta, got {layers_mode!r}")
+        check(layers_mode == "replace" or clear_layers is not None, "--layers-mode delta needs --clear-layers")
         output_folder("--out", out, overwrite)
         in_range("--radius", radius, 0)
         rules = _radius_rules(radius_for)
         shard_bytes = size_in_bytes("--max-shard-size", max_shard_size)
         _check_sources(model, clear_layers)
+        _check_sources(layers_base)
         from clear_surgery.hub import parse_dtype
         from clear_surgery.hub.clear_layers import resolve_layers
         from clear_surgery.surgery import ClearConfig
@@ -179,7 +187,7 @@ def convert(
             step("analyze, rewrite, verify, write")
             result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers, out_format=out_format,
                          overwrite=overwrite, max_shard_size=shard_bytes, link=link,
-                         allow_radius_change=allow_radius_change)
+                         allow_radius_change=allow_radius_change, layers_mode=layers_mode, layers_base=layers_base)
             step.finish()
     typer.echo(result.analysis.table())
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"

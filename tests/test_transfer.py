@@ -154,3 +154,43 @@ def test_check_transfer_delta_on_schnell(tmp_path, monkeypatch):
     setup = metrics["setup"]
     assert setup["mode"] == "trained CLEAR layers (delta)" and setup["layers_base"] == "recipes/testbed/models/dev"
     assert metrics["summary"]["psnr"] > 20
+
+
+def test_convert_carries_layers_as_a_delta(tmp_path, monkeypatch):
+    """convert --layers-mode delta (streamed from files): schnell's tensors + (layers - dev's), the rest as is."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(TESTBED.parents[1])
+    out = tmp_path / "schnell-clear"
+    assert main(["convert", "-m", str(MODELS / "schnell"), "--clear-layers", str(TESTBED / "layers" / "r8"),
+                 "--layers-mode", "delta", "-o", str(out)]) == 0
+    got = load_file(out / "diffusion_pytorch_model.safetensors")
+    schnell = load_file(MODELS / "schnell" / "transformer" / "diffusion_pytorch_model.safetensors")
+    dev = load_file(MODELS / "dev" / "transformer" / "diffusion_pytorch_model.safetensors")
+    layers = load_file(TESTBED / "layers" / "r8" / "clear_layers.safetensors")
+    assert set(got) == set(schnell)
+    for name, value in got.items():
+        expected = schnell[name] + layers[name] - dev[name] if name in layers else schnell[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
+    record = json.loads((out / "clear_config.json").read_text())
+    assert record["training"]["carried_by"] == {"mode": "delta", "layers_base": "recipes/testbed/models/dev"}
+
+
+def test_convert_delta_in_memory_of_unchanged_layers_keeps_the_target(tmp_path):
+    """Layers that changed nothing in their base (zero-shot layers of tiny-flux) carried to tiny-flux-schnell as a
+    delta leave schnell's tensors as they are; replacing puts tiny-flux's in their place."""
+    from clear_surgery.hub import load_model
+
+    layers = tmp_path / "layers"
+    assert main(["convert", "-m", "builtin:tiny-flux", "-r", "4", "--format", "layers", "-o", str(layers)]) == 0
+    for mode in ("delta", "replace"):
+        assert main(["convert", "-m", "builtin:tiny-flux-schnell", "--clear-layers", str(layers), "--layers-mode",
+                     mode, "-o", str(tmp_path / mode)]) == 0
+    from clear_surgery.surgery import load_builtin
+
+    schnell, dev = load_builtin("tiny-flux-schnell").state_dict(), load_builtin("tiny-flux").state_dict()
+    delta, _ = load_model(str(tmp_path / "delta"))
+    replace, _ = load_model(str(tmp_path / "replace"))
+    name = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(schnell[name], dev[name])
+    assert torch.equal(delta.state_dict()[name], schnell[name]) and torch.equal(replace.state_dict()[name], dev[name])

@@ -5,7 +5,8 @@ loading it: the analysis and the rewrite's re-trace check run on a meta-device i
 class, every shard's header is checked against that class, and the output folder gets the same
 tensors (hard links where the filesystem allows, else streamed copies). Only what changes is
 rewritten, one tensor at a time: ``--dtype`` casts, ``--clear-layers`` replaces the attention
-tensors the layers file holds, ``--format layers`` reads just the tensors it writes. Built-in models
+tensors the layers file holds (``--layers-mode delta``: adds what they changed in their base model
+instead), ``--format layers`` reads just the tensors it writes. Built-in models
 live in memory and are saved from there. The output folder is written atomically either way.
 """
 
@@ -21,15 +22,18 @@ from tqdm.auto import tqdm
 from clear_surgery.hub import load_model, resolve_model, save_clear_layers, save_converted
 from clear_surgery.hub.atomic import atomic_directory, write_json
 from clear_surgery.hub.checkpoint import INDEX_NAME, check_specs, read_headers, read_json, skeleton, weight_files
-from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, LayersSource, apply_layer_tensors,
-                                            check_layer_fit, file_provenance, layers_meta, resolve_layers, select_names)
+from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, ClearLayersError, LayersSource,
+                                            apply_layer_deltas, apply_layer_tensors, check_layer_fit, file_provenance,
+                                            layer_shapes, layers_meta, resolve_layers, select_names)
 from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
 from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
 from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard, write_tensors
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
+from clear_surgery.surgery.errors import InvalidValueError
 
 FORMATS = ("full", "layers")
+LAYERS_MODES = ("replace", "delta")
 
 
 @dataclass
@@ -53,19 +57,50 @@ def default_radius(ref: ModelRef, layers: LayersSource | None) -> float:
     raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file, or a CLEAR folder)")
 
 
+def layers_base_ref(layers: LayersSource, base: str | None = None) -> ModelRef:
+    """The model CLEAR layers were made from: ``base`` if given, else the one their folder records."""
+    record = ((layers.meta or {}).get("base_model") or {}) if base is None else {"id": base}
+    if not record.get("id"):
+        raise InvalidValueError(f"CLEAR layers {layers.describe()} do not record the model they were made from: "
+                                "give it with --layers-base")
+    return resolve_model(record["id"], subfolder=record.get("subfolder"), revision=record.get("revision"))
+
+
+def base_tensors(ref: ModelRef, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the model ``ref`` (a built-in is built; files are read tensor by tensor)."""
+    if ref.kind == BUILTIN:
+        state = load_model(ref)[0].state_dict()
+        return {n: state[n] for n in names if n in state}
+    return ref.read_tensors(names)
+
+
+def _delta(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor, name: str) -> torch.Tensor:
+    if not target.shape == layer.shape == base.shape:
+        raise ClearLayersError(f"{name}: target {tuple(target.shape)}, layers {tuple(layer.shape)}, base "
+                               f"{tuple(base.shape)}")
+    return (target.double() + layer.double() - base.double()).to(target.dtype)
+
+
 def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
             subfolder: str | None = None, revision: str | None = None, dtype: torch.dtype | None = None,
             clear_layers: str | Path | LayersSource | None = None, out_format: str = "full", overwrite: bool = False,
             max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True,
-            allow_radius_change: bool = False) -> ConvertResult:
+            allow_radius_change: bool = False, layers_mode: str = "replace",
+            layers_base: str | None = None) -> ConvertResult:
     """Convert ``source`` to CLEAR and write ``out`` (``out_format`` full: the whole model; layers: the
     CLEAR layers). ``clear_layers``: a CLEAR-layers folder or a safetensors file (``resolve_layers``); they
     must be made for the model's architecture and, unless ``allow_radius_change``, for ``config``'s radius.
     ``config`` None: the radius comes from ``clear_layers`` or the CLEAR folder.
     ``link``: unchanged files of a model read from files are hard links to the source's (where the
-    filesystem allows), else byte copies."""
+    filesystem allows), else byte copies. ``layers_mode`` delta: the model's own attention tensors plus
+    what the layers changed in the model they were made from (``layers_base``, default the one their
+    folder records): how layers made on FLUX.1-dev carry over to FLUX.1-schnell."""
     if out_format not in FORMATS:
         raise ValueError(f"--format must be full or layers, got {out_format!r}")
+    if layers_mode not in LAYERS_MODES:
+        raise InvalidValueError(f"--layers-mode must be replace or delta, got {layers_mode!r}")
+    if layers_mode == "delta" and clear_layers is None:
+        raise InvalidValueError("--layers-mode delta needs --clear-layers")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
@@ -81,21 +116,26 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     layers_file = layers.file if layers is not None else None
     provenance = ((layers.meta or {}).get("training") or file_provenance(layers_file) if layers is not None
                   else (ref.meta or {}).get("training"))
+    delta_base = layers_base_ref(layers, layers_base) if layers_mode == "delta" else None
+    if delta_base is not None:
+        provenance = {**(provenance or {}), "carried_by": {"mode": "delta", "layers_base": delta_base.source}}
     weights_ref, base_record = ref, ref.record()
     if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
         weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE
     if weights_ref.kind == BUILTIN:
         return _convert_in_memory(weights_ref, out, config, dtype, layers_file, out_format, overwrite,
-                                  max_shard_size, base_record, provenance)
+                                  max_shard_size, base_record, provenance, delta_base)
     return _convert_files(weights_ref, out, config, dtype, layers_file, out_format, overwrite, base_record,
-                          provenance, link, progress)
+                          provenance, link, progress, delta_base)
 
 
 def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwrite, max_shard_size, base_record,
-                       provenance) -> ConvertResult:
+                       provenance, delta_base) -> ConvertResult:
     model, _ = load_model(ref, dtype=dtype)
     analysis = apply_clear(model, config, provenance=provenance)
-    if layers_file is not None:
+    if delta_base is not None:
+        apply_layer_deltas(model, layers_file, base_tensors(delta_base, list(layer_shapes(layers_file))))
+    elif layers_file is not None:
         apply_layer_tensors(model, layers_file)
     if out_format == "layers":
         save_clear_layers(model, out, base_model=base_record, overwrite=overwrite)
@@ -105,7 +145,7 @@ def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwri
 
 
 def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, base_record, provenance, link,
-                   progress) -> ConvertResult:
+                   progress, delta_base) -> ConvertResult:
     folder = ref.local_folder()
     files = weight_files(folder)
     if not files:
@@ -117,11 +157,25 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
     meta_model = skeleton(cls, model_config)  # the model on the meta device: names and shapes, no memory
     check_specs(meta_model, specs, folder)
     replacements = {}
+    source_of = {name: h for h in headers for name in h.tensors}
     if layers_file is not None:
         check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__)
         layers = read_header(layers_file)
         replacements = {name: (lambda name=name: read_tensor(layers, name)) for name in layers.tensors}
-    source_of = {name: h for h in headers for name in h.tensors}
+    if delta_base is not None:  # one tensor of each of the three at a time
+        if delta_base.kind == BUILTIN:
+            held = base_tensors(delta_base, list(layers.tensors))
+            base_of, read_base = held, (lambda name: held[name])
+        else:
+            base_of = {name: h for h in read_headers(weight_files(delta_base.local_folder())) for name in h.tensors}
+            read_base = (lambda name: read_tensor(base_of[name], name))
+        missing = sorted(set(layers.tensors) - set(base_of))
+        if missing:
+            raise ClearLayersError(f"the layers' base {delta_base.source} lacks {len(missing)} of their tensors, "
+                                   f"e.g. {missing[0]}")
+        replacements = {name: (lambda name=name: _delta(read_tensor(source_of[name], name), read_tensor(layers, name),
+                                                        read_base(name), name))
+                        for name in layers.tensors}
     with atomic_directory(out, overwrite) as tmp:
         link_or_copy(folder / "config.json", tmp / "config.json", link)
         counts = {}

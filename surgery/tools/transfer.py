@@ -24,10 +24,10 @@ from clear_surgery.surgery import ClearConfig, apply_clear, family_of, family_fo
 from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
 
 from . import image_metrics
+from .convert import LAYERS_MODES, base_tensors, layers_base_ref
 from .pipeline import load_pipeline
 
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
-LAYERS_MODES = ("replace", "delta")
 # a ControlNet's own attention: dense; CLEAR zero-shot; CLEAR plus the layers' changes on the blocks it
 # shares with the target (a FLUX ControlNet starts as a copy of the first blocks)
 CONTROLNET_ATTENTION = ("dense", "clear", "layers")
@@ -116,12 +116,7 @@ def _controlnet_problems(transformer, controlnet) -> list[str]:
 
 def _layers_base_tensors(layers: LayersSource | None, base: str | None) -> dict:
     """The original values, in the model the layers were made from, of the tensors the layers hold."""
-    record = ((layers.meta or {}).get("base_model") or {}) if base is None else {"id": base}
-    if not record.get("id"):
-        raise InvalidValueError(f"CLEAR layers {layers.describe()} do not record the model they were made from: "
-                                "give it with --layers-base")
-    ref = resolve_model(record["id"], subfolder=record.get("subfolder"), revision=record.get("revision"))
-    return ref.read_tensors(list(layer_shapes(layers.file)))
+    return base_tensors(layers_base_ref(layers, base), list(layer_shapes(layers.file)))
 
 
 def _load_controlnet(source: str, transformer):
@@ -231,12 +226,12 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         layers.check_target(type(transformer).__name__, radius, allow_radius_change=allow_radius_change)
         check_layer_fit({n: tuple(t.shape) for n, t in transformer.state_dict().items()}, layers.file,
                         f"the target's {type(transformer).__name__}")
-    base_tensors = _layers_base_tensors(layers, layers_base) if layers_mode == "delta" else None
-    if controlnet_attention == "layers" and base_tensors is None:  # replace: the target is the layers' base
+    base_values = _layers_base_tensors(layers, layers_base) if layers_mode == "delta" else None
+    if controlnet_attention == "layers" and base_values is None:  # replace: the target is the layers' base
         state = transformer.state_dict()
-        base_tensors_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file)}
+        base_values_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file)}
     else:
-        base_tensors_cn = base_tensors
+        base_values_cn = base_values
     if controlnet is not None:
         pipe = _controlnet_pipeline(pipe, _load_controlnet(controlnet, transformer))
     pipe.set_progress_bar_config(disable=True)
@@ -244,14 +239,14 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     with atomic_directory(out, overwrite) as tmp:
         original, original_latents = _generate(pipe, settings, controls, "dense" if progress else None)
         apply_clear(transformer, config)
-        if base_tensors is not None:
-            apply_layer_deltas(transformer, layers.file, base_tensors)
+        if base_values is not None:
+            apply_layer_deltas(transformer, layers.file, base_values)
         elif layers is not None:
             apply_layer_tensors(transformer, layers.file)
         if controlnet is not None and controlnet_attention != "dense":
             apply_clear(pipe.controlnet, config)
             if controlnet_attention == "layers":
-                shared = apply_layer_deltas(pipe.controlnet, layers.file, base_tensors_cn, shared_only=True)
+                shared = apply_layer_deltas(pipe.controlnet, layers.file, base_values_cn, shared_only=True)
                 if not shared:
                     raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}")
         clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
@@ -259,8 +254,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         metrics["setup"] = {
             "target": str(target), "target_class": type(transformer).__name__,
             "clear_layers": str(layers.describe()) if layers else None, "radius": radius,
-            "mode": ("trained CLEAR layers" + (" (delta)" if base_tensors is not None else "")) if layers
-            else "zero-shot", "layers_base": str(layers_base or layers.base_model) if base_tensors is not None
+            "mode": ("trained CLEAR layers" + (" (delta)" if base_values is not None else "")) if layers
+            else "zero-shot", "layers_base": str(layers_base or layers.base_model) if base_values is not None
             else None, "controlnet": controlnet,
             "controlnet_attention": controlnet_attention if controlnet else None,
             "control_images": str(control_images) if control_images else None,
