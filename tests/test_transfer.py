@@ -194,3 +194,26 @@ def test_convert_delta_in_memory_of_unchanged_layers_keeps_the_target(tmp_path):
     name = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(schnell[name], dev[name])
     assert torch.equal(delta.state_dict()[name], schnell[name]) and torch.equal(replace.state_dict()[name], dev[name])
+
+
+def test_clip_and_dino_similarity_run_from_local_folders(tmp_path, monkeypatch):
+    """The learned metrics' code paths, with tiny random backbones saved locally (no weights are downloaded)."""
+    from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                              Dinov2Config, Dinov2Model)
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**small, projection_dim=16)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(**sizes).save_pretrained(tmp_path / "clip")
+    Dinov2Model(Dinov2Config(**small)).save_pretrained(tmp_path / "dino")
+    BitImageProcessor(**sizes).save_pretrained(tmp_path / "dino")
+    monkeypatch.setattr(m.LearnedMetrics, "clip_model", str(tmp_path / "clip"))
+    monkeypatch.setattr(m.LearnedMetrics, "dino_model", str(tmp_path / "dino"))
+    learned = m.LearnedMetrics()
+    assert {"clip", "dino"} <= set(learned.available)
+    a, b = _images(h=64, w=64), _images(seed=5, h=64, w=64)
+    same, other = learned.compute(a, a.clone()), learned.compute(a, b)
+    for key in ("clip_similarity", "dino_similarity"):
+        assert same[key] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert all(s < 0.9999 for s in other[key])
