@@ -12,6 +12,19 @@ from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+def read_toml(path: str | Path, what: str = "recipe", error=InvalidValueError) -> dict:
+    """A TOML file's table; a missing or malformed file is one ``error`` naming it."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidValueError(message)

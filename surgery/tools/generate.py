@@ -8,12 +8,13 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from clear_surgery.surgery import family_of, get_clear_state
 from clear_surgery.surgery.errors import InvalidValueError
+
+from .arguments import read_toml
 
 from .pipeline import load_pipeline
 
@@ -66,15 +67,7 @@ class GenerateSettings:
     @classmethod
     def from_recipe(cls, path, **overrides) -> "GenerateSettings":
         """Settings from a TOML recipe's [generate] table, then ``overrides`` (None values ignored)."""
-        import dataclasses
-        import tomllib
-
-        try:
-            table = tomllib.loads(Path(path).read_text()).get("generate", {})
-        except FileNotFoundError:
-            raise GenerateError(f"recipe file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise GenerateError(f"recipe {path} is not valid TOML: {err}") from None
+        table = read_toml(path, error=GenerateError).get("generate", {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(table) - known)
         if unknown:

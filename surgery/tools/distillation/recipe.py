@@ -15,6 +15,7 @@ from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
 from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig
 from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.tools.arguments import read_toml
 
 RECIPE_VERSION = 1
 OFFICIAL_ATTENTION_LAYERS = "official"  # single-stream blocks with index % 4 == 0, as the official code
@@ -310,10 +311,4 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides=(), base_dir: Pa
 def load_recipe(path: str | Path, overrides=()) -> DistillRecipe:
     """Read and validate a recipe; ``overrides`` are 'table.key=value' strings (values in TOML syntax)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"recipe {path} is not valid TOML: {err}") from err
-    return parse_recipe(raw, str(path), overrides, base_dir=path.parent)
+    return parse_recipe(read_toml(path, error=RecipeError), str(path), overrides, base_dir=path.parent)
