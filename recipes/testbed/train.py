@@ -16,8 +16,8 @@ Stages (saved as diffusers folders under --out at the end):
     python recipes/testbed/photos.py --out photos.safetensors        # where scikit-image is installed
     python recipes/testbed/train.py --photos photos.safetensors --out recipes/testbed/models --device cuda
 
---steps-scale shrinks every stage (the tests run it at a few steps); --max-minutes caps each stage's
-time (the steps done are written to training.json).
+--steps-scale shrinks every stage (a few steps on CPU: a smoke run); --max-minutes caps each stage's
+time (the steps done are written to training.json); --replay training.json repeats a capped run's schedule.
 """
 
 from __future__ import annotations
@@ -153,10 +153,12 @@ def gray(images):
 class Stage:
     """One training loop: AdamW with warm-up and cosine decay, a progress bar, a time cap."""
 
-    def __init__(self, name, params, steps, lr, device, max_minutes, record):
+    def __init__(self, name, params, args, record):
         from tqdm.auto import tqdm
 
+        steps, lr, device, max_minutes = args.steps[name], LR[name], args.device, args.max_minutes
         self.name, self.steps, self.device, self.record = name, steps, device, record
+        self.stop_at = args.stop_at.get(name, steps)  # --replay: where the recorded run stopped
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         warmup = max(1, min(200, steps // 10))
@@ -171,7 +173,7 @@ class Stage:
         return torch.autocast(self.device.type, enabled=False)
 
     def __iter__(self):
-        for step in range(self.steps):
+        for step in range(self.stop_at):
             if time.time() > self.deadline:
                 print(f"{self.name}: time cap reached after {step} steps", flush=True)
                 break
@@ -199,7 +201,7 @@ class Stage:
 
 def train_vae(crops, args, record):
     vae = build_vae().to(args.device).train()
-    stage = Stage("vae", vae.parameters(), args.steps["vae"], LR["vae"], args.device, args.max_minutes, record)
+    stage = Stage("vae", vae.parameters(), args, record)
     for _ in stage:
         x, _ = crops.batch(BATCH["vae"])
         with stage.autocast():
@@ -239,7 +241,7 @@ def train_dev(vae, crops, tokenizer, args, record):
     text = Text(tokenizer, clip, t5, device)
     pool, _, labels = latent_pool(vae, crops, args.pool)
     params = [*model.parameters(), *clip.parameters(), *t5.parameters()]
-    stage = Stage("dev", params, args.steps["dev"], LR["dev"], device, args.max_minutes, record)
+    stage = Stage("dev", params, args, record)
     for _ in stage:
         pick = torch.randint(len(pool), (BATCH["dev"],), device=device)
         caption = torch.where(torch.rand(len(pick), device=device) < 0.1, text.empty, labels[pick])
@@ -253,8 +255,7 @@ def train_dev(vae, crops, tokenizer, args, record):
     clip.eval().requires_grad_(False)
     t5.eval().requires_grad_(False)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    stage = Stage("guidance", model.parameters(), args.steps["guidance"], LR["guidance"], device, args.max_minutes,
-                  record)
+    stage = Stage("guidance", model.parameters(), args, record)
     for _ in stage:
         pick = torch.randint(len(pool), (BATCH["guidance"],), device=device)
         x_t, sigma, _ = noisy(pool[pick])
@@ -307,8 +308,7 @@ def train_schnell(dev, dev_pipe, text, args, record):
     noise, x0, labels = reflow_pairs(dev_pipe, args.pairs, device, seed=1)
     grid = torch.arange(1, SCHNELL_STEPS + 1, device=device) / SCHNELL_STEPS  # the sigmas schnell samples at
     model.train()
-    stage = Stage("schnell", model.parameters(), args.steps["schnell"], LR["schnell"], device, args.max_minutes,
-                  record)
+    stage = Stage("schnell", model.parameters(), args, record)
     for _ in stage:
         pick = torch.randint(len(x0), (BATCH["schnell"],), device=device)
         sigma = torch.where(torch.rand(len(pick), device=device) < 0.5, grid[torch.randint(len(grid), pick.shape,
@@ -333,8 +333,7 @@ def train_controlnet(dev, vae, crops, text, args, record):
                                                       num_attention_heads=TRANSFORMER["num_attention_heads"])
     controlnet = controlnet.to(device).train()
     pool, conds, labels = latent_pool(vae, crops, args.pool, condition=True)
-    stage = Stage("controlnet", controlnet.parameters(), args.steps["controlnet"], LR["controlnet"], device,
-                  args.max_minutes, record)
+    stage = Stage("controlnet", controlnet.parameters(), args, record)
     img_ids, txt_ids = ids(device)
     for _ in stage:
         pick = torch.randint(len(pool), (BATCH["controlnet"],), device=device)
@@ -365,10 +364,18 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="time cap per stage")
+    parser.add_argument("--replay", type=Path, help="a training.json: plan each stage as it did and stop where it "
+                                                     "stopped (reproduces a run that hit --max-minutes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     args.steps = {k: max(2, round(v * args.steps_scale)) for k, v in STEPS.items()}
+    args.stop_at = {}
+    if args.replay:
+        done = json.loads(args.replay.read_text())
+        args.steps_scale = done["steps_scale"]
+        args.steps = {k: done[k]["planned_steps"] for k in STEPS}
+        args.stop_at = {k: done[k]["steps"] for k in STEPS}
     args.pool = max(256, round(16384 * min(1.0, args.steps_scale)))
     args.pairs = max(64, round(4096 * min(1.0, args.steps_scale)))
     torch.manual_seed(args.seed)
