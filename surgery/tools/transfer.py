@@ -234,6 +234,11 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         base_values_cn = base_values
     if controlnet is not None:
         pipe = _controlnet_pipeline(pipe, _load_controlnet(controlnet, transformer))
+        cn_state = pipe.controlnet.state_dict()
+        if controlnet_attention == "layers" and not any(
+                n in cn_state and tuple(cn_state[n].shape) == shape for n, shape in layer_shapes(layers.file).items()):
+            raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}: use "
+                                "--controlnet-attention clear or dense")
     pipe.set_progress_bar_config(disable=True)
 
     with atomic_directory(out, overwrite) as tmp:
@@ -246,9 +251,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         if controlnet is not None and controlnet_attention != "dense":
             apply_clear(pipe.controlnet, config)
             if controlnet_attention == "layers":
-                shared = apply_layer_deltas(pipe.controlnet, layers.file, base_values_cn, shared_only=True)
-                if not shared:
-                    raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}")
+                apply_layer_deltas(pipe.controlnet, layers.file, base_values_cn, shared_only=True)
         clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
         metrics = _metrics(original, clear, original_latents, clear_latents, settings, controls)
         metrics["setup"] = {
