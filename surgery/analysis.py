@@ -54,6 +54,9 @@ class AnalysisReport:
     image_tokens: int
     sites: list[AttentionSite] = field(default_factory=list)
     op_counts: dict[str, int] = field(default_factory=dict)  # compute ops, for rewrite verification
+    # "torch.export" (the graph), or "run time" (the attention calls of one eager forward, for models
+    # torch.export cannot trace; no op counts, so a rewrite of such a model cannot be verified)
+    method: str = "torch.export"
 
     @property
     def joint_sites(self) -> list[AttentionSite]:
@@ -81,12 +84,13 @@ class AnalysisReport:
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         title = (f"{self.model_class}: {self.describe()}; example call with {self.text_tokens} text "
-                 f"and {self.image_tokens} image tokens")
+                 f"and {self.image_tokens} image tokens" + ("" if self.method == "torch.export" else
+                                                            f"; analyzed at {self.method}"))
         return "\n".join([title, *lines])
 
     def to_dict(self) -> dict:
         return {"model_class": self.model_class, "text_tokens": self.text_tokens,
-                "image_tokens": self.image_tokens, "sites": [asdict(s) for s in self.sites]}
+                "image_tokens": self.image_tokens, "method": self.method, "sites": [asdict(s) for s in self.sites]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -94,7 +98,8 @@ class AnalysisReport:
     @classmethod
     def from_dict(cls, data: dict) -> "AnalysisReport":
         sites = [AttentionSite(**s) for s in data["sites"]]
-        return cls(data["model_class"], data["text_tokens"], data["image_tokens"], sites)
+        return cls(data["model_class"], data["text_tokens"], data["image_tokens"], sites,
+                   method=data.get("method", "torch.export"))
 
 
 def _shape(node) -> tuple[int, ...]:
@@ -146,13 +151,33 @@ def _compute_op_counts(graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _classify(model, family: ModelFamily | None, node, text: int, image: int) -> AttentionSite:
+@dataclass
+class AttentionCall:
+    """What the classification needs of one attention call, however it was observed."""
+
+    is_clear: bool
+    q_shape: tuple[int, ...]  # SDPA: (batch, heads, tokens, dim); clear::attention: (batch, tokens, heads, dim)
+    k_shape: tuple[int, ...]
+    module: str
+    masked: bool
+    find_order: object  # () -> "text_first" | "image_first" | None: how text and image were joined
+
+
+def _graph_call(node, text: int, image: int) -> AttentionCall:
     is_clear = node.target == CLEAR_OP
-    q, k = node.args[0], node.args[1]
-    qs, ks = _shape(q), _shape(k)
-    # SDPA: (batch, heads, tokens, dim); clear::attention: (batch, tokens, heads, dim).
+    q = node.args[0]
+    if is_clear:
+        order = (lambda: "text_first" if node.args[4] else "image_first")
+    else:
+        order = (lambda: _find_order(q, text, image))
+    masked = not is_clear and (len(node.args) > 3 and node.args[3] is not None
+                               or node.kwargs.get("attn_mask") is not None)
+    return AttentionCall(is_clear, _shape(q), _shape(node.args[1]), _owner(node), masked, order)
+
+
+def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int, image: int) -> AttentionSite:
+    is_clear, qs, ks, module = call.is_clear, call.q_shape, call.k_shape, call.module
     (q_len, heads), k_len = ((qs[1], qs[2]), ks[1]) if is_clear else ((qs[2], qs[1]), ks[2])
-    module = _owner(node)
     try:
         processor = model.get_submodule(module).processor if module != "<root>" else None
     except AttributeError:
@@ -161,7 +186,7 @@ def _classify(model, family: ModelFamily | None, node, text: int, image: int) ->
     if q_len != k_len:
         kind = "cross"
     elif q_len == text + image:
-        order = ("text_first" if node.args[4] else "image_first") if is_clear else _find_order(q, text, image)
+        order = call.find_order()
         kind = "joint" if order else "other"
     elif q_len == image:
         kind = "image"
@@ -181,7 +206,7 @@ def _classify(model, family: ModelFamily | None, node, text: int, image: int) ->
                                                            "concatenation of two streams before attention)"
                                                      if q_len == text + image else
                                                      f"sequence of {q_len} tokens is not text+image")
-    elif not is_clear and (len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None):
+    elif call.masked:
         reason = "uses an attention mask"
     elif processor is None:
         reason = "no diffusers attention module owns this call"
@@ -201,8 +226,10 @@ def _classify(model, family: ModelFamily | None, node, text: int, image: int) ->
 
 def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text_tokens: int | None = None,
             image_tokens: int | None = None, grid: tuple[int, int] | None = None,
-            family: ModelFamily | None = None) -> AnalysisReport:
+            family: ModelFamily | None = None, run_time_fallback: bool = True) -> AnalysisReport:
     """Trace ``model`` with torch.export on a small example call and report every attention site.
+    Where torch.export cannot trace it (data-dependent shapes), the sites come from the SDPA calls of
+    one eager forward (``report.method`` says which); ``run_time_fallback=False`` raises instead.
 
     For a known family the example call is built from the config (``family``: already resolved by
     the caller, else looked up); for other models pass ``example_inputs_`` (kwargs of forward) with
@@ -218,15 +245,80 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
         raise ValueError("with example inputs, also pass text_tokens and image_tokens")
     elif family is None:
         family = family_for_class(type(model).__name__)
-    with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
-        program = _export_quietly(model, example_inputs_)
     report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
-    for node in program.graph.nodes:
-        if node.op == "call_function" and (node.target in SDPA_OPS or node.target == CLEAR_OP):
-            report.sites.append(_classify(model, family, node, text_tokens, image_tokens))
-    report.op_counts = _compute_op_counts(program.graph)
+    with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
+        try:
+            program = _export_quietly(model, example_inputs_)
+        except Exception as err:  # data-dependent shapes and the like: watch one eager forward instead
+            if not run_time_fallback:
+                raise
+            report.method = f"run time (torch.export: {type(err).__name__})"
+            calls = attention_calls(model, example_inputs_, text_tokens, image_tokens)
+        else:
+            calls = [_graph_call(node, text_tokens, image_tokens) for node in program.graph.nodes
+                     if node.op == "call_function" and (node.target in SDPA_OPS or node.target == CLEAR_OP)]
+            report.op_counts = _compute_op_counts(program.graph)
+    report.sites = [_classify(model, family, call, text_tokens, image_tokens) for call in calls]
     _mark_duplicate_owners(report)
     return report
+
+
+class _CallRecorder(torch.overrides.TorchFunctionMode):
+    """Records SDPA calls with the module that makes them, and how text and image were joined: the
+    last two-way concatenation of a text-sized and an image-sized part inside that module, else the
+    last one anywhere before the call (a model that joins the streams once, before its blocks).
+    The graph analysis follows the query's own inputs; eager calls carry no lineage, so this is the
+    nearest run-time equivalent."""
+
+    def __init__(self, text: int, image: int, stack: list[str]):
+        super().__init__()
+        self.text, self.image, self.stack = text, image, stack
+        self.calls: list[AttentionCall] = []
+        self.order: dict[str | None, str] = {}  # module -> order; None: the last one anywhere
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        module = self.stack[-1] if self.stack else "<root>"
+        if func in (torch.cat, torch.concat, torch.concatenate):
+            parts = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if len(parts) == 2 and all(isinstance(p, torch.Tensor) and p.dim() > 0 for p in parts):
+                sizes = [p.shape[dim] for p in parts]
+                if sizes in ([self.text, self.image], [self.image, self.text]):
+                    self.order[module] = self.order[None] = "text_first" if sizes[0] == self.text else "image_first"
+        elif func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            order = self.order.get(module, self.order.get(None))
+            self.calls.append(AttentionCall(False, tuple(q.shape), tuple(k.shape), module, mask is not None,
+                                            lambda order=order: order))
+        return func(*args, **kwargs)
+
+
+def attention_calls(model: torch.nn.Module, inputs: dict, text: int, image: int) -> list[AttentionCall]:
+    """The attention calls of one eager forward of ``model`` (for models torch.export cannot trace)."""
+    stack: list[str] = []
+
+    def enter(name):
+        return lambda module, args: stack.append(name)  # None: the call's arguments are kept
+
+    def leave(module, args, output):
+        stack.pop()  # returns None, so the module's output is kept
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(enter(name)))
+            hooks.append(module.register_forward_hook(leave))
+    recorder = _CallRecorder(text, image, stack)
+    try:
+        with torch.no_grad(), recorder:
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return recorder.calls
 
 
 def _export_quietly(model, inputs):

@@ -123,7 +123,10 @@ def default_tile(head_dim: int, radius: float) -> tuple[int, int]:
 
 
 def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
-    after = analyze(model, family=family)
+    if before.method != "torch.export":  # a run-time analysis has no graph to compare
+        raise RewriteError(f"{type(model).__name__} was analyzed at {before.method}: without a traced graph the "
+                           "rewrite cannot be verified")
+    after = analyze(model, family=family, run_time_fallback=False)
     problems = []
     if [s.module for s in after.sites] != [s.module for s in before.sites]:
         problems.append("the attention sites changed")

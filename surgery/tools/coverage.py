@@ -381,7 +381,8 @@ def coverage_rows() -> list[dict]:
             kinds[site.kind] = kinds.get(site.kind, 0) + 1
         orders = sorted({s.order for s in report.joint_sites})
         reasons = sorted({s.reason for s in report.sites if s.kind == "joint" and not s.supported})
-        row["sites"] = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        row["sites"] = (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none") + (
+            "" if report.method == "torch.export" else f" (analyzed at {report.method})")
         row["layout"] = ", ".join(orders) or "-"
         if report.joint_sites and not reasons:
             row["rewrite"] = _rewrite_check(model, inputs, report)
