@@ -421,5 +421,7 @@ def test_failed_trace_prints_no_graph(capfd):
     model, inputs, text, image = build()
     capfd.readouterr()
     with pytest.raises(Exception):
-        analyze(model, inputs, text_tokens=text, image_tokens=image)
+        analyze(model, inputs, text_tokens=text, image_tokens=image, run_time_fallback=False)
     assert "def forward" not in capfd.readouterr().err
+    report = analyze(model, inputs, text_tokens=text, image_tokens=image)  # falls back to the run-time analysis
+    assert report.method.startswith("run time") and "def forward" not in capfd.readouterr().err
