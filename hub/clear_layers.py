@@ -101,6 +101,12 @@ def apply_layer_tensors(model, path: str | os.PathLike) -> list[str]:
     return sorted(header.tensors)
 
 
+def add_layer_change(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``target + (layer - base)`` in float64, back in the target's dtype: what a layer tensor changed in
+    its base model, carried to another model's tensor."""
+    return (target.double() + layer.double() - base.double()).to(target.dtype)
+
+
 def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, torch.Tensor], *,
                        shared_only: bool = False) -> list[str]:
     """Add to ``model``'s tensors what the layers changed in the model they were made from
@@ -125,8 +131,7 @@ def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, t
         raise ClearLayersError("the base model's tensors differ in shape from the layers': " + listed(wrong))
     with torch.no_grad():
         for name in names:
-            delta = read_tensor(header, name).double() - base_tensors[name].double()
-            state[name].copy_((state[name].double() + delta).to(state[name].dtype))
+            state[name].copy_(add_layer_change(state[name], read_tensor(header, name), base_tensors[name]))
     return sorted(names)
 
 

@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from clear_surgery.surgery.errors import ClearSurgeryError, InvalidValueError, MismatchError
-from clear_surgery.surgery.tools.arguments import (IMAGE_SUFFIXES, check, check_device, image_format, in_range, numbers,
-                                                   output_file, output_folder, size_in_bytes)
+from clear_surgery.surgery.tools.arguments import (IMAGE_SUFFIXES, check, check_device, check_layers_mode, image_format,
+                                                   in_range, numbers, output_file, output_folder, size_in_bytes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Linearize diffusion transformers with CLEAR local attention.")
@@ -159,8 +159,7 @@ def convert(
     """Convert a model's joint attention to CLEAR and save it as a loadable folder."""
     with user_errors():
         check(out_format in ("full", "layers"), f"--format must be full or layers, got {out_format!r}")
-        check(layers_mode in ("replace", "delta"), f"--layers-mode must be replace or delta, got {layers_mode!r}")
-        check(layers_mode == "replace" or clear_layers is not None, "--layers-mode delta needs --clear-layers")
+        check_layers_mode(layers_mode, clear_layers)
         output_folder("--out", out, overwrite)
         in_range("--radius", radius, 0)
         rules = _radius_rules(radius_for)
@@ -357,15 +356,12 @@ def check_transfer(
               f"layers, got {controlnet_attention!r}")
         check(controlnet_attention != "layers" or clear_layers is not None,
               "--controlnet-attention layers needs --clear-layers")
-        check(layers_mode in ("replace", "delta"), f"--layers-mode must be replace or delta, got {layers_mode!r}")
-        check(layers_mode == "replace" or clear_layers is not None, "--layers-mode delta needs --clear-layers")
+        check_layers_mode(layers_mode, clear_layers)
         output_folder("--out", out, overwrite)
-        from clear_surgery.surgery.tools.transfer import TransferSettings, read_control_images, read_prompts
+        from clear_surgery.surgery.tools.transfer import TransferSettings, read_prompts
 
         settings = TransferSettings(prompts=read_prompts(prompts), num_images=num_images, seed=seed, steps=steps,
                                     guidance=guidance, height=height, width=width, condition=condition)
-        if control_images is not None:
-            read_control_images(control_images)  # unreadable images fail before any model is loaded
         _check_sources(target, clear_layers)
         _check_sources(controlnet)
         _check_sources(layers_base)

@@ -42,6 +42,7 @@ STEPS = dict(vae=3000, dev=8000, guidance=2500, schnell=3000, controlnet=3000)
 BATCH = dict(vae=64, dev=256, guidance=256, schnell=256, controlnet=256)
 LR = dict(vae=1e-3, dev=5e-4, guidance=2e-4, schnell=2e-4, controlnet=3e-4)
 DEV_GUIDANCE, DEV_STEPS, SCHNELL_STEPS = 3.5, 28, 4
+GUIDANCE_RANGE = (1.0, 5.0)
 TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))
 
@@ -142,6 +143,12 @@ def noisy(x0, generator=None, sigma=None):
         sigma = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
     s = sigma[:, None, None]
     return (1 - s) * x0 + s * noise, sigma, noise - x0
+
+
+def random_guidance(n: int, device) -> torch.Tensor:
+    """Guidance scales the guidance embedding and the ControlNet train on: uniform in GUIDANCE_RANGE."""
+    low, high = GUIDANCE_RANGE
+    return low + (high - low) * torch.rand(n, device=device)
 
 
 def gray(images):
@@ -259,7 +266,7 @@ def train_dev(vae, crops, tokenizer, args, record):
     for _ in stage:
         pick = torch.randint(len(pool), (BATCH["guidance"],), device=device)
         x_t, sigma, _ = noisy(pool[pick])
-        g = 1 + 4 * torch.rand(len(pick), device=device)
+        g = random_guidance(len(pick), device)
         with stage.autocast():
             with torch.no_grad():
                 embeds, pooled = text(labels[pick])
@@ -338,7 +345,7 @@ def train_controlnet(dev, vae, crops, text, args, record):
     for _ in stage:
         pick = torch.randint(len(pool), (BATCH["controlnet"],), device=device)
         x_t, sigma, target = noisy(pool[pick])
-        g = 1 + 4 * torch.rand(len(pick), device=device)
+        g = random_guidance(len(pick), device)
         with stage.autocast():
             with torch.no_grad():
                 embeds, pooled = text(labels[pick])

@@ -25,6 +25,15 @@ def read_toml(path: str | Path, what: str = "recipe", error=InvalidValueError) -
         raise error(f"{what} {path} is not valid TOML: {err}") from None
 
 
+LAYERS_MODES = ("replace", "delta")  # how CLEAR layers reach a model: in place of its tensors, or added as a change
+
+
+def check_layers_mode(layers_mode: str, clear_layers) -> None:
+    """``--layers-mode``: one of LAYERS_MODES; delta needs layers to take the change from."""
+    check(layers_mode in LAYERS_MODES, f"--layers-mode must be replace or delta, got {layers_mode!r}")
+    check(layers_mode == "replace" or clear_layers is not None, "--layers-mode delta needs --clear-layers")
+
+
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidValueError(message)

@@ -23,8 +23,8 @@ from clear_surgery.hub import load_model, resolve_model, save_clear_layers, save
 from clear_surgery.hub.atomic import atomic_directory, write_json
 from clear_surgery.hub.checkpoint import INDEX_NAME, check_specs, read_headers, read_json, skeleton, weight_files
 from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, ClearLayersError, LayersSource,
-                                            apply_layer_deltas, apply_layer_tensors, check_layer_fit, file_provenance,
-                                            layer_shapes, layers_meta, resolve_layers, select_names)
+                                            add_layer_change, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
+                                            file_provenance, layer_shapes, layers_meta, resolve_layers, select_names)
 from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
 from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
@@ -32,8 +32,9 @@ from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_sha
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
 from clear_surgery.surgery.errors import InvalidValueError
 
+from .arguments import check_layers_mode
+
 FORMATS = ("full", "layers")
-LAYERS_MODES = ("replace", "delta")
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _delta(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor, name: 
     if not target.shape == layer.shape == base.shape:
         raise ClearLayersError(f"{name}: target {tuple(target.shape)}, layers {tuple(layer.shape)}, base "
                                f"{tuple(base.shape)}")
-    return (target.double() + layer.double() - base.double()).to(target.dtype)
+    return add_layer_change(target, layer, base)
 
 
 def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
@@ -97,10 +98,7 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     folder records): how layers made on FLUX.1-dev carry over to FLUX.1-schnell."""
     if out_format not in FORMATS:
         raise ValueError(f"--format must be full or layers, got {out_format!r}")
-    if layers_mode not in LAYERS_MODES:
-        raise InvalidValueError(f"--layers-mode must be replace or delta, got {layers_mode!r}")
-    if layers_mode == "delta" and clear_layers is None:
-        raise InvalidValueError("--layers-mode delta needs --clear-layers")
+    check_layers_mode(layers_mode, clear_layers)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")

@@ -78,6 +78,20 @@ def _torch_hub_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _package_and_weights(modules: tuple[str, ...], packages: str, checkpoint: str, weights: str) -> str | None:
+    """What a learned metric lacks: its packages, or its checkpoint in the torch hub cache; None if nothing."""
+    import importlib
+
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
+        return f"needs {packages}"
+    if _torch_hub_file(checkpoint) is None:
+        return f"needs {weights} in {torch.hub.get_dir()}/checkpoints"
+    return None
+
+
 class LearnedMetrics:
     """LPIPS (package ``lpips``, AlexNet weights in the torch hub cache), CLIP and DINO image-embedding
     cosine similarity (``CLIP_MODEL`` / ``DINO_MODEL``, Hub ids or folders, from the local cache), FID
@@ -104,13 +118,8 @@ class LearnedMetrics:
 
     @staticmethod
     def _lpips_ready() -> str | None:
-        try:
-            import lpips  # noqa: F401
-        except ImportError:
-            return "needs the `lpips` package (pip install lpips) and its AlexNet weights"
-        if _torch_hub_file("alexnet-owt-7be5be79.pth") is None:
-            return f"needs torchvision's AlexNet weights in {torch.hub.get_dir()}/checkpoints"
-        return None
+        return _package_and_weights(("lpips",), "the `lpips` package (pip install lpips) and its AlexNet weights",
+                                    "alexnet-owt-7be5be79.pth", "torchvision's AlexNet weights")
 
     @staticmethod
     def _hub_ready(repo_id: str) -> str | None:
@@ -120,14 +129,9 @@ class LearnedMetrics:
 
     @staticmethod
     def _fid_ready() -> str | None:
-        try:
-            import torch_fidelity  # noqa: F401
-            from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: F401
-        except ImportError:
-            return "needs `torchmetrics` and `torch-fidelity` (pip install torchmetrics[image])"
-        if _torch_hub_file("weights-inception-2015-12-05-6726825d.pth") is None:
-            return f"needs the FID Inception weights in {torch.hub.get_dir()}/checkpoints"
-        return None
+        return _package_and_weights(("torch_fidelity", "torchmetrics.image.fid"),
+                                    "`torchmetrics` and `torch-fidelity` (pip install torchmetrics[image])",
+                                    "weights-inception-2015-12-05-6726825d.pth", "the FID Inception weights")
 
     @torch.no_grad()
     def compute(self, original: torch.Tensor, clear: torch.Tensor) -> dict[str, list[float] | float]:

@@ -24,7 +24,8 @@ from clear_surgery.surgery import ClearConfig, apply_clear, family_of, family_fo
 from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
 
 from . import image_metrics
-from .convert import LAYERS_MODES, base_tensors, layers_base_ref
+from .arguments import check_layers_mode
+from .convert import base_tensors, layers_base_ref
 from .pipeline import load_pipeline
 
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
@@ -201,10 +202,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     whose attention weights moved in its own training (schnell from dev)."""
     if clear_layers is None and radius is None:
         raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
-    if layers_mode not in LAYERS_MODES:
-        raise InvalidValueError(f"layers mode must be one of {LAYERS_MODES}, got {layers_mode!r}")
-    if layers_mode == "delta" and clear_layers is None:
-        raise InvalidValueError("--layers-mode delta needs --clear-layers")
+    check_layers_mode(layers_mode, clear_layers)
     if controlnet_attention not in CONTROLNET_ATTENTION:
         raise InvalidValueError(f"controlnet attention must be one of {CONTROLNET_ATTENTION}, got "
                                 f"{controlnet_attention!r}")
@@ -212,10 +210,10 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
         raise InvalidValueError("--controlnet-attention layers needs --clear-layers")
     if (controlnet is None) != (control_images is None):
         raise InvalidValueError("--controlnet and --control-images go together")
+    controls = read_control_images(control_images) if control_images is not None else None  # before any model
     layers: LayersSource | None = resolve_layers(clear_layers) if clear_layers is not None else None
     radius = radius if radius is not None else layers.radius
     config = ClearConfig(radius=radius)
-    controls = read_control_images(control_images) if control_images is not None else None
 
     ref = resolve_model(target)
     if ref.is_clear:
