@@ -1,7 +1,8 @@
 """CLEAR layers: only the tensors CLEAR changes (by default the attention q/k/v/out projections of
 every converted site), saved with clear_config.json naming the base model and radius. This is the
 form that transfers between models of one architecture (FLUX.1-dev -> schnell); the official CLEAR
-releases (clear_local_{8,16,32}.safetensors) are this form too, without the config."""
+releases (clear_local_{8,16,32}.safetensors, and clear_local_{8,16}_down_4.safetensors with each
+attention's ``processor.spatial_weight`` of the pooled-key variant) are this form too, without the config."""
 
 from __future__ import annotations
 
@@ -16,25 +17,23 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, remove_clear
-from clear_surgery.surgery.errors import MismatchError
-from clear_surgery.surgery.state import require_clear_state
+from clear_surgery.surgery.state import is_clear_tensor, require_clear_state
 
 from .atomic import atomic_directory
-from .checkpoint import (FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version,
-                         tensor_mismatches)
+from .checkpoint import FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version
 from .converted import finish_folder, read_clear_config
 from .download import looks_like_path, resolve_file, resolve_folder
+from .layer_tensors import ClearLayersError, apply_layer_tensors, check_layer_fit, layer_shapes  # noqa: F401 (re-exported)
 from .safetensors_io import read_header, read_tensor, write_file
 
 LAYERS_FILE = "clear_layers.safetensors"
-OFFICIAL_NAME = re.compile(r"clear_local_(\d+)")  # the official releases' file names carry the radius
+# the official releases' file names carry the radius, and the pooling factor of the "down" variant
+OFFICIAL_NAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?")
 logger = logging.getLogger("clear_surgery")
-# What the official code trains: attention q/k/v/out projections in all blocks.
-DEFAULT_TRAINED = ("{site}.to_q.*", "{site}.to_k.*", "{site}.to_v.*", "{site}.to_out.0.*")
-
-
-class ClearLayersError(MismatchError):
-    pass
+# What the official code trains: attention q/k/v/out projections in all blocks (and the "down"
+# variant's spatial_weight, which only a model converted with down_factor has).
+DEFAULT_TRAINED = ("{site}.to_q.*", "{site}.to_k.*", "{site}.to_v.*", "{site}.to_out.0.*",
+                   "{site}.processor.spatial_weight")
 
 
 def select_names(names, sites, patterns=DEFAULT_TRAINED) -> list[str]:
@@ -76,31 +75,6 @@ def save_clear_layers(model, out: str | os.PathLike, *, trained=DEFAULT_TRAINED,
     return out
 
 
-def layer_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    return {name: entry.shape for name, entry in read_header(path).tensors.items()}
-
-
-def check_layer_fit(expected: dict[str, tuple[int, ...]], path: Path, what: str) -> None:
-    """Every tensor of the layers file must exist in the model with the same shape."""
-    problems = [p for p in tensor_mismatches(expected, layer_shapes(path)) if not p.startswith("missing")]
-    if problems:
-        raise ClearLayersError(f"CLEAR layers {path.name} do not fit {what} ({len(problems)} problems):\n  "
-                               + listed(problems))
-
-
-def apply_layer_tensors(model, path: str | os.PathLike) -> list[str]:
-    """Copy the tensors of a safetensors file into ``model`` (in place) after checking every name and
-    shape; returns the names written. Nothing is changed when anything mismatches."""
-    path = Path(path)
-    header = read_header(path)
-    state = model.state_dict()
-    check_layer_fit({n: tuple(t.shape) for n, t in state.items()}, path, type(model).__name__)
-    with torch.no_grad():
-        for name in header.tensors:  # one tensor in memory at a time
-            state[name].copy_(read_tensor(header, name).to(state[name].dtype))
-    return sorted(header.tensors)
-
-
 def add_layer_change(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``target + (layer - base)`` in float64, back in the target's dtype: what a layer tensor changed in
     its base model, carried to another model's tensor."""
@@ -113,7 +87,8 @@ def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, t
     (``layers - base_tensors``), instead of replacing them: how layers carry over to a relative whose
     own attention weights moved away from the base in its training (a task vector, as LoRAs are
     carried). ``shared_only``: just the tensors ``model`` has under the same name and shape (a
-    ControlNet holding copies of some of the base's blocks). Every name and shape is checked first;
+    ControlNet holding copies of some of the base's blocks). CLEAR's own tensors (spatial_weight) have no
+    base and are copied. Every name and shape is checked first;
     on a mismatch nothing is changed. Returns the names written."""
     path = Path(path)
     header = read_header(path)
@@ -123,6 +98,8 @@ def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, t
         names = [n for n in names if n in state and tuple(state[n].shape) == tuple(header.tensors[n].shape)]
     else:
         check_layer_fit({n: tuple(t.shape) for n, t in state.items()}, path, type(model).__name__)
+    own = [n for n in names if is_clear_tensor(n)]  # CLEAR's own tensors have no base: copied as they are
+    names = [n for n in names if n not in own]
     missing = sorted(n for n in names if n not in base_tensors)
     if missing:
         raise ClearLayersError(f"the base model lacks {len(missing)} of the layers' tensors: " + listed(missing))
@@ -132,7 +109,9 @@ def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, t
     with torch.no_grad():
         for name in names:
             state[name].copy_(add_layer_change(state[name], read_tensor(header, name), base_tensors[name]))
-    return sorted(names)
+        for name in own:
+            state[name].copy_(read_tensor(header, name).to(state[name].dtype))
+    return sorted(names + own)
 
 
 def file_provenance(path: Path) -> dict:
@@ -144,18 +123,19 @@ def file_provenance(path: Path) -> dict:
     return {"method": "imported CLEAR layers", "file": path.name, "sha256": digest.hexdigest()}
 
 
-def official_radius(filename: str) -> int:
-    """clear_local_16.safetensors -> 16; refuses the *_down_* variants (pooled keys: not built)."""
+def official_settings(filename: str) -> tuple[int, int | None]:
+    """clear_local_16.safetensors -> (16, None); clear_local_8_down_4.safetensors -> (8, 4)."""
     name = Path(filename).name
-    if "down" in name:
-        raise ClearLayersError(f"{name} is a CLEAR 'down' variant: its image queries also attend to pooled key/value "
-                               "tokens (spatial_weight), which clear-surgery does not build yet; loading it as plain "
-                               "CLEAR would be wrong")
     match = OFFICIAL_NAME.search(name)
-    if not match:
-        raise ClearLayersError(f"cannot read the radius from {name!r} (expected clear_local_<r>.safetensors); "
-                               "pass --radius")
-    return int(match.group(1))
+    if not match or ("down" in name and not match.group(2)):
+        raise ClearLayersError(f"cannot read the radius from {name!r} (expected clear_local_<r>.safetensors or "
+                               "clear_local_<r>_down_<f>.safetensors); pass --radius (and --down-factor)")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+def official_radius(filename: str) -> int:
+    """clear_local_16.safetensors -> 16 (clear_local_8_down_4.safetensors -> 8)."""
+    return official_settings(filename)[0]
 
 
 @dataclass(frozen=True)
@@ -176,11 +156,27 @@ class LayersSource:
         """The radius the layers were made for: the folder's config, else the official file name's."""
         return self.meta["config"]["radius"] if self.meta else official_radius(self.file.name)
 
+    @property
+    def down_factor(self) -> int | None:
+        """The pooling factor of the "down" variant the layers were made for (None: plain CLEAR)."""
+        if self.meta:
+            return self.meta["config"].get("down_factor")
+        return official_settings(self.file.name)[1] if OFFICIAL_NAME.search(self.file.name) else None
+
     def describe(self) -> str:
         return str(self.file.parent if self.meta else self.file)
 
-    def check_target(self, model_class_name: str, radius: float, *, allow_radius_change: bool = False) -> None:
-        """Refuse layers made for another architecture, or (unless allowed) for another radius."""
+    def check_target(self, model_class_name: str, radius: float, *, allow_radius_change: bool = False,
+                     down_factor: int | None = None) -> None:
+        """Refuse layers made for another architecture, for another variant (plain CLEAR or "down" with
+        another factor), or (unless allowed) for another radius."""
+        if self.down_factor != down_factor:
+            def variant(f):
+                return f"the 'down' variant with factor {f}" if f else "plain CLEAR"
+
+            raise ClearLayersError(f"CLEAR layers {self.describe()} were made for {variant(self.down_factor)}, not "
+                                   f"{variant(down_factor)}: " + (f"pass --down-factor {self.down_factor}"
+                                                                  if self.down_factor else "drop --down-factor"))
         made_for = (self.meta or {}).get("model_class")
         if made_for and made_for != model_class_name:
             theirs, ours = family_for_class(made_for), family_for_class(model_class_name)
@@ -188,7 +184,7 @@ class LayersSource:
                 raise ClearLayersError(f"CLEAR layers {self.describe()} were made for a {made_for}; the target is a "
                                        f"{model_class_name} (another architecture)")
         named = OFFICIAL_NAME.search(self.file.name)
-        made_at = self.meta["config"]["radius"] if self.meta else int(named.group(1)) if named else None
+        made_at = self.meta["config"]["radius"] if self.meta else official_radius(self.file.name) if named else None
         if made_at is not None and made_at != radius:
             if not allow_radius_change:
                 raise ClearLayersError(f"CLEAR layers {self.describe()} were made for r={made_at:g}, not r={radius:g}: "
@@ -212,7 +208,7 @@ def resolve_layers(source: str | os.PathLike, revision: str | None = None) -> La
         return LayersSource(file, read_layers_folder(file.parent))
     read_header(file)  # a damaged or truncated file is named now, not after the model is read
     if "down" in file.name:
-        official_radius(file.name)  # refuses the pooled-key variants with their reason
+        official_settings(file.name)  # a pooled-key file whose factor cannot be read is refused now
     return LayersSource(file)
 
 
@@ -233,7 +229,7 @@ def load_clear_layers(model, source: str | os.PathLike, *, verify: bool = False,
     folder = resolve_folder(source, revision)
     meta = read_layers_folder(folder)
     check_layer_fit({n: tuple(t.shape) for n, t in model.state_dict().items()}, folder / LAYERS_FILE,
-                    type(model).__name__)
+                    type(model).__name__, before_rewrite=True)
     apply_clear(model, ClearConfig.from_dict(meta["config"]), verify=verify, provenance=meta.get("training"))
     try:
         apply_layer_tensors(model, folder / LAYERS_FILE)

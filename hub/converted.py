@@ -1,4 +1,5 @@
-"""Converted-model folders: a stock diffusers model folder plus clear_config.json.
+"""Converted-model folders: a stock diffusers model folder plus clear_config.json (and, for the
+"down" variant, clear_tensors.safetensors with the tensors CLEAR adds: each attention's spatial_weight).
 
 Stock diffusers loads the folder as the dense model; ``load_converted`` loads it with its CLEAR
 attention. Folders are written atomically: into a hidden sibling, renamed at the end.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
+from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state
 from clear_surgery.surgery.state import require_clear_state
 
 from .atomic import atomic_directory, write_json
@@ -20,7 +21,11 @@ from .checkpoint import (CLEAR_CONFIG_NAME, FORMAT, FORMAT_VERSION, LAYERS_FORMA
                          package_version, read_json, read_tensor_specs, save_state_dict, skeleton, stored_dtype,
                          weight_files)
 from .download import resolve_folder
+from .layer_tensors import apply_layer_tensors
 from .model_card import write_model_card
+from .safetensors_io import write_file
+
+CLEAR_TENSORS_FILE = "clear_tensors.safetensors"
 
 
 def model_class(name: str | None, where="config"):
@@ -54,11 +59,20 @@ def save_converted(model: torch.nn.Module, out: str | os.PathLike, *, base_model
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         model.save_config(tmp)
-        tensors = model.state_dict()
+        own = clear_tensors(model)
+        tensors = {n: t for n, t in model.state_dict().items() if n not in own}  # the stock model's, for diffusers
         save_state_dict(tensors, tmp, max_shard_size, desc=f"saving {out.name}")
+        write_clear_tensors(tmp, own)
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
         finish_folder(tmp, clear_meta(state, type(model).__name__, base_model, dtype=dtypes))
     return out
+
+
+def write_clear_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """clear_tensors.safetensors in ``folder`` when CLEAR added tensors to the model (else nothing)."""
+    if tensors:
+        write_file(Path(folder) / CLEAR_TENSORS_FILE, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                   lambda n: tensors[n], metadata={"format": "pt"})
 
 
 def read_clear_config(folder: Path, expected_format: str | None = FORMAT) -> dict:
@@ -112,6 +126,9 @@ def check_converted_folder(folder: str | os.PathLike) -> ConvertedFolder:
     if missing:
         raise ClearFolderError(f"{folder / CLEAR_CONFIG_NAME} lists sites that are not attention modules of "
                                f"{cls.__name__}: {missing[:5]}")
+    if meta["config"].get("down_factor") and not (folder / CLEAR_TENSORS_FILE).is_file():
+        raise ClearFolderError(f"{folder} is incomplete: its CLEAR config has down_factor "
+                               f"{meta['config']['down_factor']} but there is no {CLEAR_TENSORS_FILE}")
     return ConvertedFolder(folder, cls, config, meta, files, specs)
 
 
@@ -135,4 +152,6 @@ def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = Non
     if sorted(sites) != sorted(meta["sites"]):
         raise ClearFolderError(f"{checked.folder}: clear_config.json lists sites {meta['sites']}, the config selects "
                                f"{sites}")
+    if (checked.folder / CLEAR_TENSORS_FILE).is_file():
+        apply_layer_tensors(model, checked.folder / CLEAR_TENSORS_FILE)
     return model

@@ -35,21 +35,27 @@ def link_or_copy(source: Path, target: Path, link: bool = True) -> str:
 
 
 def write_tensors(target: Path, names, source_of: dict[str, Header], *, dtype: torch.dtype | None = None,
-                  replace: dict[str, Callable[[], torch.Tensor]] | None = None, metadata: dict | None = None) -> None:
+                  replace: dict[str, Callable[[], torch.Tensor]] | None = None, metadata: dict | None = None,
+                  extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write the tensors ``names`` (each read from its header in ``source_of``) to ``target`` one at a
     time, in the stored dtype or, for floating tensors, ``dtype``; those named in ``replace`` come from
-    there instead, cast the same way."""
+    there instead, cast the same way; ``extra``: small tensors held in memory, written after them."""
     replace = replace or {}
+    extra = extra or {}
 
     def out_dtype(name):
         stored = source_of[name].tensors[name].torch_dtype
         return dtype if dtype is not None and stored.is_floating_point else stored
 
     def produce(name):
+        if name in extra:
+            return extra[name].to(dtype or extra[name].dtype)
         tensor = replace[name]() if name in replace else read_tensor(source_of[name], name)
         return tensor.to(out_dtype(name))
 
-    write_file(target, [(n, out_dtype(n), source_of[n].tensors[n].shape) for n in names], produce, metadata)
+    specs = [(n, out_dtype(n), source_of[n].tensors[n].shape) for n in names]
+    specs += [(n, dtype or t.dtype, tuple(t.shape)) for n, t in extra.items()]
+    write_file(target, specs, produce, metadata)
 
 
 def rewrite_shard(header: Header, target: Path, *, dtype: torch.dtype | None = None,

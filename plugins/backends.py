@@ -25,17 +25,20 @@ class Backend:
     name: str
     forward: Callable[..., torch.Tensor]
     can_run: Callable[..., bool]
-    # (grad_out, q, k, v, *args) -> (dq, dk, dv)
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # (grad_out, q, k, v, *args, extra=None, text_bias=None) -> (dq, dk, dv, d extra keys, d extra values)
+    backward: Callable[..., tuple[torch.Tensor, ...]]
 
 
 def recompute_backward(forward):
-    """A backward that differentiates ``forward`` (recomputed; only q, k, v were saved)."""
+    """A backward that differentiates ``forward`` (recomputed; only the inputs were saved). The
+    gradients of the extra keys and values are None without them."""
 
-    def backward(grad_out, q, k, v, *args):
+    def backward(grad_out, q, k, v, *args, extra=None, **options):
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            return torch.autograd.grad(forward(*leaves, *args), leaves, grad_out)
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v, *(extra or ()))]
+            extra_leaves = tuple(leaves[3:]) or None
+            grads = torch.autograd.grad(forward(*leaves[:3], *args, extra=extra_leaves, **options), leaves, grad_out)
+        return (*grads, None, None) if extra is None else tuple(grads)
 
     return backward
 

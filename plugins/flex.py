@@ -9,7 +9,9 @@ import torch
 from torch.nn.attention import flex_attention as _flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .layout import TokenLayout, classify_blocks, image_positions, validate_call
+from .layout import TokenLayout, classify_blocks, validate_call
+from .masking import key_bias
+from .reference import with_extra
 
 BLOCK = 128
 
@@ -36,18 +38,22 @@ def clear_mask_mod(layout: TokenLayout, radius: float):
     Each layout is then its own compiled graph; see _compiled_flex for the recompile limit.
     """
     start, count, r2 = layout.image_start, layout.image_tokens, radius * radius
-    grid = (layout.height, layout.width, layout.tile)
+    joint = layout.seq_len
 
     def mask_mod(b, h, q_idx, kv_idx):
         qi, ki = q_idx - start, kv_idx - start
         q_img = (qi >= 0) & (qi < count)
         k_img = (ki >= 0) & (ki < count)
-        qy, qx = image_positions(qi.clamp(0, count - 1), *grid)
-        ky, kx = image_positions(ki.clamp(0, count - 1), *grid)
+        qy, qx = layout.image_token_positions(qi.clamp(0, count - 1))
+        ky, kx = layout.image_token_positions(ki.clamp(0, count - 1))
         dy, dx = qy - ky, qx - kx
         return ~q_img | ~k_img | (dy * dy + dx * dx < r2)
 
-    return mask_mod
+    def mask_mod_extra(b, h, q_idx, kv_idx):  # extra keys after the joint sequence: image queries only
+        qi = q_idx - start
+        return torch.where(kv_idx >= joint, (qi >= 0) & (qi < count), mask_mod(b, h, q_idx, kv_idx))
+
+    return mask_mod_extra if layout.extra_keys else mask_mod
 
 
 def _to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +67,20 @@ def _to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def clear_block_mask(layout: TokenLayout, radius: float, device: torch.device) -> BlockMask:
     """BlockMask for one layout; cached since every layer of a step shares it."""
     any_true, all_true = classify_blocks(layout, radius, BLOCK, BLOCK, device)
-    partial = any_true & ~all_true
-    kv_num, kv_idx = _to_indices(partial)
+    kv_num, kv_idx = _to_indices(any_true & ~all_true)
     full_num, full_idx = _to_indices(all_true)
-    n = layout.seq_len
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                    mask_mod=clear_mask_mod(layout, radius), seq_lengths=(n, n))
+                                    mask_mod=clear_mask_mod(layout, radius), seq_lengths=(layout.seq_len, layout.key_len))
+
+
+def text_bias_score_mod(layout: TokenLayout, text_bias: torch.Tensor):
+    """score_mod adding each sample's text bias (text padding) to the text keys' scores."""
+    bias = key_bias(text_bias, layout)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    return score_mod
 
 
 @functools.cache
@@ -94,15 +108,19 @@ def _allow_cpu_autograd():
 
 
 def flex_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
-                         return_lse: bool = False):
+                         extra=None, text_bias=None, return_lse: bool = False):
     """Same signature and result as reference_attention."""
+    k, v = with_extra(k, v, extra)
     block_mask = clear_block_mask(layout, float(radius), q.device)
+    score_mod = text_bias_score_mod(layout, text_bias) if text_bias is not None else None
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cuda":
-        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, scale=scale, return_lse=return_lse)
+        out = _compiled_flex()(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                               return_lse=return_lse)
     else:
         with _allow_cpu_autograd():
-            out = flex_attention(qt, kt, vt, block_mask=block_mask, scale=scale, return_lse=return_lse)
+            out = flex_attention(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                 return_lse=return_lse)
     if return_lse:  # FlexAttention's log-sum-exp is in natural log, (batch, heads, tokens)
         out, lse = out
         return out.transpose(1, 2), lse.float().transpose(1, 2)

@@ -6,6 +6,15 @@ The joint sequence is a text segment of ``text_len`` tokens and an image segment
 ``th`` rows and each band into chunks of ``tw`` columns (edge bands/chunks are smaller), chunks
 follow each other band by band and tokens are in raster order inside a chunk. A text query sees every key; an image query sees every
 text key and the image keys with ``(dy² + dx²) < radius²`` (strict, truncated at borders).
+
+``extra_keys``: a segment of keys (and values) after the joint sequence that image queries see in
+whole and text queries do not see at all; the official "down" variant's pooled image keys.
+
+``images``: more images after the first, each a grid of its own ((rows, cols), raster order), their
+tokens following the first image's (FLUX.1 Kontext's reference images). Every image's token (y, x)
+counts from its own top-left corner, and an image query sees the image keys of every image within
+its radius in those coordinates: its own window, and the window at the same place in the others
+(the grids laid on top of each other). Raster order only.
 """
 
 from __future__ import annotations
@@ -22,10 +31,20 @@ class TokenLayout:
     height: int
     width: int
     tile: tuple[int, int] | None = None  # None: raster order
+    extra_keys: int = 0  # keys after the joint sequence visible to image queries only
+    images: tuple[tuple[int, int], ...] = ()  # further images' grids, after the first
+
+    @property
+    def key_len(self) -> int:
+        return self.seq_len + self.extra_keys
 
     @property
     def image_tokens(self) -> int:
-        return self.height * self.width
+        return self.height * self.width + sum(h * w for h, w in self.images)
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        return ((self.height, self.width), *self.images)
 
     @property
     def seq_len(self) -> int:
@@ -39,8 +58,19 @@ class TokenLayout:
         """Per token: is_image, y, x (y = x = -1 for text tokens)."""
         idx = torch.arange(self.seq_len, device=device) - self.image_start
         is_image = (idx >= 0) & (idx < self.image_tokens)
-        y, x = image_positions(idx.clamp(0, self.image_tokens - 1), self.height, self.width, self.tile)
+        y, x = self.image_token_positions(idx.clamp(0, self.image_tokens - 1))
         return is_image, torch.where(is_image, y, -1), torch.where(is_image, x, -1)
+
+    def image_token_positions(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, x) of image tokens with indices ``i`` (0 = the first image's first token), each image's in its
+        own grid."""
+        y, x = image_positions(i, self.height, self.width, self.tile)
+        start = self.height * self.width
+        for height, width in self.images:  # raster order (the tile layout takes one image)
+            local = i - start
+            y, x = torch.where(local >= 0, local // width, y), torch.where(local >= 0, local % width, x)
+            start += height * width
+        return y, x
 
 
 def image_positions(i: torch.Tensor, height: int, width: int, tile: tuple[int, int] | None):
@@ -77,8 +107,11 @@ def tile_inverse_permutation(height: int, width: int, tile: tuple[int, int], dev
     return band * th * width + chunk * band_h * tw + (y - band * th) * chunk_w + (x - chunk * tw)
 
 
-def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, radius: float) -> None:
-    """One clear error for a malformed call; shared by the op and every backend's can_run."""
+def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, radius: float,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One clear error for a malformed call; shared by the op and every backend's can_run.
+    ``extra``: the extra keys and values, checked when given (the backends' can_run see only their count,
+    ``layout.extra_keys``; the op's front door checks the tensors)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (batch, tokens, heads, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -87,50 +120,68 @@ def validate_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Tok
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    text_len, height, width = layout.text_len, layout.height, layout.width
+    text_len = layout.text_len
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
     if layout.tile is not None and min(layout.tile) < 1:
         raise ValueError(f"bad tile shape {layout.tile}")
-    if height < 1 or width < 1 or text_len < 0:
-        raise ValueError(f"bad image grid {height}x{width} or text length {text_len}")
+    if min(min(g) for g in layout.grids) < 1 or text_len < 0:
+        raise ValueError(f"bad image grid {' + '.join(f'{h}x{w}' for h, w in layout.grids)} or text length {text_len}")
+    if layout.images and layout.tile is not None:
+        raise ValueError("the tile token layout takes one image; sequences of several images run in raster order")
     tokens = q.shape[1]
-    if text_len + height * width != tokens:
+    if text_len + layout.image_tokens != tokens:
+        grids = " + ".join(f"{h}x{w}" for h, w in layout.grids)
         raise ValueError(
-            f"image grid {height}x{width} = {height * width} tokens does not match the sequence: "
+            f"image grid {grids} = {layout.image_tokens} tokens does not match the sequence: "
             f"{tokens} tokens with {text_len} text tokens leaves {tokens - text_len} image tokens")
+    if layout.extra_keys < 0:
+        raise ValueError(f"extra_keys must be >= 0, got {layout.extra_keys}")
+    if extra is not None:
+        ek, ev = extra
+        if ek.dim() != 4 or ev.dim() != 4 or ek.shape[:3] != ev.shape[:3] or ek.shape[1] != layout.extra_keys:
+            raise ValueError(f"extra keys and values must be (batch, {layout.extra_keys}, heads, head_dim) alike; got "
+                             f"{tuple(ek.shape)}, {tuple(ev.shape)}")
+        if ek.shape[0] != k.shape[0] or ek.shape[2] != k.shape[2] or ek.shape[3] != k.shape[3] \
+                or ev.shape[3] != v.shape[3] or ek.dtype != k.dtype or ev.dtype != v.dtype or ek.device != k.device:
+            raise ValueError(f"extra keys {tuple(ek.shape)} {ek.dtype} and values {tuple(ev.shape)} {ev.dtype} must match "
+                             f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} in batch, heads, head dim, "
+                             "dtype and device")
 
 
 def dense_mask(layout: TokenLayout, radius: float, device=None) -> torch.Tensor:
-    """The exact (N, N) boolean mask. O(N²): for the reference backend and tests only."""
+    """The exact (N, N + extra_keys) boolean mask. O(N²): for the reference backend and tests only."""
     is_image, y, x = layout.positions(device)
     d2 = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2
-    return ~is_image[:, None] | ~is_image[None, :] | (d2 < radius * radius)
+    mask = ~is_image[:, None] | ~is_image[None, :] | (d2 < radius * radius)
+    return torch.cat([mask, is_image[:, None].expand(-1, layout.extra_keys)], 1) if layout.extra_keys else mask
 
 
-def block_boxes(layout: TokenLayout, block: int, device=None):
-    """Per block of ``block`` consecutive tokens: has_text, has_image and the bounding box
-    (ymin, ymax, xmin, xmax) of its image tokens. O(N)."""
+def block_boxes(layout: TokenLayout, block: int, device=None, keys: bool = False):
+    """Per block of ``block`` consecutive tokens (queries, or with ``keys`` the keys, extra keys
+    included): has_text, has_image, has_extra and the bounding box (ymin, ymax, xmin, xmax) of its
+    image tokens. O(N)."""
     is_image, y, x = layout.positions(device)
-    n = layout.seq_len
+    extra = layout.extra_keys if keys else 0
+    n = layout.seq_len + extra
     nb = -(-n // block)
-    pad = nb * block - n
-    valid = torch.ones(n, dtype=torch.bool, device=device)
 
-    def padded(t, fill):
-        return torch.nn.functional.pad(t, (0, pad), value=fill).view(nb, block)
+    def padded(t, fill, size=n):
+        return torch.nn.functional.pad(t, (0, nb * block - size), value=fill).view(nb, block)
 
-    img = padded(is_image, False)
-    txt = padded(~is_image & valid, False)
+    img = padded(is_image, False, layout.seq_len)
+    real = padded(torch.ones(layout.seq_len, dtype=torch.bool, device=device), False, layout.seq_len)
+    ext = padded(torch.arange(n, device=device) >= layout.seq_len, False)
+    txt = real & ~img
     big = 1 << 30  # sentinel for blocks without image tokens; its square still fits int64
 
     def lo(t):
-        return torch.where(img, padded(t, 0), big).amin(1)
+        return torch.where(img, padded(t, 0, layout.seq_len), big).amin(1)
 
     def hi(t):
-        return torch.where(img, padded(t, 0), -big).amax(1)
+        return torch.where(img, padded(t, 0, layout.seq_len), -big).amax(1)
 
-    return txt.any(1), img.any(1), lo(y), hi(y), lo(x), hi(x)
+    return txt.any(1), img.any(1), ext.any(1), lo(y), hi(y), lo(x), hi(x)
 
 
 def classify_blocks(layout: TokenLayout, radius: float, q_block: int, kv_block: int, device=None):
@@ -140,8 +191,8 @@ def classify_blocks(layout: TokenLayout, radius: float, q_block: int, kv_block: 
     skipped when nothing in it is visible and computed without a mask when everything is.
     Bounding boxes make both tests conservative: a pair that is neither goes through the mask.
     """
-    q_txt, q_img, qy0, qy1, qx0, qx1 = block_boxes(layout, q_block, device)
-    k_txt, k_img, ky0, ky1, kx0, kx1 = block_boxes(layout, kv_block, device)
+    q_txt, q_img, _, qy0, qy1, qx0, qx1 = block_boxes(layout, q_block, device)
+    k_txt, k_img, k_ext, ky0, ky1, kx0, kx1 = block_boxes(layout, kv_block, device, keys=True)
     r2 = radius * radius
 
     def gap(a0, a1, b0, b1):  # smallest |a - b| between the intervals [a0, a1] and [b0, b1]
@@ -153,6 +204,6 @@ def classify_blocks(layout: TokenLayout, radius: float, q_block: int, kv_block: 
     near = gap(qy0, qy1, ky0, ky1) ** 2 + gap(qx0, qx1, kx0, kx1) ** 2 < r2
     far = span(qy0, qy1, ky0, ky1) ** 2 + span(qx0, qx1, kx0, kx1) ** 2 >= r2
     img_pair = q_img[:, None] & k_img[None, :]
-    any_true = q_txt[:, None] | k_txt[None, :] | (img_pair & near)
-    all_true = ~img_pair | ~far
+    any_true = k_txt[None, :] | (q_txt[:, None] & k_img[None, :]) | (img_pair & near) | (q_img[:, None] & k_ext[None, :])
+    all_true = ~(img_pair & far) & ~(q_txt[:, None] & k_ext[None, :])
     return any_true, all_true & any_true

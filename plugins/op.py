@@ -2,53 +2,139 @@
 
 Layout as diffusers' attention dispatcher: q, k, v are (batch, tokens, heads, head_dim).
 The backward runs the chosen backend's ``Backend.backward`` (today: each recomputes a forward
-under autograd, so only q, k, v are saved; the triton backend uses FlexAttention's backward).
+under autograd, so only the inputs are saved; the triton backend uses FlexAttention's backward).
+``pool_weight``: the official "down" variant. Image queries also see the image's keys and values
+pooled over f×f blocks with these weights (``spatial_weight``, f² numbers); text queries do not. The
+pooling runs inside the op, so a converted model still traces to one attention node per site.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 
 import torch
+import torch.nn.functional as F
 
 from .backends import choose_backend
 from .layout import TokenLayout, validate_call
+from .masking import UNBIASED, VALID, ZEROED, text_padding
+from .pooling import check_poolable, pool_image_tokens
 
 
 @torch.library.custom_op("clear::attention", mutates_args=())
 def clear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int,
                     text_first: bool, height: int, width: int, radius: float,
                     scale: float | None = None, backend: str = "auto", tile_h: int = 0,
-                    tile_w: int = 0) -> torch.Tensor:
-    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
-    chosen = choose_backend(backend, q, k, v, *args)
-    return chosen.forward(q, k, v, *args).contiguous()
+                    tile_w: int = 0, pool_weight: torch.Tensor | None = None,
+                    attn_mask: torch.Tensor | None = None, images: list[int] | None = None) -> torch.Tensor:
+    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, images)
+    args, options = _with_pooled(args, k, v, pool_weight)
+    options, rule = _with_mask(options, args[0], attn_mask, q.shape[0])
+    out = choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, **options)
+    return _apply_rule(out, rule, q, k, v, args[0], scale).contiguous()
 
 
-def _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w):
+def _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, images=None):
+    """(layout, radius, scale) as every backend takes them; ``images``: further grids, flat (h2, w2, h3, ...)."""
     tile = (int(tile_h), int(tile_w)) if tile_h else None
-    return TokenLayout(int(text_len), bool(text_first), int(height), int(width), tile), float(radius), scale
+    grids = tuple(zip(map(int, images[::2]), map(int, images[1::2]))) if images else ()
+    return TokenLayout(int(text_len), bool(text_first), int(height), int(width), tile, images=grids), float(radius), scale
+
+
+def pool_factor(pool_weight: torch.Tensor) -> int:
+    factor = math.isqrt(pool_weight.numel())
+    if factor < 2 or factor * factor != pool_weight.numel():
+        raise ValueError(f"pool_weight must hold f x f weights (f >= 2), got shape {tuple(pool_weight.shape)}")
+    return factor
+
+
+def _with_pooled(args, k, v, pool_weight):
+    """The backends' (layout, radius, scale) and their ``extra`` keyword: the pooled keys and values
+    (nothing without pool_weight, so backends without extra keys keep their call)."""
+    if pool_weight is None:
+        return args, {}
+    layout, *rest = args
+    factor = pool_factor(pool_weight)
+    extra = tuple(pool_image_tokens(t, layout, factor, pool_weight) for t in (k, v))
+    return (dataclasses.replace(layout, extra_keys=extra[0].shape[1]), *rest), {"extra": extra}
+
+
+def _with_mask(options, layout, attn_mask, batch):
+    """The backends' ``text_bias`` keyword from a model's attention mask (none when it changes nothing),
+    and what happens to each query row (masking.VALID / ZEROED / UNBIASED; None: all valid)."""
+    if attn_mask is None:
+        return options, None
+    text_bias, rule = text_padding(attn_mask, layout, batch)
+    return ({**options, "text_bias": text_bias} if text_bias is not None else options), rule
+
+
+def _text_rows(layout):
+    return slice(0, layout.text_len) if layout.text_first else slice(layout.image_tokens, layout.seq_len)
+
+
+def _unbiased_text(q, k, v, layout, scale):
+    """Text queries over every key of the joint sequence, without the text bias (padded text queries of a
+    float padding mask: the stock model gives them plain attention)."""
+    q_text = q[:, _text_rows(layout)]
+    return F.scaled_dot_product_attention(q_text.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          scale=scale).transpose(1, 2)
+
+
+def _apply_rule(out, rule, q, k, v, layout, scale):
+    """Rows of padded text queries: zero (a bool mask hides every key from them), or plain attention."""
+    if rule is None:
+        return out
+    out = out * (rule != ZEROED)[:, :, None, None].to(out.dtype)
+    unbiased = rule[:, _text_rows(layout)] == UNBIASED
+    if bool(unbiased.any()):
+        text = _text_rows(layout)
+        fixed = torch.where(unbiased[:, :, None, None], _unbiased_text(q, k, v, layout, scale), out[:, text])
+        out = torch.cat([fixed, out[:, layout.text_len:]] if layout.text_first else [out[:, :text.start], fixed], 1)
+    return out
 
 
 @clear_attention.register_fake
-def _(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto", tile_h=0, tile_w=0):
-    torch._check(text_len + height * width == q.shape[1],
-                 lambda: "clear::attention: text_len + height * width must equal the token count")
+def _(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto", tile_h=0, tile_w=0,
+      pool_weight=None, attn_mask=None, images=None):
+    others = sum(h * w for h, w in zip((images or [])[::2], (images or [])[1::2]))
+    torch._check(text_len + height * width + others == q.shape[1],
+                 lambda: "clear::attention: text_len + the images' tokens must equal the token count")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *rest = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.rest = rest
+    q, k, v, *rest, pool_weight, attn_mask, images = inputs
+    ctx.save_for_backward(q, k, v, pool_weight, attn_mask)
+    ctx.rest, ctx.images = rest, images
 
 
 def _backward(ctx, grad_out):
-    q, k, v = ctx.saved_tensors
+    q, k, v, pool_weight, attn_mask = ctx.saved_tensors
     text_len, text_first, height, width, radius, scale, backend, tile_h, tile_w = ctx.rest
-    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
-    dq, dk, dv = choose_backend(backend, q, k, v, *args).backward(grad_out, q, k, v, *args)
-    return dq, dk, dv, *([None] * len(ctx.rest))
+    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, ctx.images)
+    nones = [None] * len(ctx.rest)
+    with torch.enable_grad():  # the pooling again, to carry the pooled keys' gradients to k, v and the weights
+        leaves = [t.detach().requires_grad_(True) for t in (k, v, pool_weight)] if pool_weight is not None else []
+        args, options = _with_pooled(args, *leaves) if leaves else (args, {})
+    layout = args[0]
+    options, rule = _with_mask(options, layout, attn_mask, q.shape[0])
+    through_backend = grad_out if rule is None else grad_out * (rule == VALID)[:, :, None, None].to(grad_out.dtype)
+    pooled = options.pop("extra", None)
+    dq, dk, dv, dek, dev = choose_backend(backend, q, k, v, *args).backward(
+        through_backend, q, k, v, *args, extra=tuple(t.detach() for t in pooled) if pooled else None, **options)
+    if rule is not None and bool((rule == UNBIASED).any()):  # the rows of plain attention
+        with torch.enable_grad():
+            plain = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            rows = _text_rows(layout)
+            weight = (rule[:, rows] == UNBIASED)[:, :, None, None].to(grad_out.dtype)
+            grads = torch.autograd.grad(_unbiased_text(*plain, layout, scale), plain, grad_out[:, rows] * weight)
+        dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
+    if pooled is None:
+        return dq, dk, dv, *nones, None, None, None
+    via_k, via_v, dw = torch.autograd.grad(pooled, leaves, (dek, dev))
+    return dq, dk + via_k, dv + via_v, *nones, dw, None, None
 
 
 clear_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -73,24 +159,46 @@ def self_contained_attention():
 
 def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int, radius: float,
               scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None,
-              return_lse: bool = False):
+              pool_weight: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+              images: tuple[tuple[int, int], ...] = (), return_lse: bool = False):
     """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check.
 
+    ``pool_weight``: f x f weights (any shape holding f² numbers, e.g. the official (1, 1, 1, f, 1, f, 1)):
+    every image query also sees the image pooled over f x f blocks with them, no text query does (the
+    official "down" variant); the grid must be a multiple of f.
+    ``attn_mask``: a model's text padding mask, as scaled_dot_product_attention takes it (see
+    ``masking.text_padding`` for the forms CLEAR expresses). ``images``: the grids of further images
+    after the first (height x width), e.g. FLUX.1 Kontext's reference image (``layout.TokenLayout``).
     ``return_lse``: also the log-sum-exp of each query row, (batch, tokens, heads) float32 natural log,
     from the chosen backend directly (reference, flex, triton; differentiable where the backend is:
     reference and flex), for merging partial results exactly (``merge_partials``)."""
+    flat = [int(v) for grid in images for v in grid] or None
     if not isinstance(height, torch.SymInt):
-        validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile), radius)
+        validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile, images=tuple(images)), radius)
+        if pool_weight is not None:
+            check_poolable(height, width, pool_factor(pool_weight))
     tile_h, tile_w = tile or (0, 0)
     if return_lse:
         if backend == "triton-aot":
             raise ValueError("the triton-aot backend (the engines' self-contained kernel) returns no log-sum-exp")
-        args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w)
-        return choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, return_lse=True)
+        args, options = _with_pooled(_backend_args(text_len, text_first, height, width, radius, scale, tile_h,
+                                                   tile_w, flat), k, v, pool_weight)
+        options, rule = _with_mask(options, args[0], attn_mask, q.shape[0])
+        out, lse = choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, **options, return_lse=True)
+        return _apply_rule(out, rule, q, k, v, args[0], scale), lse  # (lse: of the CLEAR rows)
     if _Route.self_contained:
+        if images:
+            raise ValueError("the self-contained kernel (engines) takes one image: sequences of several images "
+                             "cannot be exported yet")
+        if attn_mask is not None:
+            raise ValueError("the self-contained kernel (engines) takes no attention mask: models with text padding "
+                             "masks cannot be exported yet")
+        if pool_weight is not None:
+            raise ValueError("the self-contained kernel (engines) has no extra (pooled) keys: the 'down' variant "
+                             "cannot be exported yet")
         if not tile_h:
             raise ValueError("the self-contained kernel needs the tile token layout")
         return torch.ops.clear.attention_aot(q, k, v, height, width, float(radius), bool(text_first), tile_h, tile_w,
                                              float(scale or 0.0))
     return torch.ops.clear.attention(q, k, v, text_len, text_first, height, width, float(radius),
-                                     scale, backend, tile_h, tile_w)
+                                     scale, backend, tile_h, tile_w, pool_weight, attn_mask, flat)

@@ -93,6 +93,8 @@ def launch_plan(tokens, heads, batch, height, width, spec: AotSpec) -> LaunchPla
 def can_run_triton_aot(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
     validate_call(q, k, v, layout, radius)
     reason = triton_reason(q, v)
+    if reason is None and layout.extra_keys:
+        reason = "the self-contained kernel has no extra (pooled) keys"
     if reason is None and (layout.tile is None or math.prod(layout.tile) != math.prod(aot_tile(q.shape[-1]))):
         reason = (f"needs the tile token layout with {math.prod(aot_tile(q.shape[-1]))}-token tiles, got "
                   f"{layout.tile or 'raster order'}")

@@ -104,20 +104,31 @@ class BlockLists(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def image_block_lists(height: int, width: int, tile, radius: float, block_m: int, block_n: int,
-                      device: torch.device):
+                      device: torch.device, images: tuple = ()):
     """Per image query block: the image key blocks to visit without and with the window mask, and
     whether to visit the ragged last key block (bounds-checked and masked); plus, for the partial
-    blocks, an entry of a table of precomputed window masks (or -1: compute the mask) and the table."""
-    image_only = TokenLayout(0, True, height, width, tile)
+    blocks, an entry of a table of precomputed window masks (or -1: compute the mask) and the table.
+    ``images``: further images' grids (their masks are computed from the position tables)."""
+    image_only = TokenLayout(0, True, height, width, tile, images=images)
     any_true, all_true = classify_blocks(image_only, radius, block_m, block_n, device)
     ragged = torch.zeros(any_true.shape[0], dtype=torch.int32, device=device)
-    if (height * width) % block_n:
+    if image_only.image_tokens % block_n:
         ragged = any_true[:, -1].to(torch.int32).contiguous()
         any_true[:, -1] = all_true[:, -1] = False
     full = all_true & any_true
     part_count, part_index = _compact(any_true & ~full)
-    entries, table, mode = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
+    if images:
+        entries, table, mode = torch.full(part_index.shape, -1, dtype=torch.int32), torch.zeros(1, 1, 1), 0
+    else:
+        entries, table, mode = mask_table(height, width, tile, radius, block_m, block_n, part_count, part_index)
     return BlockLists(*_compact(full), part_count, part_index, ragged, entries.to(device), table.to(device), mode)
+
+
+@functools.lru_cache(maxsize=64)
+def position_tables(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) int32 of every image token, for sequences of several images (the kernel reads them)."""
+    y, x = layout.image_token_positions(torch.arange(layout.image_tokens))
+    return y.to(device, torch.int32).contiguous(), x.to(device, torch.int32).contiguous()
 
 
 def block_shape(tile, block: int) -> tuple[int, int] | None:
@@ -185,7 +196,7 @@ def max_visible_d2(radius: float) -> int:
 
 
 def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
-                           out: torch.Tensor | None = None, return_lse: bool = False,
+                           extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                            image_queries: tuple[int, int] | None = None):
     """Same signature and result as reference_attention (inference forward); ``out``: a buffer shaped
     like q to write into (every element is written). ``image_queries=(start, stop)``: compute only the
@@ -200,7 +211,9 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
         raise ValueError(f"out must be shaped like q {tuple(q.shape)} {q.dtype} on {q.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     text_start = 0 if layout.text_first else layout.image_tokens
-    lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device)
+    lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device,
+                              layout.images)
+    pos_y, pos_x = position_tables(layout, q.device) if layout.images else (lists.ragged, lists.ragged)
     text_blocks = -(-layout.text_len // block_m)
     image_blocks = -(-layout.image_tokens // block_m)
     first_block = 0
@@ -214,6 +227,9 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     th, tw = layout.tile or (1, 1)
     grid = ((text_blocks + image_blocks) * batch * heads,)
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
+    ek, ev = extra if extra is not None else (k, v)  # without extra keys: placeholders, never read
+    # the text padding's bias in the kernel's log2 units (placeholder pointer without one, never read)
+    bias = (text_bias.float() * 1.4426950408889634).contiguous() if text_bias is not None else lists.ragged
     clear_fwd_kernel[grid](
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -221,10 +237,13 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
         th, tw, max_visible_d2(radius), qk_scale, lists.full_count, lists.full_index, lists.part_count,
         lists.part_index, lists.ragged, lists.full_index.shape[1], lists.part_index.shape[1], text_blocks,
         image_blocks, lists.table_entries, lists.mask_table, lse, first_block,
+        ek, ev, ek.stride(0), ek.stride(1), ek.stride(2), ev.stride(0), ev.stride(1), ev.stride(2),
+        ek.shape[1] if extra is not None else 0, bias, pos_y, pos_x,
         BLOCK_M=block_m, BLOCK_N=block_n, SEGMENT_BLOCK_N=config.segment_block_n, HEAD_DIM=head_dim,
         TILED=layout.tile is not None,
         USE_TABLE=lists.table_mode if use_mask_table() else 0,
-        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, STORE_LSE=return_lse,
+        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, STORE_LSE=return_lse, HAS_EXTRA=extra is not None,
+        TEXT_BIASED=text_bias is not None, POS_TABLE=bool(layout.images),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, lse.transpose(1, 2)) if return_lse else out

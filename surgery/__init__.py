@@ -16,7 +16,7 @@ _EXPORTS = {
     "processors": ["ClearRuntime", "ClearSDPAProcessor"],
     "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "remove_clear",
                 "select_sites"],
-    "state": ["ClearState", "get_clear_state"],
+    "state": ["ClearState", "clear_tensors", "get_clear_state", "is_clear_tensor"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -206,8 +206,6 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
                                                            "concatenation of two streams before attention)"
                                                      if q_len == text + image else
                                                      f"sequence of {q_len} tokens is not text+image")
-    elif call.masked:
-        reason = "uses an attention mask"
     elif processor is None:
         reason = "no diffusers attention module owns this call"
     else:
@@ -226,7 +224,7 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
 
 def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text_tokens: int | None = None,
             image_tokens: int | None = None, grid: tuple[int, int] | None = None,
-            family: ModelFamily | None = None, run_time_fallback: bool = True) -> AnalysisReport:
+            family: ModelFamily | None = None, run_time_fallback: bool = True, grid_multiple: int = 1) -> AnalysisReport:
     """Trace ``model`` with torch.export on a small example call and report every attention site.
     Where torch.export cannot trace it (data-dependent shapes), the sites come from the SDPA calls of
     one eager forward (``report.method`` says which); ``run_time_fallback=False`` raises instead.
@@ -234,11 +232,12 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
     For a known family the example call is built from the config (``family``: already resolved by
     the caller, else looked up); for other models pass ``example_inputs_`` (kwargs of forward) with
     the number of text and image tokens in it, and the image ``grid`` (needed once the model holds
-    CLEAR layers).
+    CLEAR layers). ``grid_multiple``: the example grid's sides are multiples of it (a model with the
+    "down" variant pools blocks of that many tokens a side).
     """
     if example_inputs_ is None:
         family = family or family_of(model)  # clear error for an unknown model
-        grid = EXAMPLE_GRID
+        grid = (EXAMPLE_GRID[0] * grid_multiple, EXAMPLE_GRID[1] * grid_multiple)
         example_inputs_ = example_inputs(model, EXAMPLE_TEXT_TOKENS, grid, family=family)
         text_tokens, image_tokens = EXAMPLE_TEXT_TOKENS, grid[0] * grid[1]
     elif text_tokens is None or image_tokens is None:

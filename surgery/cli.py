@@ -143,6 +143,10 @@ def convert(
                                               "the one their folder records)"),
     out_format: str = typer.Option("full", "--format", help="full (whole model) | layers (only the CLEAR layers)"),
     radius_for: list[str] = typer.Option([], "--radius-for", help="PATTERN=R: another radius for matching modules"),
+    down_factor: Optional[int] = typer.Option(None, "--down-factor",
+                                              help="the official 'down' variant: image queries also see the image "
+                                                   "pooled over FxF blocks (learned spatial_weight); default: as the "
+                                                   "--clear-layers say (clear_local_<r>_down_<f>), else plain CLEAR"),
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
@@ -169,20 +173,21 @@ def convert(
         from clear_surgery.hub import parse_dtype
         from clear_surgery.hub.clear_layers import resolve_layers
         from clear_surgery.surgery import ClearConfig
-        from clear_surgery.surgery.tools.convert import convert as run, default_radius
+        from clear_surgery.surgery.tools.convert import convert as run, default_down_factor, default_radius
 
         torch_dtype = parse_dtype(dtype)
         settings = dict(backend=backend, target_modules=target or None, exclude_modules=exclude,
                         token_layout=token_layout, radius_overrides=rules)
-        if radius is not None:
-            ClearConfig(radius=radius, **settings)  # every setting checked before the model is read
+        ClearConfig(radius=radius or 1, down_factor=down_factor, **settings)  # checked before the model is read
         with _stages("convert", total=3) as step:
             step(f"resolving {model}", 0)
             ref = _resolve(model, subfolder, revision)
             layers = resolve_layers(clear_layers, revision) if clear_layers else None
             if radius is None:
                 radius = default_radius(ref, layers)
-            config = ClearConfig(radius=radius, **settings)
+            if down_factor is None:
+                down_factor = default_down_factor(ref, layers)
+            config = ClearConfig(radius=radius, down_factor=down_factor, **settings)
             step("analyze, rewrite, verify, write")
             result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers, out_format=out_format,
                          overwrite=overwrite, max_shard_size=shard_bytes, link=link,
@@ -191,7 +196,8 @@ def convert(
     typer.echo(result.analysis.table())
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
            if result.streamed and out_format == "full" else "")
-    typer.echo(f"converted {len(result.sites)} joint attention sites to CLEAR (r={radius:g}); wrote {out}{how}")
+    variant = f", pooled keys {down_factor}x{down_factor}" if down_factor else ""
+    typer.echo(f"converted {len(result.sites)} joint attention sites to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
 
 
 def _radius_rules(rules: list[str]) -> dict[str, float]:
@@ -220,6 +226,10 @@ def profile(
     out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs (written "
                                                                    "atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    reference_image: Optional[Path] = typer.Option(None, help="an image file: run FLUX.1 Kontext with it as the "
+                                                   "reference image (its tokens follow the target's on a grid of "
+                                                   "their own) and also measure what each rule for the other image "
+                                                   "keeps"),
 ):
     """Measure how local a model's attention is (dense run) and recommend a CLEAR radius.
     A CLEAR folder is measured with its weights and dense attention."""
@@ -233,18 +243,38 @@ def profile(
         from clear_surgery.surgery.tools.pipeline import load_pipeline
         from clear_surgery.surgery.tools.profile import profile_pipeline
 
+        reference = _read_image("--reference-image", reference_image) if reference_image else None
         pipe = load_pipeline(_resolve(model))
         if get_clear_state(pipe.transformer) is not None:
             remove_clear(pipe.transformer)
         _check_image_size(pipe, resolution)
+        extra = family_of(pipe.transformer).call_kwargs(pipe)
+        if reference is not None:
+            from clear_surgery.surgery.tools.pipeline import with_reference_image
+
+            pipe = with_reference_image(pipe)  # the reference at its own size (a multiple of the size step)
+            extra.update(image=reference, _auto_resize=False, max_area=resolution * resolution)
         pipe.set_progress_bar_config(desc="denoising")
         with atomic_directory(out, overwrite) as tmp:
             results = profile_pipeline(pipe, prompt, resolution, resolution, steps, radius_list, keep=keep,
-                                       queries_per_call=queries, out=tmp, **family_of(pipe.transformer).call_kwargs(pipe))
+                                       queries_per_call=queries, out=tmp, **extra)
     for r, kept in zip(results["radii"], results["kept_share_mean"]):
         typer.echo(f"r = {r:>5g}: mean attention mass kept (text + window) {kept:.3f}")
+    for rule, kept in results.get("several_images_kept_share_mean", {}).items():
+        typer.echo(f"other images, {rule}: " + ", ".join(f"r={r:g} {k:.3f}" for r, k in zip(results["radii"], kept)))
     typer.echo(f"recommended radius (keeps >= {keep:g}): {results['recommended_radius']}")
     typer.echo(f"wrote {out}/locality.json, locality_heatmap.png, attention_maps.png")
+
+
+def _read_image(option: str, path: Path):
+    """An image file as an RGB PIL image; one clear error when it is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise InvalidValueError(f"{option} {path}: not a readable image ({err})") from err
 
 
 def _check_image_size(pipe, resolution: int) -> None:

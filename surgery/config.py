@@ -28,6 +28,7 @@ class ClearConfig:
     radius_overrides: dict[str, float] = field(default_factory=dict)
     token_layout: str = "raster"
     tile_shape: list[int] | None = None
+    down_factor: int | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -59,6 +60,9 @@ class ClearConfig:
             if len(self.tile_shape) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile_shape):
                 raise InvalidValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
             self.tile_shape = list(self.tile_shape)
+        if self.down_factor is not None and (isinstance(self.down_factor, bool) or not isinstance(self.down_factor, int)
+                                             or self.down_factor < 2):
+            raise InvalidValueError(f"down_factor must be an int >= 2 (None: plain CLEAR), got {self.down_factor!r}")
         if self.version != CONFIG_VERSION:
             raise InvalidValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clear_surgery.plugins import attention
+from clear_surgery.plugins import attention, spatial_weight_shape
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ClearRuntime:
     """Per-model state shared by its CLEAR processors: the current call's image grid."""
 
     grid: tuple[int, int] | None = None
+    images: tuple[tuple[int, int], ...] = ()  # further images' grids in the current call (FLUX.1 Kontext)
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
     hooks: list = field(default_factory=list)
@@ -33,33 +34,55 @@ class ClearRuntime:
         return self.grid
 
 
-class ClearProcessorBase:
+class ClearProcessorBase(torch.nn.Module):
+    """A module, as the official "down" processor is: with ``down_factor`` it owns ``spatial_weight``
+    (state-dict key ``<attention>.processor.spatial_weight``, as the official checkpoints name it);
+    without, it holds no tensor and the model's state dict is the stock one."""
+
     text_first: bool  # segment order the processor builds
 
-    def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = ""):
+    def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = "",
+                 down_factor: int | None = None):
+        super().__init__()
         self.runtime, self.name = runtime, name
         self.radius = float(radius)
         self.backend = backend
+        self.down_factor = down_factor
+        if down_factor:
+            self.spatial_weight = torch.nn.Parameter(self.initial_tensors()["spatial_weight"])
+
+    def initial_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this processor owns, as a new one starts (the official initialisation: the mean)."""
+        f = self.down_factor
+        return {"spatial_weight": torch.full(spatial_weight_shape(f), 1.0 / (f * f))} if f else {}
 
     def _attend(self, query, key, value, attention_mask, scale=None):
-        """(batch, tokens, heads, head_dim) in, same out."""
-        if attention_mask is not None:
-            raise ValueError(f"{type(self).__name__}: attention masks are not supported by CLEAR attention")
+        """(batch, tokens, heads, head_dim) in, same out. ``attention_mask``: the model's text padding mask as
+        scaled_dot_product_attention takes it (bool or additive, broadcastable to (batch, heads, q, k))."""
         height, width = self.runtime.current_grid()
-        text_len = query.shape[1] - height * width
+        images = self.runtime.images
+        text_len = query.shape[1] - height * width - sum(h * w for h, w in images)
         if self.runtime.observer is not None:
-            return self.runtime.observer(self, query, key, value, text_len, height, width)
+            return self.runtime.observer(self, query, key, value, text_len, height, width, images)
         band = self.runtime.band
+        if band is not None and (self.down_factor or attention_mask is not None or images):
+            raise ValueError("patch parallelism runs plain CLEAR only: not the 'down' variant (its pooled keys need "
+                             "the whole image on every rank), text padding masks or several images")
         if self.runtime.proportional_attention:  # the official high-resolution setting (4608 = 1024² FLUX tokens)
             tokens = query.shape[1] if band is None else band.text_len(query) + height * width  # the whole image's
             scale = math.sqrt(math.log(tokens, 4608) / query.shape[-1])
         if band is not None:  # patch parallel: this rank holds the text and one band of image rows
             return band.attend(query, key, value, self.text_first, self.radius, self.backend, scale)
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
-                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile, scale=scale)
+                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile, scale=scale,
+                         pool_weight=self.spatial_weight if self.down_factor else None, attn_mask=attention_mask,
+                         images=images)
+
+    def _down(self) -> str:
+        return f", down_factor={self.down_factor}" if self.down_factor else ""
 
     def __repr__(self):
-        return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r})"
+        return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r}{self._down()})"
 
 
 class _RouteSDPA(torch.overrides.TorchFunctionMode):
@@ -82,9 +105,10 @@ class ClearSDPAProcessor(ClearProcessorBase):
     the model and undoes itself unless exactly the attention call changed."""
 
     def __init__(self, original, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = "",
-                 text_first: bool = True):
-        super().__init__(runtime, radius, backend, name)
-        self.original, self.text_first = original, text_first
+                 text_first: bool = True, down_factor: int | None = None):
+        super().__init__(runtime, radius, backend, name, down_factor)
+        object.__setattr__(self, "original", original)  # a plain attribute even when the stock processor is a module
+        self.text_first = text_first
         # Attention modules read the processor's __call__ signature to filter their kwargs.
         def call(attn, *args, **kwargs):
             return self._call(attn, *args, **kwargs)
@@ -107,12 +131,16 @@ class ClearSDPAProcessor(ClearProcessorBase):
         return out.transpose(1, 2)
 
     def __getattr__(self, name):  # diffusers reads backend settings off its processors
-        if name == "original":
-            raise AttributeError(name)
+        try:
+            return super().__getattr__(name)  # the module's own parameters and submodules
+        except AttributeError:
+            if name == "original" or "original" not in self.__dict__:
+                raise
         return getattr(self.original, name)
 
     def __repr__(self):
-        return f"ClearSDPAProcessor({type(self.original).__name__}, radius={self.radius:g}, backend={self.backend!r})"
+        return (f"ClearSDPAProcessor({type(self.original).__name__}, radius={self.radius:g}, "
+                f"backend={self.backend!r}{self._down()})")
 
 
 def clear_processor_for(family, processor) -> type[ClearProcessorBase] | None:

@@ -63,7 +63,7 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
 
 def _grid_hook(family: ModelFamily, runtime: ClearRuntime):
     def hook(model, args, kwargs):
-        runtime.grid = family.grid(model, args, kwargs)
+        runtime.grid, runtime.images = family.grids(model, args, kwargs)
 
     return hook
 
@@ -98,14 +98,17 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
         args = (runtime, config.radius_for(name), config.backend, name)
         runtime.originals[name] = original
         # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
-        module.set_processor(dedicated(*args) if dedicated else ClearSDPAProcessor(original, *args, text_first[name]))
+        processor = (dedicated(*args, down_factor=config.down_factor) if dedicated else
+                     ClearSDPAProcessor(original, *args, text_first[name], down_factor=config.down_factor))
+        weight = next(module.parameters(), None)  # the down variant's spatial_weight: the attention's dtype/device
+        module.set_processor(processor.to(weight.device, weight.dtype) if weight is not None else processor)
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
     attach(model, ClearState(config=config, family=family, sites=[s.module for s in targets], analysis=before,
                              runtime=runtime, provenance=provenance))
     try:
         # The re-trace checks the processors' math in raster order; the tile layout only adds
         # permutations at the model's edges (checked by output equality in the tests).
-        after = verify_rewrite(model, family, before, set(modules)) if verify else before
+        after = verify_rewrite(model, family, before, set(modules), config.down_factor or 1) if verify else before
         if config.token_layout == "tiled":
             runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim, config.radius))
             runtime.hooks.append(TileLayout(model, family, runtime, runtime.tile))
@@ -122,11 +125,12 @@ def default_tile(head_dim: int, radius: float) -> tuple[int, int]:
     return kernel_config(head_dim, radius).tile if head_dim in HEAD_DIMS else (8, 16)
 
 
-def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: set[str]) -> AnalysisReport:
+def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: set[str],
+                   grid_multiple: int = 1) -> AnalysisReport:
     if before.method != "torch.export":  # a run-time analysis has no graph to compare
         raise RewriteError(f"{type(model).__name__} was analyzed at {before.method}: without a traced graph the "
                            "rewrite cannot be verified")
-    after = analyze(model, family=family, run_time_fallback=False)
+    after = analyze(model, family=family, run_time_fallback=False, grid_multiple=grid_multiple)
     problems = []
     if [s.module for s in after.sites] != [s.module for s in before.sites]:
         problems.append("the attention sites changed")

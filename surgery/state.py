@@ -50,3 +50,26 @@ def attach(model: torch.nn.Module, state: ClearState) -> None:
 
 def detach(model: torch.nn.Module) -> None:
     object.__delattr__(model, _ATTRIBUTE)
+
+
+# Tensors CLEAR itself adds to a model (the "down" variant's spatial_weight, one per converted
+# attention); saved apart from the stock weights so that stock diffusers still loads those.
+CLEAR_TENSOR_SUFFIXES = (".processor.spatial_weight",)
+
+
+def is_clear_tensor(name: str) -> bool:
+    return name.endswith(CLEAR_TENSOR_SUFFIXES)
+
+
+def clear_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries CLEAR's processors own (empty for plain CLEAR). A model on the meta
+    device (a conversion that never loads the weights) gets their initial values, in its dtype."""
+    state = require_clear_state(model, "list its CLEAR tensors")
+    found = {}
+    for site in state.sites:
+        processor = model.get_submodule(site).processor
+        for name, tensor in processor.named_parameters():
+            if tensor.is_meta:
+                tensor = processor.initial_tensors()[name].to(tensor.dtype)
+            found[f"{site}.processor.{name}"] = tensor.detach()
+    return found

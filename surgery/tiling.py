@@ -72,6 +72,9 @@ class TileLayout:
 
     def _entry(self, model, args, kwargs):
         height, width = self.runtime.current_grid()  # set by the grid hook, which runs first
+        if self.runtime.images:
+            raise ValueError("the tile token layout takes one image: a call with several images (a reference image) "
+                             "needs token_layout='raster'")
         symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
         build = traced_permutations if symbolic else permutations
         self.perm, self.inverse = build(height, width, self.tile, self._device(model))

@@ -26,6 +26,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def perturbed(model, scale: float = 0.05, seed: int = 0):
+    """``model`` with every parameter moved by seeded noise: no zero-initialized layer (a ControlNet's
+    output blocks) leaves an output that does not depend on the input."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen).to(param.dtype))
+    return model.eval()
+
+
+def coverage_model(family: str):
+    """The coverage table's tiny model of ``family`` (perturbed) and its example call."""
+    from clear_surgery.surgery.tools import coverage
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, inputs, *_ = coverage.FAMILIES[family]()
+    return perturbed(model), inputs
+
+
 def model_call(model, inputs):
     with torch.no_grad():
         out = model(**inputs)

@@ -219,3 +219,60 @@ def test_front_door_returns_lse():
     with pytest.raises(ValueError, match="returns no log-sum-exp"):
         attention(q, k, v, text_len=4, text_first=False, height=5, width=6, radius=2, backend="triton-aot",
                   return_lse=True)
+
+
+def _padding_forms(valid):
+    """The masks models pass for the same padding (valid: (batch, tokens) bool)."""
+    f = valid.double()
+    hide = torch.zeros(valid.shape, dtype=torch.float64).masked_fill(~valid, -10000.0)[:, None, None, :]
+    return {"bool-key": valid[:, None, None, :], "bool-query-key": valid[:, None, None, :] & valid[:, None, :, None],
+            "float-key": hide, "float-0/1-query-key": f[:, None, None, :] * f[:, None, :, None]}
+
+
+def _padded_cases(layout, radius, lengths, head_dim, seed):
+    """Per mask form: (name, the model's mask, float64 leaves, the truth: SDPA with the CLEAR mask and the
+    model's combined, rows that see nothing giving 0, and the truth's gradients for a random grad)."""
+    from clear_surgery.plugins import dense_mask
+
+    text_valid = torch.arange(layout.text_len)[None, :] < torch.tensor(lengths)[:, None]
+    image = torch.ones(len(lengths), layout.image_tokens, dtype=torch.bool)
+    valid = torch.cat([text_valid, image] if layout.text_first else [image, text_valid], 1)
+    window = dense_mask(layout, radius)
+    leaves = _inputs(len(lengths), 2, head_dim, layout.seq_len, torch.float64, seed=seed)
+    grad = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for name, mask in _padding_forms(valid).items():
+        added = mask if mask.dtype != torch.bool else torch.zeros(()).double().masked_fill(~mask, float("-inf"))
+        truth = torch.nan_to_num(torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in leaves), attn_mask=torch.where(window, added, float("-inf"))).transpose(1, 2))
+        yield name, mask, leaves, truth, grad, torch.autograd.grad(truth, leaves, grad)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("tile", TILES, ids=["raster", "tiled"])
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_text_padding_equals_sdpa_with_the_combined_mask(text_first, tile, backend):
+    """Every mask form, forward and backward, batch of three text lengths (one without any text)."""
+    layout, r = TokenLayout(9, text_first, 5, 7, tile), 2.5
+    dtype, tol = (torch.float64, 1e-10) if backend == "reference" else (torch.float32, 2e-5)
+    for name, mask, leaves, truth, grad, want in _padded_cases(layout, r, [9, 4, 0], 16, seed=3):
+        mine = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
+        out = attention(*mine, text_len=9, text_first=text_first, height=5, width=7, radius=r, tile=tile,
+                        attn_mask=mask if mask.dtype == torch.bool else mask.to(dtype), backend=backend)
+        assert rel_err(out, truth) < tol, name
+        for which, g, w in zip("qkv", torch.autograd.grad(out, mine, grad.to(dtype)), want):
+            assert rel_err(g, w) < tol, (name, which)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_gpu_text_padding_equals_sdpa_with_the_combined_mask(text_first, backend):
+    layout, r = TokenLayout(77, text_first, 20, 28), 4
+    for name, mask, leaves, truth, grad, want in _padded_cases(layout, r, [77, 30, 1], 64, seed=8):
+        mine = [x.detach().to("cuda", torch.bfloat16).requires_grad_(True) for x in leaves]
+        out = attention(*mine, text_len=77, text_first=text_first, height=20, width=28, radius=r, backend=backend,
+                        attn_mask=(mask if mask.dtype == torch.bool else mask.to(torch.bfloat16)).cuda())
+        assert rel_err(out.cpu(), truth) < 2e-2, name
+        got = torch.autograd.grad(out, mine, grad.to("cuda", torch.bfloat16))
+        for which, g, w in zip("qkv", got, want):
+            assert rel_err(g.cpu(), w) < 3e-2, (name, which)

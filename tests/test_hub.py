@@ -68,7 +68,7 @@ def test_clear_layers_on_another_architecture_list_the_mismatches(tmp_path):
     assert get_clear_state(sd3) is None
 
 
-def test_official_release_import_and_down_variant_refused(tmp_path):
+def test_official_release_import_and_a_malformed_down_file_refused(tmp_path):
     model = _trained("tiny-flux", radius=16)
     official = {k: v for k, v in model.state_dict().items() if any(f".attn.{p}." in k for p in ("to_q", "to_k", "to_v"))}
     save_file(official, tmp_path / "clear_local_16.safetensors")
@@ -83,7 +83,9 @@ def test_official_release_import_and_down_variant_refused(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in official.items())
     result = runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--clear-layers",
                                  str(tmp_path / "clear_local_16_down_4.safetensors"), "--out", str(tmp_path / "out2")])
-    assert result.exit_code == 2 and "'down' variant" in result.output and not (tmp_path / "out2").exists()
+    # spatial_weight not where the official files keep it (<attention>.processor.spatial_weight): refused whole
+    assert result.exit_code == 2 and "do not fit" in result.output and "attn.spatial_weight" in result.output
+    assert not (tmp_path / "out2").exists()
 
 
 def test_convert_layers_format_from_cli(tmp_path):

@@ -25,6 +25,18 @@ INTERPRET_CASES = [
     (1, 2, 64, 20, True, 21, 16, 5, [16, 8], "bfloat16", [128, 64, 128]),  # ragged band, text < one block
     (2, 1, 32, 9, False, 16, 24, 4, [16, 8], "float32", [128, 64, 32]),  # every tile full: table for every pair
     (1, 1, 16, 70, True, 8, 40, 3, [8, 16], "float16", [128, 32, 64]),
+    # the "down" variant: pooled keys and values as an extra segment for image queries only
+    (2, 2, 16, 5, True, 8, 12, 2.5, None, "float32", {"down": 4}),
+    (1, 1, 32, 70, False, 6, 10, 3, [4, 8], "float16", {"down": 2}),  # text last, tiles, > one key block of text
+    (1, 2, 16, 9, True, 12, 12, 100, [4, 4], "bfloat16", {"down": 3}),  # r beyond the grid
+    # text padding: per sample, the padded text keys hidden from every query
+    (3, 2, 16, 9, True, 5, 7, 2.5, None, "float32", {"text_lens": [9, 4, 0]}),
+    (2, 1, 32, 70, False, 6, 10, 3, [4, 8], "float16", {"text_lens": [33, 70]}),  # text last, > one key block
+    (2, 2, 16, 12, True, 8, 8, 3, [4, 4], "bfloat16", {"text_lens": [5, 12], "down": 4}),  # with pooled keys
+    # several images, each on its own grid (FLUX.1 Kontext: the target, then a reference of another size)
+    (2, 2, 16, 7, True, 9, 11, 2.5, None, "float32", {"images": [[6, 13]]}),
+    (1, 1, 64, 40, False, 8, 8, 4, None, "bfloat16", {"images": [[8, 8], [3, 5]], "text_lens": [20]}),
+    (1, 2, 32, 9, True, 5, 12, 30, None, "float16", {"images": [[7, 4]]}),  # r beyond both grids
 ]
 
 
@@ -32,8 +44,10 @@ def test_kernel_matches_reference_under_the_interpreter():
     check_under_interpreter(INTERPRET_CASES, "triton")
 
 
-@pytest.mark.parametrize("head_dim,tiled,lse", [(128, True, False), (64, False, True)])
-def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled, lse):
+@pytest.mark.parametrize("head_dim,tiled,lse,features", [(128, True, False, False), (64, False, True, False),
+                                                          (64, False, True, True)])
+def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled, lse, features):
+    """features: pooled keys, text padding bias and several images' position tables switched on."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -41,10 +55,12 @@ def test_kernel_compiles_for_sm90_with_wgmma(head_dim, tiled, lse):
 
     config = kernel_config(head_dim)
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, SEGMENT_BLOCK_N=config.segment_block_n,
-                      HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=2, UPCAST_DOT=False, STORE_LSE=lse)
+                      HEAD_DIM=head_dim, TILED=tiled, USE_TABLE=0 if features else 2, UPCAST_DOT=False, STORE_LSE=lse,
+                      HAS_EXTRA=features, TEXT_BIASED=features, POS_TABLE=features)
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "FULL_COUNT": "*i32", "FULL_INDEX": "*i32",
                 "PART_COUNT": "*i32", "PART_INDEX": "*i32", "RAGGED": "*i32", "PART_OFFSET": "*i32",
-                "MASK_TABLE": "*i8", "LSE": "*fp32", "qk_scale": "fp32"}
+                "MASK_TABLE": "*i8", "LSE": "*fp32", "qk_scale": "fp32", "EK": "*bf16", "EV": "*bf16",
+                "TEXT_BIAS": "*fp32", "POS_Y": "*i32", "POS_X": "*i32"}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in clear_fwd_kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=clear_fwd_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32),

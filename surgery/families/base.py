@@ -57,15 +57,33 @@ def bound_arguments(model, args, kwargs) -> dict:
 # --- grid readers shared by several families --------------------------------------------------
 
 def grid_from_ids(model, bound: dict) -> tuple[int, int]:
-    """FLUX-style: rows and columns of the image grid in columns 1 and 2 of ``img_ids``."""
+    """FLUX-style: rows and columns of the image grid in columns 1 and 2 of ``img_ids``; with several
+    images (FLUX.1 Kontext: the reference image's ids have 1 in column 0), the first image's."""
+    return _image_grids(model, bound)[0]
+
+
+def images_from_ids(model, bound: dict) -> tuple[tuple[int, int], ...]:
+    """The grids of the images after the first in ``img_ids`` (each a run of one value in column 0)."""
+    return _image_grids(model, bound)[1:]
+
+
+def _image_grids(model, bound: dict) -> tuple[tuple[int, int], ...]:
     ids = bound.get("img_ids")
     if ids is None:
         raise GridError(f"{type(model).__name__} was called without img_ids; CLEAR needs them for the image grid")
-    if ids.ndim == 3:
-        ids = ids[0]
+    ids = ids[0] if ids.ndim == 3 else ids
     if torch.compiler.is_compiling() or isinstance(ids, torch._subclasses.FakeTensor):
-        raise GridError("the image grid of a FLUX model comes from the values of img_ids, which tracing "
-                        "cannot read: wrap the call in clear_surgery.surgery.image_grid(height, width)")
+        return (grid_of_ids(ids, "img_ids"),)  # raises with the way out (image_grid)
+    starts = [0] + (torch.nonzero(ids[1:, 0] != ids[:-1, 0])[:, 0] + 1).tolist() + [ids.shape[0]]
+    return tuple(grid_of_ids(ids[a:b], "img_ids" if len(starts) == 2 else f"img_ids of image {i + 1}")
+                 for i, (a, b) in enumerate(zip(starts, starts[1:])))
+
+
+def grid_of_ids(ids: torch.Tensor, name: str) -> tuple[int, int]:
+    """The raster grid whose rows and columns columns 1 and 2 of position ids ``ids`` (tokens, axes) count."""
+    if torch.compiler.is_compiling() or isinstance(ids, torch._subclasses.FakeTensor):
+        raise GridError(f"the image grid comes from the values of {name}, which tracing cannot read: wrap the call "
+                        "in clear_surgery.surgery.image_grid(height, width)")
     # Width = tokens before the row id first changes (rows 0 and 1 are exact in any dtype; ids
     # of large grids are not exact in bf16, so the check below compares in the ids' own dtype).
     count = ids.shape[0]
@@ -75,7 +93,7 @@ def grid_from_ids(model, bound: dict) -> tuple[int, int]:
     index = torch.arange(count, device=ids.device)
     expected = torch.stack([index // width, index % width], dim=1).to(ids.dtype)
     if height * width != count or not torch.equal(ids[:, 1:3], expected):
-        raise GridError("img_ids are not a raster grid starting at 0 (e.g. extra reference-image tokens); "
+        raise GridError(f"{name} are not a raster grid starting at 0 (e.g. extra reference-image tokens); "
                         "CLEAR needs one image grid: pass it with clear_surgery.surgery.image_grid(h, w)")
     return height, width
 
@@ -85,12 +103,14 @@ def packed_tokens(model, bound: dict) -> int:
 
 
 def grid_from_latent(model, bound: dict) -> tuple[int, int]:
-    """Latent-input models (SD3, CogView, ...): the 4-D latent divided by the patch size."""
+    """Latent-input models (SD3, CogView, ...): the 4-D latent divided by the patch size (one number, or
+    one per side)."""
     hidden = bound.get("hidden_states")
     if hidden is None or hidden.ndim != 4:
         raise GridError(f"{type(model).__name__}: expected 4-D latent hidden_states to read the image grid")
     patch = model.config.patch_size
-    return hidden.shape[-2] // patch, hidden.shape[-1] // patch
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)[-2:]
+    return hidden.shape[-2] // ph, hidden.shape[-1] // pw
 
 
 def latent_tokens(model, bound: dict) -> int:
@@ -117,6 +137,9 @@ def flux_like_inputs(model, text_len, height, width, batch, dtype, device) -> di
         inputs["pooled_projections"] = t(batch, cfg.pooled_projection_dim)
     if "guidance" in params and getattr(cfg, "guidance_embeds", False):
         inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+    if "text_encoder_layers" in params:  # Bria FIBO: one text-encoder layer per block
+        layers = cfg.num_layers + cfg.num_single_layers
+        inputs["text_encoder_layers"] = [t(batch, text_len, cfg.text_encoder_dim) for _ in range(layers)]
     return inputs
 
 
@@ -170,6 +193,8 @@ class ModelFamily:
     example_inputs: Callable[..., dict]
     grid_from_call: Callable[[object, dict], tuple[int, int]]  # (model, bound forward args) -> grid
     image_tokens: Callable[[object, dict], int]  # (model, bound forward args) -> image tokens of the call
+    # (model, bound forward args) -> grids of further images after the first (Kontext's references); None: one
+    images_from_call: Callable[[object, dict], tuple[tuple[int, int], ...]] | None = None
     # stock processor class -> dedicated CLEAR processor (exact classes; others take the generic route)
     processors: Mapping[type, type] = field(default_factory=dict)
     tile_plan: TilePlan | None = None  # None: the tile layout is refused for this family
@@ -188,13 +213,21 @@ class ModelFamily:
 
     def grid(self, model, args, kwargs) -> tuple[int, int]:
         """The call's image grid, checked against the number of image tokens it carries."""
+        return self.grids(model, args, kwargs)[0]
+
+    def grids(self, model, args, kwargs) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+        """The call's first image grid and the grids of further images (none unless the family reads
+        them), checked against the number of image tokens the call carries."""
         bound = bound_arguments(model, args, kwargs)
-        grid = _GRID_OVERRIDE.get() or self.grid_from_call(model, bound)
+        fixed = _GRID_OVERRIDE.get()
+        grid = fixed or self.grid_from_call(model, bound)
+        images = () if fixed or self.images_from_call is None else self.images_from_call(model, bound)
         tokens = self.image_tokens(model, bound)
-        if grid[0] * grid[1] != tokens:
-            raise GridError(f"image grid {grid[0]}x{grid[1]} = {grid[0] * grid[1]} tokens does not match the "
-                            f"{tokens} image tokens of this call")
-        return grid
+        total = grid[0] * grid[1] + sum(h * w for h, w in images)
+        if total != tokens:
+            shown = " + ".join(f"{h}x{w}" for h, w in (grid, *images))
+            raise GridError(f"image grid {shown} = {total} tokens does not match the {tokens} image tokens of this call")
+        return grid, images
 
     def pipeline_for(self, model_class: str) -> str | None:
         return self.pipelines.get(model_class)

@@ -9,8 +9,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, grid_from_ids, image_grid, packed_tokens,
-                   takes_control_image)
+from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, grid_from_ids, image_grid, images_from_ids,
+                   packed_tokens, takes_control_image)
 
 
 class ClearFluxAttnProcessor(ClearProcessorBase):
@@ -180,6 +180,7 @@ FAMILY = ModelFamily(
     example_inputs=example_inputs,
     grid_from_call=grid_from_ids,
     image_tokens=packed_tokens,
+    images_from_call=images_from_ids,  # FLUX.1 Kontext: the reference image after the target
     processors={FluxAttnProcessor: ClearFluxAttnProcessor},
     tile_plan=TilePlan(entry_tensors=("hidden_states", "controlnet_cond"),
                        entry_lists=("controlnet_block_samples", "controlnet_single_block_samples"), ids="img_ids"),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from clear_surgery.plugins import TokenLayout, flex_clear_attention
+from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -110,6 +110,19 @@ def _clear(fn, tile):
     return run
 
 
+def _clear_down(backend: str, factor: int):
+    """The "down" variant through the op (pooling of keys and values included), on the kernel's tiles."""
+
+    def run(q, k, v, layout, radius):
+        weight = torch.full((factor, factor), 1.0 / factor**2, device=q.device, dtype=q.dtype)
+        return attention(q, k, v, text_len=layout.text_len, text_first=layout.text_first, height=layout.height,
+                         width=layout.width, radius=radius, backend=backend, pool_weight=weight,
+                         tile=kernel_config(q.shape[-1], radius).tile)
+
+    run.pooling = factor
+    return run
+
+
 LAYER_BACKENDS = {
     "dense-cudnn": _dense("CUDNN_ATTENTION"),
     "dense-flash": _dense("FLASH_ATTENTION"),
@@ -118,6 +131,8 @@ LAYER_BACKENDS = {
     "flex-tiled": _clear(flex_clear_attention, (8, 16)),  # 128 tokens: one FlexAttention block
     "triton-raster": _clear(triton_clear_attention, None),
     "triton-tiled": _clear(triton_clear_attention, "kernel"),
+    "flex-tiled-down4": _clear_down("flex", 4),  # the official clear_local_<r>_down_4 variant
+    "triton-tiled-down4": _clear_down("triton", 4),
 }
 DENSE = ("dense-cudnn", "dense-flash", "dense-math")
 
@@ -145,6 +160,8 @@ def bench_attention(sizes, radii, backends, *, heads=24, head_dim=128, text=512,
                    backend=backend)
         try:
             fn = LAYER_BACKENDS[backend]
+            if getattr(fn, "pooling", None):  # keys every image query sees besides text and window
+                row["pooled_keys"] = (side // fn.pooling) ** 2
             row["ms"] = time_ms(lambda: fn(q, k, v, layout, radius), warmup=2, rep=rep)
         except Exception as err:  # a backend that cannot run at this size is recorded, not fatal
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -168,6 +185,7 @@ def _add_rates(rows, heads, head_dim, text):
         if "ms" not in row or row["backend"] in DENSE:
             continue
         need = needed_flops(text, row["grid"], row["grid"], row["radius"], heads, head_dim)
+        need += 4.0 * row["grid"] ** 2 * row.get("pooled_keys", 0) * head_dim * heads
         row["needed_gflop"] = need / 1e9
         row["tflops_effective"] = need / row["ms"] / 1e9
         for dense in ("dense-cudnn", "dense-flash"):

@@ -25,11 +25,11 @@ from clear_surgery.hub.checkpoint import INDEX_NAME, check_specs, read_headers, 
 from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, ClearLayersError, LayersSource,
                                             add_layer_change, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             file_provenance, layer_shapes, layers_meta, resolve_layers, select_names)
-from clear_surgery.hub.converted import clear_meta, finish_folder, model_class
+from clear_surgery.hub.converted import clear_meta, finish_folder, model_class, write_clear_tensors
 from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
 from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard, write_tensors
-from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, get_clear_state
+from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state, is_clear_tensor
 from clear_surgery.surgery.errors import InvalidValueError
 
 from .arguments import check_layers_mode
@@ -56,6 +56,14 @@ def default_radius(ref: ModelRef, layers: LayersSource | None) -> float:
     if ref.is_clear:
         return ref.meta["config"]["radius"]
     raise ValueError("--radius is required (or --clear-layers with a clear_local_<r> file, or a CLEAR folder)")
+
+
+def default_down_factor(ref: ModelRef, layers: LayersSource | None) -> int | None:
+    """The "down" variant's factor when none is given: the CLEAR layers' (folder config, official file name), or
+    the CLEAR folder's; None: plain CLEAR."""
+    if layers is not None:
+        return layers.down_factor
+    return ref.meta["config"].get("down_factor") if ref.is_clear else None
 
 
 def layers_base_ref(layers: LayersSource, base: str | None = None) -> ModelRef:
@@ -108,9 +116,10 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
         layers = resolve_layers(clear_layers, revision)
     if layers is not None and ref.kind == LAYERS:
         raise ValueError(f"{ref.source} is a CLEAR-layers folder already: give --clear-layers or that folder, not both")
-    config = config or ClearConfig(radius=default_radius(ref, layers))
+    config = config or ClearConfig(radius=default_radius(ref, layers), down_factor=default_down_factor(ref, layers))
     if layers is not None:
-        layers.check_target(ref.model_class, config.radius, allow_radius_change=allow_radius_change)
+        layers.check_target(ref.model_class, config.radius, allow_radius_change=allow_radius_change,
+                            down_factor=config.down_factor)
     layers_file = layers.file if layers is not None else None
     provenance = ((layers.meta or {}).get("training") or file_provenance(layers_file) if layers is not None
                   else (ref.meta or {}).get("training"))
@@ -156,10 +165,14 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
     check_specs(meta_model, specs, folder)
     replacements = {}
     source_of = {name: h for h in headers for name in h.tensors}
+    own_names = []  # CLEAR's own tensors in the layers (spatial_weight): not in the stock shards
     if layers_file is not None:
-        check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__)
+        check_layer_fit({n: t.shape for n, t in meta_model.state_dict().items()}, layers_file, cls.__name__,
+                        before_rewrite=True)
         layers = read_header(layers_file)
-        replacements = {name: (lambda name=name: read_tensor(layers, name)) for name in layers.tensors}
+        own_names = [n for n in layers.tensors if is_clear_tensor(n)]
+        replacements = {name: (lambda name=name: read_tensor(layers, name)) for name in layers.tensors
+                        if name not in own_names}
     if delta_base is not None:  # one tensor of each of the three at a time
         if delta_base.kind == BUILTIN:
             held = base_tensors(delta_base, list(layers.tensors))
@@ -167,13 +180,13 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
         else:
             base_of = {name: h for h in read_headers(weight_files(delta_base.local_folder())) for name in h.tensors}
             read_base = (lambda name: read_tensor(base_of[name], name))
-        missing = sorted(set(layers.tensors) - set(base_of))
+        missing = sorted(set(replacements) - set(base_of))
         if missing:
             raise ClearLayersError(f"the layers' base {delta_base.source} lacks {len(missing)} of their tensors, "
                                    f"e.g. {missing[0]}")
         replacements = {name: (lambda name=name: _delta(read_tensor(source_of[name], name), read_tensor(layers, name),
                                                         read_base(name), name))
-                        for name in layers.tensors}
+                        for name in replacements}
     with atomic_directory(out, overwrite) as tmp:
         link_or_copy(folder / "config.json", tmp / "config.json", link)
         counts = {}
@@ -194,18 +207,27 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
                 writer.join()
             raise
         state = get_clear_state(meta_model)
+        own = clear_tensors(meta_model)  # initial values, or the layers' own after a fit check
+        if own_names:
+            wrong = [n for n in own_names if n not in own or tuple(own[n].shape) != tuple(layers.tensors[n].shape)]
+            if wrong:
+                raise ClearLayersError(f"CLEAR layers {layers_file.name}: {len(wrong)} of their CLEAR tensors do not fit "
+                                       f"the converted {cls.__name__}, e.g. {wrong[0]}")
+            own.update({n: read_tensor(layers, n).to(own[n].dtype) for n in own_names})
         if writer is not None:
             writer.join()
             if "error" in counts:
                 raise counts["error"]
             dtypes = sorted({str(dtype or e.torch_dtype).removeprefix("torch.") for h in headers
                              for e in h.tensors.values()})
+            write_clear_tensors(tmp, {n: t.to(dtype) if dtype else t for n, t in own.items()})
             meta = clear_meta(state, cls.__name__, base_record, dtype=dtypes)
         else:
             names = select_names(list(specs), state.sites, DEFAULT_TRAINED)
             write_tensors(tmp / LAYERS_FILE, names, source_of, dtype=dtype, replace=replacements,
-                          metadata={"format": "pt"})
-            meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, {n: specs[n][0] for n in names})
+                          metadata={"format": "pt"}, extra=own)
+            shapes = {**{n: specs[n][0] for n in names}, **{n: tuple(t.shape) for n, t in own.items()}}
+            meta = layers_meta(state, cls.__name__, DEFAULT_TRAINED, base_record, shapes)
         finish_folder(tmp, meta)
     return ConvertResult(out, analysis, list(state.sites), streamed=True, linked=counts.get("link", 0),
                          copied=counts.get("copy", 0), rewritten=counts.get("rewrite", 0))

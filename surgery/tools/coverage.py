@@ -14,6 +14,11 @@ import torch
 from clear_surgery.surgery import ClearConfig, analyze, apply_clear, example_inputs, load_builtin, remove_clear
 
 T, GRID = 7, (3, 5)  # text tokens and image grid of the example call (as analysis uses)
+VALID = 5  # the families with text padding masks: the example prompt is padded after this many tokens
+
+
+def _padding(dtype=torch.bool):
+    return (torch.arange(T) < VALID)[None].to(dtype)
 
 
 def _randn(*shape):
@@ -47,10 +52,10 @@ def _chroma():
                                      joint_attention_dim=32, in_channels=16, axes_dims_rope=(4, 6, 6),
                                      approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
     img = _ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})
-    # ChromaPipeline always passes the text padding mask (as a joint text+image mask)
+    # ChromaPipeline always passes the text padding mask (as a joint text+image mask, float 0/1)
     return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
                        timestep=torch.tensor([0.5]), img_ids=img, txt_ids=torch.zeros(T, 3),
-                       attention_mask=torch.ones(1, T + 15), return_dict=False)
+                       attention_mask=torch.cat([_padding(torch.float32), torch.ones(1, 15)], 1), return_dict=False)
 
 
 def _qwenimage():
@@ -59,7 +64,7 @@ def _qwenimage():
     model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
                                         joint_attention_dim=32, in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
     return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 32),
-                       encoder_hidden_states_mask=torch.ones(1, T), timestep=torch.tensor([0.5]),
+                       encoder_hidden_states_mask=_padding(torch.float32), timestep=torch.tensor([0.5]),
                        img_shapes=[[(1, *GRID)]], return_dict=False)
 
 
@@ -82,8 +87,11 @@ def _hidream():
                                            axes_dims_rope=(4, 2, 2), max_resolution=(GRID[0] * 2, GRID[1] * 2), llama_layers=[0, 1])
     # Its text stream is the T5 tokens, the last Llama layer's and the block's Llama layer's: 3 * T
     # tokens. No routed experts: the MoE routing calls .numpy(), which torch.export cannot trace
-    # (the attention does not depend on it). max_resolution sets the padded image length: the grid.
-    return model, dict(hidden_states=_randn(1, 4, GRID[0] * 2, GRID[1] * 2), timesteps=torch.tensor([500]),
+    # (the attention does not depend on it). Image tokens patchified already (the pipeline's 4-D latent
+    # is patchified inside and padded to max_resolution unless square).
+    ids = _ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})[None]
+    return model, dict(hidden_states=_randn(1, 15, 16), hidden_states_masks=torch.ones(1, 15),
+                       img_sizes=torch.tensor([GRID]), img_ids=ids, timesteps=torch.tensor([500]),
                        encoder_hidden_states_t5=_randn(1, T, 8), encoder_hidden_states_llama3=_randn(2, 1, T, 4),
                        pooled_embeds=_randn(1, 8), return_dict=False), 3 * T
 
@@ -149,8 +157,7 @@ def _hunyuanimage():
                                            num_layers=1, num_single_layers=1, num_refiner_layers=1, text_embed_dim=32,
                                            rope_axes_dim=(8, 8))
     return model, dict(hidden_states=_randn(1, 4, *GRID), timestep=torch.tensor([500.0]),
-                       encoder_hidden_states=_randn(1, T, 32),
-                       encoder_attention_mask=torch.ones(1, T, dtype=torch.bool), return_dict=False)
+                       encoder_hidden_states=_randn(1, T, 32), encoder_attention_mask=_padding(), return_dict=False)
 
 
 def _cogview3plus():
@@ -191,7 +198,7 @@ def _ernie_image():
     model = ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=64,
                                          in_channels=4, out_channels=4, text_in_dim=32, rope_axes_dim=(4, 6, 6))
     return model, dict(hidden_states=_randn(1, 4, *GRID), timestep=torch.tensor([0.5]), text_bth=_randn(1, T, 32),
-                       text_lens=torch.tensor([T]), return_dict=False)
+                       text_lens=torch.tensor([VALID]), return_dict=False)
 
 
 def _krea2():
@@ -206,7 +213,8 @@ def _krea2():
     index = torch.arange(GRID[0] * GRID[1])
     positions[T:, 1], positions[T:, 2] = index // GRID[1], index % GRID[1]
     return model, dict(hidden_states=_randn(1, 15, 16), encoder_hidden_states=_randn(1, T, 2, 32),
-                       timestep=torch.tensor([0.5]), position_ids=positions, return_dict=False)
+                       timestep=torch.tensor([0.5]), position_ids=positions, encoder_attention_mask=_padding(),
+                       return_dict=False)
 
 
 def _prx():

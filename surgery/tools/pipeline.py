@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from clear_surgery.surgery.errors import InvalidValueError
+
 from clear_surgery.hub import load_model, resolve_model
 from clear_surgery.hub.checkpoint import read_tensor_specs, stored_dtype, weight_files
 from clear_surgery.hub.resolve import BUILTIN, ModelLoadError, ModelRef
@@ -61,3 +63,13 @@ def load_pipeline(source: str | ModelRef, radius: float | None = None, dtype: to
     if radius is not None:
         apply_clear(pipe.transformer, ClearConfig(radius=radius))
     return pipe
+
+
+def with_reference_image(pipe):
+    """The FLUX.1 Kontext pipeline around ``pipe``'s components: calls then take ``image=`` (a reference
+    image whose tokens follow the target's, on a grid of their own)."""
+    import diffusers
+
+    if type(pipe).__name__ != "FluxPipeline":
+        raise InvalidValueError(f"a reference image needs a FLUX.1 pipeline (FLUX.1 Kontext); got {type(pipe).__name__}")
+    return diffusers.FluxKontextPipeline(**pipe.components)

@@ -28,12 +28,16 @@ class LocalityProfiler:
     window_mass: dict = field(default_factory=dict)
     count: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)  # site -> (grid, query positions, attention maps)
+    # calls with several images (a reference image): mass of the image keys each rule for the other
+    # images keeps: site -> rule -> per head and radius
+    cross_mass: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def __call__(self, processor, query, key, value, text_len, height, width):
-        self.observe(processor.name, query, key, TokenLayout(text_len, processor.text_first, height, width))
+    def __call__(self, processor, query, key, value, text_len, height, width, images=()):
+        self.observe(processor.name, query, key, TokenLayout(text_len, processor.text_first, height, width,
+                                                             images=tuple(images)))
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return out.transpose(1, 2)
 
@@ -50,13 +54,31 @@ class LocalityProfiler:
         text = probs[..., ~is_image].sum(-1)  # (batch, heads, picks)
         d2 = (y[rows][:, None] - y[None, :]) ** 2 + (x[rows][:, None] - x[None, :]) ** 2  # (picks, tokens)
         windows = torch.stack([(probs * ((d2 < r * r) & is_image[None, :])).sum(-1) for r in self.radii], -1)
+        if layout.images:
+            self._observe_cross(site, probs, d2, is_image, rows, layout)
         self.text_mass[site] = self.text_mass.get(site, 0) + text.sum((0, 2)).cpu().double()
         self.window_mass[site] = self.window_mass.get(site, 0) + windows.sum((0, 2)).cpu().double()
         self.count[site] = self.count.get(site, 0) + text.shape[0] * text.shape[2]
         if site not in self.examples:
-            maps = probs[0, :, :4][..., is_image].mean(0).reshape(-1, layout.height, layout.width)
+            first = slice(layout.image_start, layout.image_start + layout.height * layout.width)  # the first image
+            maps = probs[0, :, :4][..., first].mean(0).reshape(-1, layout.height, layout.width)
             self.examples[site] = ((layout.height, layout.width), [(int(y[r]), int(x[r])) for r in rows[:4]],
                                    maps.cpu())
+
+    def _observe_cross(self, site, probs, d2, is_image, rows, layout) -> None:
+        """What a query of one image keeps of the others under each rule: its window at the same place in
+        every image (CLEAR's rule), only its own image's window, or its window and every other image."""
+        sizes = torch.tensor([h * w for h, w in layout.grids], device=d2.device)
+        index = (torch.arange(layout.seq_len, device=d2.device) - layout.image_start).clamp(0, layout.image_tokens - 1)
+        segment = torch.bucketize(index, sizes.cumsum(0), right=True)
+        own = segment[rows][:, None] == segment[None, :]
+        rules = {"window in every image": lambda near: near,
+                 "own image only": lambda near: near & own,
+                 "window and all of the other images": lambda near: (near & own) | ~own}
+        sums = self.cross_mass.setdefault(site, {})
+        for rule, keys in rules.items():
+            kept = torch.stack([(probs * (keys(d2 < r * r) & is_image[None, :])).sum(-1) for r in self.radii], -1)
+            sums[rule] = sums.get(rule, 0) + kept.sum((0, 2)).cpu().double()
 
     def results(self, keep: float = 0.95) -> dict:
         sites = list(self.count)
@@ -73,9 +95,16 @@ class LocalityProfiler:
             per_layer[s] = smallest(kept)
         overall = [sum(sum(text[s][h] + window[s][h][i] for h in range(len(text[s]))) / len(text[s]) for s in sites)
                    / len(sites) for i in range(len(self.radii))]
-        return {"radii": self.radii, "keep": keep, "queries": self.count, "text_share": text,
-                "window_share": window, "kept_share_mean": overall, "recommended_radius": smallest(overall),
-                "recommended_radius_per_layer": per_layer}
+        found = {"radii": self.radii, "keep": keep, "queries": self.count, "text_share": text,
+                 "window_share": window, "kept_share_mean": overall, "recommended_radius": smallest(overall),
+                 "recommended_radius_per_layer": per_layer}
+        if self.cross_mass:  # mean over sites and heads of text + image mass kept, per rule and radius
+            rules = next(iter(self.cross_mass.values()))
+            found["several_images_kept_share_mean"] = {
+                rule: [sum((self.text_mass[s] + self.cross_mass[s][rule][:, i]).mean().item() / self.count[s]
+                           for s in self.cross_mass) / len(self.cross_mass) for i in range(len(self.radii))]
+                for rule in rules}
+        return found
 
 
 def plot_profile(results: dict, examples: dict, folder: Path) -> list[Path]:

@@ -213,7 +213,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     controls = read_control_images(control_images) if control_images is not None else None  # before any model
     layers: LayersSource | None = resolve_layers(clear_layers) if clear_layers is not None else None
     radius = radius if radius is not None else layers.radius
-    config = ClearConfig(radius=radius)
+    config = ClearConfig(radius=radius, down_factor=layers.down_factor if layers is not None else None)
 
     ref = resolve_model(target)
     if ref.is_clear:
@@ -221,13 +221,14 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     pipe = load_pipeline(ref)
     transformer = pipe.transformer
     if layers is not None:  # every mismatch is found before the first image is made
-        layers.check_target(type(transformer).__name__, radius, allow_radius_change=allow_radius_change)
+        layers.check_target(type(transformer).__name__, radius, allow_radius_change=allow_radius_change,
+                            down_factor=config.down_factor)
         check_layer_fit({n: tuple(t.shape) for n, t in transformer.state_dict().items()}, layers.file,
-                        f"the target's {type(transformer).__name__}")
+                        f"the target's {type(transformer).__name__}", before_rewrite=True)
     base_values = _layers_base_tensors(layers, layers_base) if layers_mode == "delta" else None
     if controlnet_attention == "layers" and base_values is None:  # replace: the target is the layers' base
         state = transformer.state_dict()
-        base_values_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file)}
+        base_values_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file) if n in state}
     else:
         base_values_cn = base_values
     if controlnet is not None:

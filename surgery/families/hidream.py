@@ -1,0 +1,69 @@
+"""HiDream-I1: image tokens first, from a 4-D latent patchified inside the model (the grid is the
+latent's shape over the patch size) or already patchified (the grid in ``img_sizes``); the text
+stream is the T5 tokens and two Llama layers' tokens. Generic route. HiDream pads a non-square
+image's tokens to its largest size and zeroes their keys, tokens every query still attends to and
+that lie on no grid: such calls are refused (square images, or exactly max_resolution, convert)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .base import GridError, ModelFamily, grid_from_latent
+
+
+def grid(model, bound: dict) -> tuple[int, int]:
+    hidden = bound.get("hidden_states")
+    if hidden is not None and hidden.ndim == 4:  # a latent, patchified inside
+        height, width = grid_from_latent(model, bound)
+        if height != width and height * width != model.max_seq:
+            raise GridError(f"HiDream pads a non-square image ({height}x{width} tokens) to {model.max_seq} tokens "
+                            "with zeroed keys that every query attends to: CLEAR takes HiDream's square images (or "
+                            "images of exactly max_resolution) only")
+        return height, width
+    sizes = bound.get("img_sizes")  # already patchified: (batch, 2) rows and columns per sample
+    if hidden is None or sizes is None:
+        raise GridError("HiDream called with patchified hidden_states needs img_sizes for the image grid")
+    sizes = {tuple(int(v) for v in size) for size in sizes}
+    if len(sizes) != 1 or (lambda h, w: h * w)(*next(iter(sizes))) != hidden.shape[1]:
+        raise GridError(f"img_sizes {sorted(sizes)} for {hidden.shape[1]} image tokens: CLEAR takes one unpadded "
+                        "grid for the whole batch")
+    return next(iter(sizes))
+
+
+def image_tokens(model, bound: dict) -> int:
+    hidden = bound["hidden_states"]
+    if hidden.ndim == 4:
+        height, width = grid_from_latent(model, bound)
+        return height * width
+    return hidden.shape[1]
+
+
+def example_inputs(model, text_len, height, width, batch, dtype, device):
+    """Patchified image tokens of a height x width grid (no padding at any aspect ratio); text_len = T5
+    tokens + 2 x Llama tokens (one Llama token, the rest T5)."""
+    cfg = model.config
+    p = cfg.patch_size
+    t = functools.partial(torch.randn, dtype=dtype, device=device)
+    t5_dim, llama_dim = cfg.caption_channels
+    ids = torch.zeros(batch, height * width, 3, device=device)
+    index = torch.arange(height * width, device=device)
+    ids[..., 1], ids[..., 2] = index // width, index % width
+    return dict(hidden_states=t(batch, height * width, p * p * cfg.in_channels),
+                hidden_states_masks=torch.ones(batch, height * width, dtype=dtype, device=device),
+                img_sizes=torch.tensor([[height, width]] * batch, device=device), img_ids=ids,
+                timesteps=torch.full((batch,), 500, device=device),
+                encoder_hidden_states_t5=t(batch, text_len - 2, t5_dim),
+                encoder_hidden_states_llama3=t(max(cfg.llama_layers) + 1, batch, 1, llama_dim),
+                pooled_embeds=t(batch, cfg.text_emb_dim), return_dict=False)
+
+
+FAMILY = ModelFamily(
+    name="hidream",
+    class_names=("HiDreamImageTransformer2DModel",),
+    example_inputs=example_inputs,
+    grid_from_call=grid,
+    image_tokens=image_tokens,
+    order=9,
+)
