@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch.nn.attention import flex_attention as _flex_module
@@ -30,24 +31,47 @@ def can_run_flex(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_
     return reason is None
 
 
-def clear_mask_mod(layout: TokenLayout, radius: float):
-    """The CLEAR mask as a FlexAttention mask_mod, in closed form from token indices.
+def flex_positions() -> str:
+    """How the flex backend's mask_mod finds token positions: "tables" (default; a (y, x) lookup per token,
+    as a plain table-lookup BlockMask does) or "arithmetic" (closed form from the index; kept to measure
+    one against the other: CLEAR_FLEX_POSITIONS=arithmetic)."""
+    return os.environ.get("CLEAR_FLEX_POSITIONS", "tables")
 
-    The layout's numbers are Python ints on purpose: compiled, divisions by constants are cheap
-    (a version reading them from a tensor ran 5x slower on an H200, recipes/benchmarks/h200-run2).
-    Each layout is then its own compiled graph; see _compiled_flex for the recompile limit.
+
+def clear_mask_mod(layout: TokenLayout, radius: float, device=None):
+    """The CLEAR mask as a FlexAttention mask_mod.
+
+    Token positions come from (y, x) tables of every key index (text and extra keys get a far-away
+    sentinel and are told apart by index ranges, which compare against constants), or, with
+    CLEAR_FLEX_POSITIONS=arithmetic, in closed form from the index. The layout's numbers stay Python
+    ints: compiled, comparisons and divisions by constants are cheap (reading the grid sizes from a
+    tensor ran 5x slower on an H200, recipes/benchmarks/h200-run2). Each layout is its own compiled
+    graph; see _compiled_flex for the recompile limit.
     """
     start, count, r2 = layout.image_start, layout.image_tokens, radius * radius
     joint = layout.seq_len
+    if flex_positions() == "tables":
+        _, y, x = layout.positions(device)
+        # past the joint sequence (extra keys, and the padding of the last 128-token block, where the
+        # compiled kernel may evaluate mask_mod too): entries that are never used but always readable
+        pad = -(-layout.key_len // BLOCK) * BLOCK - layout.seq_len
+        ys = torch.nn.functional.pad(y, (0, pad), value=-1).to(torch.int32)
+        xs = torch.nn.functional.pad(x, (0, pad), value=-1).to(torch.int32)
+
+        def positions(i, index):
+            return ys[index], xs[index]
+    else:
+        def positions(i, index):
+            return layout.image_token_positions(i.clamp(0, count - 1))
+
+    def is_text(index):  # one comparison with a constant (indices past the joint sequence: see mask_mod_extra)
+        return index < start if layout.text_first else index >= count
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qi, ki = q_idx - start, kv_idx - start
-        q_img = (qi >= 0) & (qi < count)
-        k_img = (ki >= 0) & (ki < count)
-        qy, qx = layout.image_token_positions(qi.clamp(0, count - 1))
-        ky, kx = layout.image_token_positions(ki.clamp(0, count - 1))
+        qy, qx = positions(q_idx - start, q_idx)
+        ky, kx = positions(kv_idx - start, kv_idx)
         dy, dx = qy - ky, qx - kx
-        return ~q_img | ~k_img | (dy * dy + dx * dx < r2)
+        return is_text(q_idx) | is_text(kv_idx) | (dy * dy + dx * dx < r2)
 
     def mask_mod_extra(b, h, q_idx, kv_idx):  # extra keys after the joint sequence: image queries only
         qi = q_idx - start
@@ -70,7 +94,8 @@ def clear_block_mask(layout: TokenLayout, radius: float, device: torch.device) -
     kv_num, kv_idx = _to_indices(any_true & ~all_true)
     full_num, full_idx = _to_indices(all_true)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                    mask_mod=clear_mask_mod(layout, radius), seq_lengths=(layout.seq_len, layout.key_len))
+                                    mask_mod=clear_mask_mod(layout, radius, device),
+                                    seq_lengths=(layout.seq_len, layout.key_len))
 
 
 def text_bias_score_mod(layout: TokenLayout, text_bias: torch.Tensor):
