@@ -4,7 +4,6 @@ table-lookup BlockMask over the same blocks (no index-range checks, text first o
     python recipes/benchmarks/flex_positions.py [SIZE ...]   (writes $OUT/flex_positions.json)"""
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -14,21 +13,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from clear_surgery.plugins import TokenLayout, flex
 from clear_surgery.plugins.flex import _compiled_flex, _to_indices, clear_block_mask
 from clear_surgery.plugins.layout import classify_blocks
+from clear_surgery.surgery.tools.bench import time_ms
 
 sizes = [int(a) for a in sys.argv[1:]] or [8192]
 radius, text, heads, dim, tile = 16, 512, 24, 128, (8, 16)
-
-
-def timed(fn, rep=5):
-    times = []
-    for _ in range(rep + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[2:])
 
 
 def plain_table_block_mask(layout):
@@ -66,9 +54,9 @@ for size in sizes:
             forward().backward(grad)
 
         with torch.no_grad():
-            fwd = timed(forward)
+            fwd = time_ms(forward)
         row = dict(res=size, radius=radius, tile=list(tile), variant=variant, forward_ms=fwd,
-                   forward_backward_ms=timed(both))
+                   forward_backward_ms=time_ms(both))
         print(json.dumps(row), flush=True)
         rows.append(row)
 out = Path(os.environ.get("OUT", "/tmp"))
