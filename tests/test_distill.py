@@ -264,3 +264,19 @@ def test_sd3_teacher_generates_trains_and_saves(tmp_path):
     assert metrics["eval_student_teacher_mse"] < metrics["zero_shot_student_teacher_mse"]
     healed = load_clear_layers(load_builtin("builtin:tiny-sd3"), layers)
     assert get_clear_state(healed).config.radius == 2
+
+
+def test_down_variant_trains_spatial_weight_too(trained, tmp_path):
+    """With clear.down_factor the pooled-key weights train with the projections (the dense teacher has none)."""
+    recipe = load_recipe(TINY, [f'output.dir="{tmp_path / "run"}"', f'data.folder="{trained["tmp"] / "data"}"',
+                                "clear.down_factor=4", "train.steps=6", "train.checkpoint_every=3"])
+    layers = Distiller(recipe, progress=False).run()
+    tensors = load_file(layers / "clear_layers.safetensors")
+    spatial = {n: t for n, t in tensors.items() if n.endswith(".processor.spatial_weight")}
+    assert len(spatial) == 4 and all(not torch.allclose(t, torch.full_like(t, 1 / 16)) for t in spatial.values())
+    metrics = json.loads((layers / "clear_config.json").read_text())["training"]["metrics"]
+    assert metrics["eval_student_teacher_mse"] < metrics["zero_shot_student_teacher_mse"]
+    healed = load_clear_layers(load_builtin("builtin:tiny-flux"), layers)
+    assert get_clear_state(healed).config.down_factor == 4
+    state = healed.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in spatial.items())

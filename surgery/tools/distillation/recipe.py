@@ -49,6 +49,7 @@ class ClearSection:
     radius_overrides: dict[str, float] = field(default_factory=dict)
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
+    down_factor: int | None = None  # the pooled-key variant: spatial_weight is trained too (DEFAULT_TRAINED)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clear_surgery.hub import load_model, save_clear_layers, trained_names
-from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state
+from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state, is_clear_tensor
 from clear_surgery.surgery.patch_parallel import init_from_torchrun
 
 from .data import SampleCache, collate, generate_samples, samples_family
@@ -104,7 +104,9 @@ class Distiller:
         model.requires_grad_(False)
         self.frozen_dtype = next(iter(named.values())).dtype
         # The teacher keeps the original values; the student trains fp32 master copies (bf16 runs autocast).
-        self.teacher_tensors = {n: named[n].detach().clone() for n in self.trained_names}
+        # CLEAR's own tensors (the "down" variant's spatial_weight) belong to CLEAR processors, which the
+        # dense teacher does not run.
+        self.teacher_tensors = {n: named[n].detach().clone() for n in self.trained_names if not is_clear_tensor(n)}
         if self.start_from is not None:
             with torch.no_grad():
                 for name, value in self.start_from.read_tensors(self.trained_names).items():
