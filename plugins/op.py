@@ -29,11 +29,18 @@ def clear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len:
                     scale: float | None = None, backend: str = "auto", tile_h: int = 0,
                     tile_w: int = 0, pool_weight: torch.Tensor | None = None,
                     attn_mask: torch.Tensor | None = None, images: list[int] | None = None) -> torch.Tensor:
-    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, images)
+    chosen, args, options, rule = _prepared(q, k, v, backend, pool_weight, attn_mask, _backend_args(
+        text_len, text_first, height, width, radius, scale, tile_h, tile_w, images))
+    out = chosen.forward(q, k, v, *args, **options)
+    return _apply_rule(out, rule, q, k, v, args[0], scale).contiguous()
+
+
+def _prepared(q, k, v, backend, pool_weight, attn_mask, args):
+    """The backend for this call, its (layout, radius, scale), its keywords (pooled keys, text bias) and the
+    rule per query row; what the op and the front door's log-sum-exp path both run."""
     args, options = _with_pooled(args, k, v, pool_weight)
     options, rule = _with_mask(options, args[0], attn_mask, q.shape[0])
-    out = choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, **options)
-    return _apply_rule(out, rule, q, k, v, args[0], scale).contiguous()
+    return choose_backend(backend, q, k, v, *args), args, options, rule
 
 
 def _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, images=None):
@@ -181,10 +188,9 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
     if return_lse:
         if backend == "triton-aot":
             raise ValueError("the triton-aot backend (the engines' self-contained kernel) returns no log-sum-exp")
-        args, options = _with_pooled(_backend_args(text_len, text_first, height, width, radius, scale, tile_h,
-                                                   tile_w, flat), k, v, pool_weight)
-        options, rule = _with_mask(options, args[0], attn_mask, q.shape[0])
-        out, lse = choose_backend(backend, q, k, v, *args).forward(q, k, v, *args, **options, return_lse=True)
+        chosen, args, options, rule = _prepared(q, k, v, backend, pool_weight, attn_mask, _backend_args(
+            text_len, text_first, height, width, radius, scale, tile_h, tile_w, flat))
+        out, lse = chosen.forward(q, k, v, *args, **options, return_lse=True)
         return _apply_rule(out, rule, q, k, v, args[0], scale), lse  # (lse: of the CLEAR rows)
     if _Route.self_contained:
         if images:

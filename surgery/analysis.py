@@ -159,7 +159,6 @@ class AttentionCall:
     q_shape: tuple[int, ...]  # SDPA: (batch, heads, tokens, dim); clear::attention: (batch, tokens, heads, dim)
     k_shape: tuple[int, ...]
     module: str
-    masked: bool
     find_order: object  # () -> "text_first" | "image_first" | None: how text and image were joined
 
 
@@ -170,9 +169,7 @@ def _graph_call(node, text: int, image: int) -> AttentionCall:
         order = (lambda: "text_first" if node.args[4] else "image_first")
     else:
         order = (lambda: _find_order(q, text, image))
-    masked = not is_clear and (len(node.args) > 3 and node.args[3] is not None
-                               or node.kwargs.get("attn_mask") is not None)
-    return AttentionCall(is_clear, _shape(q), _shape(node.args[1]), _owner(node), masked, order)
+    return AttentionCall(is_clear, _shape(q), _shape(node.args[1]), _owner(node), order)
 
 
 def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int, image: int) -> AttentionSite:
@@ -288,10 +285,8 @@ class _CallRecorder(torch.overrides.TorchFunctionMode):
         elif func is torch.nn.functional.scaled_dot_product_attention:
             q = args[0] if args else kwargs["query"]
             k = args[1] if len(args) > 1 else kwargs["key"]
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             order = self.order.get(module, self.order.get(None))
-            self.calls.append(AttentionCall(False, tuple(q.shape), tuple(k.shape), module, mask is not None,
-                                            lambda order=order: order))
+            self.calls.append(AttentionCall(False, tuple(q.shape), tuple(k.shape), module, lambda order=order: order))
         return func(*args, **kwargs)
 
 

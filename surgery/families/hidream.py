@@ -25,11 +25,12 @@ def grid(model, bound: dict) -> tuple[int, int]:
     sizes = bound.get("img_sizes")  # already patchified: (batch, 2) rows and columns per sample
     if hidden is None or sizes is None:
         raise GridError("HiDream called with patchified hidden_states needs img_sizes for the image grid")
-    sizes = {tuple(int(v) for v in size) for size in sizes}
-    if len(sizes) != 1 or (lambda h, w: h * w)(*next(iter(sizes))) != hidden.shape[1]:
+    sizes = {(int(h), int(w)) for h, w in sizes}
+    (height, width), *others = sizes
+    if others or height * width != hidden.shape[1]:
         raise GridError(f"img_sizes {sorted(sizes)} for {hidden.shape[1]} image tokens: CLEAR takes one unpadded "
                         "grid for the whole batch")
-    return next(iter(sizes))
+    return height, width
 
 
 def image_tokens(model, bound: dict) -> int:
