@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .backends import choose_backend
+from .backends import BACKENDS, choose_backend
 from .layout import TokenLayout
 
 
@@ -161,6 +161,8 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     # the band's own query blocks run
     layout = TokenLayout(text_len, text_first, local_rows, plan.width, plan.tile)
     chosen = choose_backend(backend, lq, lk, lv, layout, float(radius), scale)
+    if backend == "auto" and chosen.name == "gluon":  # the triton kernel runs the band's query blocks alone
+        chosen = BACKENDS["triton"]
     band = (above, above + count)  # the band's image tokens in the local problem
     extra = {"image_queries": band} if chosen.name == "triton" else {}
     full = chosen.forward(lq, lk, lv, layout, float(radius), scale, **extra)

@@ -195,6 +195,16 @@ def max_visible_d2(radius: float) -> int:
     return min(math.ceil(radius * radius) - 1, 2**31 - 1)
 
 
+def output_buffer(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' output: ``out`` when given (checked to be shaped like q), else a new tensor like q."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be shaped like q {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                            extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                            image_queries: tuple[int, int] | None = None):
@@ -205,11 +215,7 @@ def triton_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: f
     batch, tokens, heads, head_dim = q.shape
     config = kernel_config(head_dim, radius)
     block_m, block_n = config.block_m, config.block_n
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be shaped like q {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = output_buffer(q, out)
     text_start = 0 if layout.text_first else layout.image_tokens
     lists = image_block_lists(layout.height, layout.width, layout.tile, float(radius), block_m, block_n, q.device,
                               layout.images)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
+from clear_surgery.plugins.gluon_backend import gluon_clear_attention
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -131,6 +132,7 @@ LAYER_BACKENDS = {
     "flex-tiled": _clear(flex_clear_attention, (8, 16)),  # 128 tokens: one FlexAttention block
     "triton-raster": _clear(triton_clear_attention, None),
     "triton-tiled": _clear(triton_clear_attention, "kernel"),
+    "gluon-tiled": _clear(gluon_clear_attention, (8, 8)),  # the warp-specialized Hopper kernel (sm_90)
     "flex-tiled-down4": _clear_down("flex", 4),  # the official clear_local_<r>_down_4 variant
     "triton-tiled-down4": _clear_down("triton", 4),
 }

@@ -1,0 +1,187 @@
+"""Gluon backend of clear::attention: the warp-specialized Hopper kernel (gluon_kernel.py), host side.
+
+It runs the calls of a diffusion transformer's common case on an sm_90 GPU: one image, text and image
+segments of whole 64-token blocks, every partial block pair's window mask in the mask table (the tile
+token layout, or raster rows of whole blocks), no pooled keys. ``can_run_gluon`` says why not
+otherwise; the chooser then takes the Triton kernel. Forward only; the backward is FlexAttention's,
+as for the Triton backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .layout import TokenLayout, validate_call
+from .triton_backend import image_block_lists, output_buffer, use_mask_table
+
+try:  # the Gluon Hopper API this kernel is written against: triton 3.6 (the H200's) to 3.9 (CI's) compile it
+    import triton
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .gluon_kernel import clear_fwd_ws_kernel
+except (ImportError, AttributeError):  # pragma: no cover - machines without triton or with an older one
+    clear_fwd_ws_kernel = None
+
+MIN_TRITON = (3, 6)
+
+BLOCK = 64  # query rows per consumer warpgroup, and keys per block
+BLOCK_NS = (64, 128)  # keys per block the kernel takes (128: whole 8x16 tiles)
+# (stages of 64-key K/V buffers, maxnreg) per query blocks per program: with one, two programs share an SM
+# (shared memory: Q 16 KB + 3 x 32 KB each); with two, one program has the SM (Q 32 KB + 4 x 32 KB).
+# At least 3 stages, or the loader waits on a buffer the consumer still holds; 128-key blocks: 3 (64 KB each).
+PROGRAM = {1: (3, 128), 2: (4, 168)}
+
+
+def stages_for(groups: int, block_n: int) -> int:
+    return PROGRAM[groups][0] if block_n == 64 else 3
+HEAD_DIMS = (64, 128)
+GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def default_groups(layout: TokenLayout) -> int:
+    """Query blocks per program: one. Two (each K/V block loaded once for 128 queries, one program per SM)
+    measured slower on an H200 (recipes/benchmarks/h200-run13-gluon): loads are not what limits it."""
+    return 1
+
+
+def layout_reason(layout: TokenLayout, radius: float, device: torch.device, groups: int | None = None,
+                  block_n: int = BLOCK) -> str | None:
+    """Why the kernel's block structure cannot express this call's layout (None: it can)."""
+    groups = groups or default_groups(layout)
+    if block_n not in BLOCK_NS or groups not in PROGRAM:
+        return f"block_n {block_n}, groups {groups} (supported: {BLOCK_NS}, {tuple(PROGRAM)})"
+    if layout.extra_keys:
+        return "no extra (pooled) keys"
+    if layout.images:
+        return "one image per sequence"
+    rows = max(block_n, BLOCK * groups)
+    if layout.text_len % rows or layout.image_tokens % rows:
+        return f"text ({layout.text_len}) and image ({layout.image_tokens}) tokens must be multiples of {rows}"
+    if not use_mask_table():
+        return "needs the mask table (CLEAR_MASK_TABLE=0 is set)"
+    if group_lists(layout.height, layout.width, layout.tile, float(radius), device, groups, block_n) is None:
+        return (f"some partial block pairs have no precomputed window mask (raster order with a width that is "
+                f"not a multiple of {block_n}, or tiles that {block_n}-key blocks do not fill): use the tile "
+                f"token layout")
+    return None
+
+
+def gluon_reason(q, k, v, layout: TokenLayout, radius: float, groups: int | None = None,
+                 block_n: int = BLOCK) -> str | None:
+    """Why the warp-specialized kernel cannot run this call (None: it can); shared by can_run and the
+    forward's own check."""
+    if clear_fwd_ws_kernel is None:
+        return "triton's Gluon Hopper API is not available"
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        return f"triton {triton.__version__} (the kernel is written for Gluon as of triton 3.6)"
+    if q.device.type != "cuda":
+        return f"needs a CUDA device, got {q.device.type}"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
+        return f"needs a Hopper GPU (sm_90: wgmma), got sm_{capability[0]}{capability[1]}"
+    if q.dtype not in GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16 and fp16 only)"
+    if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
+    return layout_reason(layout, radius, q.device, groups, block_n)
+
+
+def can_run_gluon(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
+    validate_call(q, k, v, layout, radius)
+    reason = gluon_reason(q, k, v, layout, radius)
+    if reason and raise_error:
+        raise ValueError(f"gluon backend: {reason}")
+    return reason is None
+
+
+class GroupLists(NamedTuple):
+    """Per program (GROUPS consecutive 64-row image query blocks): the union of their image key blocks, those
+    no block needs masked first; per listed block and query block, its mask: a table row of ``words``,
+    -1 (every key visible) or -2 (not one of this query block's)."""
+
+    count: torch.Tensor  # (programs,) int32
+    unmasked: torch.Tensor  # (programs,) int32: the first `unmasked` listed blocks need no mask
+    index: torch.Tensor  # (programs, width) int32 key block
+    entry: torch.Tensor  # (programs, width, groups) int32
+    words: torch.Tensor  # (table rows, 64 * block_n / 64) int64: bit c of word j of a row: key 64 j + c visible
+
+
+@functools.lru_cache(maxsize=64)
+def group_lists(height: int, width: int, tile, radius: float, device: torch.device, groups: int = 1,
+                block_n: int = BLOCK) -> GroupLists | None:
+    """The kernel's lists, built from the Triton kernel's per-block lists and mask table (same blocks, same
+    table); None when some partial pair has no table entry."""
+    lists = image_block_lists(height, width, tile, radius, BLOCK, block_n, device)
+    if lists.part_count.any() and lists.table_mode != 2:
+        return None
+    n_q, n_k = lists.full_count.numel(), height * width // block_n
+    entry = torch.full((n_q, n_k + 1), -2, dtype=torch.int32, device=device)  # column n_k: padding slots
+    for count, index, value in ((lists.full_count, lists.full_index, None),
+                                (lists.part_count, lists.part_index, lists.table_entries)):
+        listed = torch.arange(index.shape[1], device=device)[None, :] < count[:, None]
+        where = torch.where(listed, index.long(), n_k)
+        entry.scatter_(1, where, -1 if value is None else torch.where(listed, value, -2))
+    entry = entry[:, :n_k].reshape(n_q // groups, groups, n_k)
+    seen = (entry != -2).any(1)
+    plain = (entry == -1).all(1) & seen
+    count = seen.sum(1, dtype=torch.int32)
+    span = max(int(count.max()), 1)
+    # listed blocks first, unmasked ones before masked ones, each in key order
+    order = torch.argsort(-(seen.to(torch.int8) + plain.to(torch.int8)), dim=1, stable=True)[:, :span]
+    chosen = entry.gather(2, order[:, None, :].expand(-1, groups, -1)).transpose(1, 2)
+    table = lists.mask_table.to(torch.int64).unflatten(-1, (block_n // 64, 64))
+    bits = torch.arange(64, device=device, dtype=torch.int64)
+    # distinct powers of two: the sum is the bitwise or (bit 63 wraps to the sign bit, as intended)
+    words = (table << bits).sum(-1).flatten(1).contiguous()
+    return GroupLists(count, plain.sum(1, dtype=torch.int32), order.to(torch.int32).contiguous(),
+                      chosen.contiguous(), words)
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor of ``rows``-row blocks over (batch * tokens, heads * head_dim) of a contiguous (B, N, H, D)
+    tensor."""
+    flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3])
+    layout = gl.NVMMASharedLayout.get_default_for([rows, t.shape[3]], getattr(gl, GL_DTYPES[t.dtype]))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, t.shape[3]], layout)
+
+
+def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
+                          extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
+                          groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
+                          q_in_regs: bool = True):
+    """Same signature and result as reference_attention (inference forward). A text padding bias (which
+    the chooser cannot see) goes to the Triton kernel. ``groups``: 64-row query blocks per program (default:
+    default_groups); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
+    ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma)."""
+    if extra is not None or text_bias is not None:
+        from .triton_backend import triton_clear_attention
+
+        return triton_clear_attention(q, k, v, layout, radius, scale, extra=extra, text_bias=text_bias, out=out,
+                                      return_lse=return_lse)
+    groups = groups or default_groups(layout)
+    reason = gluon_reason(q, k, v, layout, radius, groups, block_n)
+    if reason:
+        raise ValueError(f"gluon backend: {reason}")
+    batch, tokens, heads, head_dim = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out = output_buffer(q, out)
+    lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, groups, block_n)
+    rows = BLOCK * groups
+    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
+    qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
+    text_items, image_items = layout.text_len // rows, layout.image_tokens // rows
+    clear_fwd_ws_kernel[((text_items + image_items) * batch * heads,)](
+        _descriptor(q, rows), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), tokens, heads, batch * heads, layout.text_len,
+        0 if layout.text_first else layout.image_tokens, layout.image_tokens, layout.image_start, qk_scale,
+        lists.count, lists.unmasked, lists.index, lists.entry, lists.words, lists.index.shape[1],
+        text_items, image_items,
+        BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages or stages_for(groups, block_n), GROUPS=groups,
+        STORE_LSE=return_lse, Q_IN_REGS=q_in_regs,
+        num_warps=4 * groups, maxnreg=PROGRAM[groups][1],  # a consumer warpgroup per query block, plus the loader
+    )
+    return (out, lse.transpose(1, 2)) if return_lse else out

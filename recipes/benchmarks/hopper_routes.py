@@ -1,0 +1,120 @@
+"""Routes to a faster CLEAR forward on Hopper, one layer (FLUX shapes: 24 heads x 128, 512 text tokens first,
+bf16), all in one run: dense cuDNN (the rate), the official-style flex-raster, the Triton kernel, the
+warp-specialized Gluon kernel on three token layouts, and PyTorch FlexAttention lowered to FlashAttention-4's
+CuTe DSL kernels (BACKEND=FLASH; needs flash-attn-4 and nvidia-cutlass-dsl) with the flex backend's two mask_mods.
+Every CLEAR route is checked against the Triton kernel on the same layout (which the tests check against the
+pure-PyTorch reference).
+    python recipes/benchmarks/hopper_routes.py [SIZE ...]    (RADII=16; writes $OUT/hopper_routes.json)"""
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from clear_surgery.plugins import TokenLayout, flex
+from clear_surgery.plugins.flex import _compiled_flex, clear_block_mask
+from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
+from clear_surgery.plugins.triton_backend import kernel_config, triton_clear_attention
+from clear_surgery.surgery.tools.bench import needed_flops, time_ms
+
+sizes = [int(a) for a in sys.argv[1:]] or [4096, 8192]
+radii = [float(r) for r in os.environ.get("RADII", "16").split(",")]
+text, heads, dim = 512, 24, 128
+out_dir = Path(os.environ.get("OUT", "."))
+
+
+def computed_pairs_lists(layout, radius, groups, block_n):
+    """(query, key) token pairs the block-list kernels compute: programs of groups x 64 queries over the union
+    of their block_n-key blocks (the Triton kernel: groups = 1)."""
+    lists = group_lists(layout.height, layout.width, layout.tile, radius, torch.device("cpu"), groups, block_n)
+    rows = BLOCK * groups
+    image = int(lists.count.sum()) + (layout.image_tokens // rows) * (text // block_n)
+    return (image + (text // rows) * (layout.seq_len // block_n)) * rows * block_n
+
+
+def computed_pairs_flex(layout, radius):
+    mask = clear_block_mask(layout, radius, torch.device("cuda"))
+    return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()) * flex.BLOCK * flex.BLOCK
+
+
+def flash_route(positions):
+    def run(q, k, v, layout, radius):
+        os.environ["CLEAR_FLEX_POSITIONS"] = positions
+        clear_block_mask.cache_clear()
+        mask = clear_block_mask(layout, radius, q.device)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return _compiled_flex()(qt, kt, vt, block_mask=mask, kernel_options={"BACKEND": "FLASH"}).transpose(1, 2)
+
+    return run
+
+
+def flex_route(q, k, v, layout, radius):
+    os.environ["CLEAR_FLEX_POSITIONS"] = "tables"
+    clear_block_mask.cache_clear()
+    return flex.flex_clear_attention(q, k, v, layout, radius)
+
+
+# route -> (function, tile of the token layout, how its computed pairs are counted)
+ROUTES = {
+    "flex-raster": (flex_route, None, "flex"),
+    "triton-tiled": (triton_clear_attention, kernel_config(dim).tile, (1, 64)),
+    # gluon: one 64-row query block per program (the default) or two; 64- or 128-key blocks; K/V stages
+    "gluon-tiled-8x8": (gluon_clear_attention, (8, 8), (1, 64)),
+    "gluon-tiled-8x8-q-smem": (functools.partial(gluon_clear_attention, q_in_regs=False), (8, 8), (1, 64)),
+    "gluon-tiled-8x8-two-blocks": (functools.partial(gluon_clear_attention, groups=2), (8, 8), (2, 64)),
+    "gluon-tiled-8x8-two-blocks-s5": (functools.partial(gluon_clear_attention, groups=2, stages=5), (8, 8), (2, 64)),
+    "gluon-tiled-8x16": (gluon_clear_attention, (8, 16), (1, 64)),
+    "gluon-tiled-8x16-two-blocks": (functools.partial(gluon_clear_attention, groups=2), (8, 16), (2, 64)),
+    "gluon-tiled-8x16-two-blocks-n128": (functools.partial(gluon_clear_attention, groups=2, block_n=128), (8, 16),
+                                         (2, 128)),
+    "gluon-raster": (gluon_clear_attention, None, (1, 64)),
+    "fa4-flash-tables-8x16": (flash_route("tables"), (8, 16), "flex"),
+    "fa4-flash-arithmetic-8x16": (flash_route("arithmetic"), (8, 16), "flex"),
+}
+only = os.environ.get("ROUTES")
+if only:
+    ROUTES = {k: v for k, v in ROUTES.items() if k in only.split(",")}
+
+rows = []
+for size in sizes:
+    side = size // 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, text + side * side, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    dense_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), rep=3)
+    dense_rate = 4.0 * q.shape[1] ** 2 * dim * heads / dense_ms / 1e9
+    rows.append(dict(res=size, route="dense-cudnn", ms=dense_ms, tflops_computed=dense_rate))
+    print(json.dumps(rows[-1]), flush=True)
+    for radius in radii:
+        need = needed_flops(text, side, side, radius, heads, dim)
+        flex_ms = None
+        for name, (fn, tile, counting) in ROUTES.items():
+            layout = TokenLayout(text, True, side, side, tile)
+            row = dict(res=size, radius=radius, route=name, tile=tile)
+            try:
+                out = fn(q, k, v, layout, radius)
+                want = triton_clear_attention(q, k, v, layout, radius)
+                row["rel_err_vs_triton"] = float((out.float() - want.float()).norm() / want.float().norm())
+                row["max_abs_vs_triton"] = float((out.float() - want.float()).abs().max())
+                del out, want
+                row["ms"] = time_ms(lambda: fn(q, k, v, layout, radius))
+                pairs = computed_pairs_flex(layout, radius) if counting == "flex" else \
+                    computed_pairs_lists(layout, radius, *counting)
+                row["tflops_computed"] = 4.0 * pairs * dim * heads / row["ms"] / 1e9
+                row["tflops_effective"] = need / row["ms"] / 1e9
+                row["x_floor_cudnn"] = row["ms"] / (need / (dense_rate * 1e9))
+                flex_ms = row["ms"] if name == "flex-raster" else flex_ms
+                if flex_ms:
+                    row["vs_flex_raster"] = flex_ms / row["ms"]
+            except Exception as err:  # a route that cannot run is recorded with its reason
+                row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    q = k = v = qt = kt = vt = None  # free the inputs before the next size
+    torch.cuda.empty_cache()
+
+out_dir.mkdir(parents=True, exist_ok=True)
+(out_dir / "hopper_routes.json").write_text(json.dumps(rows, indent=1))

@@ -1,0 +1,164 @@
+"""The warp-specialized Hopper kernel (gluon backend): compiled for sm_90 on CPU, its mask words and
+refusals on CPU, and on the H200 every case against the pure-PyTorch reference."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from clear_surgery.plugins import BACKENDS, TokenLayout, attention, reference_attention  # noqa: E402
+from clear_surgery.plugins import gluon_backend  # noqa: E402
+from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, gluon_reason, group_lists  # noqa: E402
+from clear_surgery.plugins.layout import dense_mask  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+needs_gluon = pytest.mark.skipif(gluon_backend.clear_fwd_ws_kernel is None, reason="triton without Gluon's Hopper API")
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,lse,groups,block_n", [(128, False, 1, 64), (64, True, 1, 64), (128, True, 2, 64),
+                                                         (128, False, 2, 128)])
+def test_kernel_compiles_for_sm90_warp_specialized(head_dim, lse, groups, block_n):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    rows = torch.zeros(4 * BLOCK, 4 * head_dim, dtype=torch.bfloat16)
+
+    def desc(block):
+        layout = gl.NVMMASharedLayout.get_default_for([block, head_dim], gl.bfloat16)
+        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, head_dim], layout))
+
+    kernel = gluon_backend.clear_fwd_ws_kernel
+    stages, maxnreg = gluon_backend.stages_for(groups, block_n), gluon_backend.PROGRAM[groups][1]
+    constexprs = dict(BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, GROUPS=groups, STORE_LSE=lse,
+                      Q_IN_REGS=True, num_warps=4 * groups)
+    types = {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "MASK_BITS": "*i64", "q_desc": desc(BLOCK * groups),
+             "k_desc": desc(block_n), "v_desc": desc(block_n),
+             **{n: "*i32" for n in ("U_COUNT", "U_UNMASKED", "U_INDEX", "U_ENTRY")}}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    compiled = triton_compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4 * groups, maxnreg=maxnreg))
+    ptx = compiled.asm["ptx"]
+    assert len(compiled.asm["cubin"]) > 0
+    assert "wgmma.mma_async" in ptx  # Hopper tensor cores
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "setmaxnreg" in ptx  # warp specialization: the loader's registers go to the consumers
+    if (groups, block_n) == (1, 64):
+        assert compiled.metadata.shared <= 116 * 1024  # two programs per SM (228 KB)
+    assert compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("tile,radius,groups,block_n", [((8, 8), 5.0, 1, 64), ((8, 16), 9.5, 2, 64),
+                                                        (None, 3.0, 2, 64), ((8, 8), 1.0, 2, 64),
+                                                        ((8, 16), 9.5, 1, 128), (None, 40.0, 2, 128),
+                                                        ((8, 8), 20.0, 1, 64), ((8, 8), 20.0, 2, 64)])
+def test_group_lists_hold_every_visible_block_and_its_mask(tile, radius, groups, block_n):
+    h, w = (24, 128) if tile is None else (24, 32)  # raster rows of whole blocks
+    lists = group_lists(h, w, tile, radius, torch.device("cpu"), groups, block_n)
+    mask = dense_mask(TokenLayout(0, True, h, w, tile), radius)
+    cols = torch.arange(block_n)
+    words = lists.words.view(lists.words.shape[0], BLOCK, block_n // 64)
+    bits = ((words[:, :, cols // 64] >> (cols % 64)) & 1).bool()  # (table rows, query rows, keys)
+    kinds = set()
+    for program in range(lists.count.numel()):
+        listed = lists.index[program, :lists.count[program]].tolist()
+        assert len(set(listed)) == len(listed)
+        for slot, kb in enumerate(listed):
+            masks = [lists.entry[program, slot, g].item() for g in range(groups)]
+            assert (slot < lists.unmasked[program]) == all(m == -1 for m in masks)  # unmasked blocks first
+            for g, m in enumerate(masks):
+                qb = program * groups + g
+                want = mask[qb * BLOCK:(qb + 1) * BLOCK, kb * block_n:(kb + 1) * block_n]
+                got = torch.ones_like(want) if m == -1 else torch.zeros_like(want) if m == -2 else bits[m]
+                assert torch.equal(got, want), (program, kb, g, m)
+                kinds.add(min(m, 0))
+        for g in range(groups):  # nothing visible is left out
+            qb = program * groups + g
+            seen = mask[qb * BLOCK:(qb + 1) * BLOCK].view(BLOCK, -1, block_n).any(2).any(0)
+            assert set(seen.nonzero().flatten().tolist()) <= set(listed)
+    assert 0 in kinds  # table rows used
+    if radius == 20.0:  # 8x8 tiles next to each other: wholly visible blocks (listed first, without a mask)
+        assert -1 in kinds
+    assert -2 in kinds or radius > 1  # r = 1, 8x8 tiles: each tile sees itself only, not its neighbour's block
+
+
+def test_refusals_name_the_reason():
+    q = torch.randn(1, 64 + 16 * 16, 2, 64)
+    layout = TokenLayout(64, True, 16, 16, (8, 8))
+    assert "CUDA" in gluon_reason(q, q, q, layout, 4) or "Gluon" in gluon_reason(q, q, q, layout, 4)
+    reasons = {
+        "multiples of 64": TokenLayout(77, True, 16, 16, (8, 8)),
+        "one image": TokenLayout(64, True, 16, 16, images=((16, 16),)),
+        "tile token layout": TokenLayout(64, True, 8, 40),
+    }
+    for words, layout in reasons.items():
+        assert words in gluon_backend.layout_reason(layout, 4.0, "cpu"), words
+    # two query blocks per program need whole 128-row blocks; 128-key blocks need tiles they fill (8x16)
+    assert "multiples of 128" in gluon_backend.layout_reason(TokenLayout(64, True, 16, 16, (8, 8)), 4.0, "cpu", 2)
+    assert gluon_backend.layout_reason(TokenLayout(128, True, 16, 32, (8, 8)), 4.0, "cpu", 1, 128)
+    assert gluon_backend.layout_reason(TokenLayout(128, True, 16, 32, (8, 16)), 4.0, "cpu", 1, 128) is None
+
+
+# ---- GPU (H200) -------------------------------------------------------------------------------------------------
+
+# (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile)
+GPU_CASES = [
+    (1, 24, 128, 512, True, 64, 64, 16, (8, 8)),  # FLUX 1024²
+    (1, 24, 128, 512, True, 64, 64, 16, (8, 16)),
+    (2, 24, 128, 512, False, 64, 64, 8, None),  # batch 2, text last, raster rows of whole blocks
+    (1, 8, 128, 256, True, 48, 40, 10, (8, 8)),  # non-square grid
+    (1, 8, 128, 64, False, 32, 24, 1, (8, 8)),  # r = 1: every key block partial
+    (1, 8, 128, 128, True, 16, 24, 100, (8, 8)),  # r beyond the grid: every key visible
+    (2, 6, 64, 128, True, 40, 32, 6.5, (8, 8)),  # head dim 64
+    (1, 4, 64, 0, True, 32, 32, 4, (8, 16)),  # no text
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"case{i}" for i in range(len(GPU_CASES))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["default", "two-blocks-per-program", "128-key-blocks", "q-in-shared-memory"])
+def test_gpu_gluon_matches_reference(case, dtype, variant):
+    b, h, d, text_len, text_first, gh, gw, r, tile = case
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the gluon kernel is for Hopper")
+    layout = TokenLayout(text_len, text_first, gh, gw, tile)
+    options = {"default": {}, "two-blocks-per-program": {"groups": 2}, "128-key-blocks": {"block_n": 128},
+               "q-in-shared-memory": {"q_in_regs": False}}[variant]
+    shape = {k: v for k, v in options.items() if k in ("groups", "block_n")}
+    if gluon_backend.layout_reason(layout, r, "cuda", **shape):
+        pytest.skip(f"not for this layout: {gluon_backend.layout_reason(layout, r, 'cuda', **shape)}")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(b, layout.seq_len, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+    assert BACKENDS["gluon"].can_run(q, k, v, layout, r, raise_error=True)
+    poison = torch.full_like(q, float("nan"))  # every element must be written
+    out, lse = gluon_clear_attention(q, k, v, layout, r, out=poison, return_lse=True, **options)
+    assert out.data_ptr() == poison.data_ptr() and not out.isnan().any()
+    refs = [reference_attention(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(), layout, r, return_lse=True)
+            for i in range(b)]
+    assert rel_err(out, torch.cat([o for o, _ in refs])) < 1e-2
+    assert (lse - torch.cat([l for _, l in refs])).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_gradients_and_auto_choice():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the gluon kernel is for Hopper")
+    kwargs = dict(text_len=128, text_first=True, height=32, width=40, radius=7, tile=(8, 8))
+    q, k, v = (torch.randn(1, 128 + 32 * 40, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = attention(q, k, v, backend="gluon", **kwargs)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    q2, k2, v2 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = reference_attention(q2, k2, v2, TokenLayout(128, True, 32, 40, (8, 8)), 7)
+    assert rel_err(out, ref) < 1e-2
+    for a, b in zip((dq, dk, dv), torch.autograd.grad(ref, (q2, k2, v2), grad.float())):
+        assert rel_err(a, b) < 2e-2
+    # a call it cannot take (text not a whole block) goes to another backend under "auto"
+    odd = TokenLayout(77, True, 32, 40, (8, 8))
+    x = torch.randn(1, odd.seq_len, 4, 128, device="cuda", dtype=torch.bfloat16)
+    assert not BACKENDS["gluon"].can_run(x, x, x, odd, 7)
