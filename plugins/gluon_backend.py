@@ -34,24 +34,21 @@ BLOCK_NS = (64, 128)  # keys per block the kernel takes (128: whole 8x16 tiles)
 # (shared memory: Q 16 KB + 3 x 32 KB each); with two, one program has the SM (Q 32 KB + 4 x 32 KB).
 # At least 3 stages, or the loader waits on a buffer the consumer still holds; 128-key blocks: 3 (64 KB each).
 PROGRAM = {1: (3, 128), 2: (4, 168)}
-
-
-def stages_for(groups: int, block_n: int) -> int:
-    return PROGRAM[groups][0] if block_n == 64 else 3
+# Query blocks per program by default: one. Two (each K/V block loaded once for 128 queries, one program per
+# SM) measured slower on an H200 (recipes/benchmarks/h200-run13-gluon): loads are not what limits the kernel.
+GROUPS = 1
 HEAD_DIMS = (64, 128)
 GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def default_groups(layout: TokenLayout) -> int:
-    """Query blocks per program: one. Two (each K/V block loaded once for 128 queries, one program per SM)
-    measured slower on an H200 (recipes/benchmarks/h200-run13-gluon): loads are not what limits it."""
-    return 1
+def stages_for(groups: int, block_n: int) -> int:
+    return PROGRAM[groups][0] if block_n == 64 else 3
 
 
 def layout_reason(layout: TokenLayout, radius: float, device: torch.device, groups: int | None = None,
                   block_n: int = BLOCK) -> str | None:
     """Why the kernel's block structure cannot express this call's layout (None: it can)."""
-    groups = groups or default_groups(layout)
+    groups = groups or GROUPS
     if block_n not in BLOCK_NS or groups not in PROGRAM:
         return f"block_n {block_n}, groups {groups} (supported: {BLOCK_NS}, {tuple(PROGRAM)})"
     if layout.extra_keys:
@@ -155,14 +152,14 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
                           q_in_regs: bool = True):
     """Same signature and result as reference_attention (inference forward). A text padding bias (which
     the chooser cannot see) goes to the Triton kernel. ``groups``: 64-row query blocks per program (default:
-    default_groups); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
+    GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma)."""
     if extra is not None or text_bias is not None:
         from .triton_backend import triton_clear_attention
 
         return triton_clear_attention(q, k, v, layout, radius, scale, extra=extra, text_bias=text_bias, out=out,
                                       return_lse=return_lse)
-    groups = groups or default_groups(layout)
+    groups = groups or GROUPS
     reason = gluon_reason(q, k, v, layout, radius, groups, block_n)
     if reason:
         raise ValueError(f"gluon backend: {reason}")
