@@ -582,7 +582,7 @@ def bench(
                                                                         "atomically)"),
     sizes: str = typer.Option("1024,2048,4096,8192", help="image sides in pixels (16 px per token)"),
     radii: str = typer.Option("8,16,32", help="CLEAR radii"),
-    backends: str = typer.Option("dense-cudnn,dense-flash,flex-raster,flex-tiled,triton-tiled",
+    backends: str = typer.Option("dense-cudnn,dense-flash,flex-raster,flex-tiled,triton-tiled,gluon-tiled",
                                  help="attention backends to time"),
     step: bool = typer.Option(True, help="also time a FLUX.1-dev-shaped transformer step"),
     step_sizes: str = typer.Option("1024,2048,4096,8192", help="image sides for the step"),
@@ -592,7 +592,7 @@ def bench(
     heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
-    """Time one attention layer (dense, flex, triton) and a FLUX-shaped step; write JSON + PNG."""
+    """Time one attention layer (dense, flex, triton, gluon) and a FLUX-shaped step; write JSON + PNG."""
     with user_errors():
         output_folder("--out", out, overwrite)
         size_list, radius_list = numbers("--sizes", sizes), numbers("--radii", radii, float)
