@@ -32,28 +32,29 @@ tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 @gluon.jit
 def _item(p, text_items, image_items, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, U_COUNT, U_UNMASKED,
           BLOCK_N: gl.constexpr):
-    """Program p's work: text-query programs of every (batch, head) first. Its query blocks' index among the
-    segment's, (batch, head), first query token, text key blocks, key blocks, and key blocks unmasked."""
+    """Program p's work: text-query programs of every (batch, head) first. Its group of query blocks (qgroup:
+    the index among the segment's groups of GROUPS blocks), (batch, head), first query token, text key
+    blocks, key blocks, and key blocks unmasked."""
     is_text = p < text_items * BH
     if is_text:
         q_start = TEXT_START
-        pair = p % text_items
+        qgroup = p % text_items
         pid_bh = p // text_items
     else:
         q_start = IMAGE_START
-        pair = (p - text_items * BH) % image_items
+        qgroup = (p - text_items * BH) % image_items
         pid_bh = (p - text_items * BH) // image_items
     n_text_blocks = TEXT_LEN // BLOCK_N
     n_blocks = n_text_blocks + IMAGE_LEN // BLOCK_N
     n_unmasked = n_blocks  # text queries: every block unmasked
     if not is_text:
-        n_blocks = n_text_blocks + gl.load(U_COUNT + pair)
-        n_unmasked = gl.load(U_UNMASKED + pair)
-    return is_text, pair, pid_bh, q_start, n_text_blocks, n_blocks, n_unmasked
+        n_blocks = n_text_blocks + gl.load(U_COUNT + qgroup)
+        n_unmasked = gl.load(U_UNMASKED + qgroup)
+    return is_text, qgroup, pid_bh, q_start, n_text_blocks, n_blocks, n_unmasked
 
 
 @gluon.jit
-def _key_block(i, is_text, pair, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr):
+def _key_block(i, is_text, qgroup, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr):
     """Token row (in the sequence) of the i-th key block this program visits. Order: text keys, then image
     keys (all of them for text queries; the program's union list for image queries)."""
     if i < n_text_blocks:
@@ -61,13 +62,13 @@ def _key_block(i, is_text, pair, n_text_blocks, U_INDEX, width, TEXT_START, IMAG
     elif is_text:
         row = IMAGE_START + (i - n_text_blocks) * BLOCK_N
     else:
-        row = IMAGE_START + gl.load(U_INDEX + pair * width + i - n_text_blocks) * BLOCK_N
+        row = IMAGE_START + gl.load(U_INDEX + qgroup * width + i - n_text_blocks) * BLOCK_N
     return row
 
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, ready, empty, seq_row, col, q_row, is_text,
-            pair, n_text_blocks, n_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr,
+            qgroup, n_text_blocks, n_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr):
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
     tma_load(q_desc, [q_row, col], q_ready, q_smem)
@@ -75,21 +76,21 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, ready, empt
         stage = i % STAGES
         # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        row = _key_block(i, is_text, pair, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N)
+        row = _key_block(i, is_text, qgroup, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N)
         mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma_load(k_desc, [seq_row + row, col], ready.index(stage), k_bufs.index(stage))
         tma_load(v_desc, [seq_row + row, col], ready.index(stage), v_bufs.index(stage))
 
 
 @gluon.jit
-def _mask_words(i, pair, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS, rows,
+def _mask_words(i, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS, rows,
                 GROUPS: gl.constexpr, WORDS: gl.constexpr):
     """Whether key block i needs the mask, and its words for these rows (low and high 64 keys; one word for
     64-key blocks): a table row (entry >= 0), every key (-1) or none (-2: not this query block's). Loaded
     one block ahead of their use, so the consumer never waits on them; nothing is read when unmasked."""
     j = i - n_text_blocks  # negative for text keys; text-query programs pass n_unmasked = every block
     masked = j >= n_unmasked
-    entry = gl.load(U_ENTRY + (pair * width + j) * GROUPS + rows // 64, mask=(rows >= 0) & masked, other=-1)
+    entry = gl.load(U_ENTRY + (qgroup * width + j) * GROUPS + rows // 64, mask=(rows >= 0) & masked, other=-1)
     base = MASK_BITS + gl.maximum(entry, 0) * (64 * WORDS) + (rows % 64) * WORDS
     lo = gl.where(entry == -1, -1, gl.load(base, mask=entry >= 0, other=0))
     hi = lo
@@ -117,7 +118,7 @@ def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WOR
 
 
 @gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale, MASK_BITS, pair, n_text_blocks,
+def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale, MASK_BITS, qgroup, n_text_blocks,
               n_unmasked, U_ENTRY, width, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, GROUPS: gl.constexpr, Q_IN_REGS: gl.constexpr, s_layout: gl.constexpr,
               o_layout: gl.constexpr):
@@ -133,7 +134,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout))
 
-    masked, lo, hi = _mask_words(n_blocks * 0, pair, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS,
+    masked, lo, hi = _mask_words(n_blocks * 0, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS,
                                  rows, GROUPS, WORDS)
     mbarrier.wait(q_ready, 0)
     q = q_smem
@@ -148,7 +149,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
         nxt = (i + 1) % STAGES
         mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
         s_next = warpgroup_mma(q, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        masked_next, lo_next, hi_next = _mask_words(i + 1, pair, n_text_blocks, n_unmasked, U_ENTRY, width,
+        masked_next, lo_next, hi_next = _mask_words(i + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                     MASK_BITS, rows, GROUPS, WORDS)
         p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
         s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
@@ -177,7 +178,7 @@ def clear_fwd_ws_kernel(
 ):
     BLOCK_M: gl.constexpr = 64 * GROUPS
     # 1-D grid, text-query programs (the long ones) first, so they start at once
-    is_text, pair, pid_bh, q_start, n_text_blocks, n_blocks, n_unmasked = _item(
+    is_text, qgroup, pid_bh, q_start, n_text_blocks, n_blocks, n_unmasked = _item(
         gl.program_id(0), text_items, image_items, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, U_COUNT,
         U_UNMASKED, BLOCK_N)
     b = pid_bh // HEADS
@@ -200,21 +201,21 @@ def clear_fwd_ws_kernel(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     acc, m_i, l_i = gl.warp_specialize([
-        (_consumer, (q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale, MASK_BITS, pair,
+        (_consumer, (q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale, MASK_BITS, qgroup,
                      n_text_blocks, n_unmasked, U_ENTRY, width, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, GROUPS, Q_IN_REGS,
                      s_layout, o_layout)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, ready, empty, b * TOKENS, h * HEAD_DIM,
-                   b * TOKENS + q_start + pair * BLOCK_M, is_text, pair, n_text_blocks, n_blocks, U_INDEX, width,
+                   b * TOKENS + q_start + qgroup * BLOCK_M, is_text, qgroup, n_text_blocks, n_blocks, U_INDEX, width,
                    TEXT_START, IMAGE_START, BLOCK_N, STAGES)),
     ], [1], [24])
 
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    token = q_start + pair * BLOCK_M + rows
+    token = q_start + qgroup * BLOCK_M + rows
     o_ptr = O + b * stride_ob + h * stride_oh + token[:, None] * stride_on + cols[None, :]
     gl.store(o_ptr, out.to(O.dtype.element_ty))
     if STORE_LSE:  # natural log, (batch * heads, tokens): scores were in log2 units
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        lse_rows = q_start + pair * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        lse_rows = q_start + qgroup * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         gl.store(LSE + pid_bh * TOKENS + lse_rows, lse)
