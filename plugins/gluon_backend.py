@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .layout import TokenLayout, validate_call
-from .triton_backend import image_block_lists, output_buffer, use_mask_table
+from .triton_backend import image_block_lists, output_buffer, triton_clear_attention, use_mask_table
 
 try:  # the Gluon Hopper API this kernel is written against: triton 3.6 (the H200's) to 3.9 (CI's) compile it
     import triton
@@ -27,6 +27,8 @@ except (ImportError, AttributeError):  # pragma: no cover - machines without tri
     clear_fwd_ws_kernel = None
 
 MIN_TRITON = (3, 6)
+# read once: the version check is part of every call's can_run
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2]) if clear_fwd_ws_kernel else (0, 0)
 
 BLOCK = 64  # query rows per consumer warpgroup, and keys per block
 BLOCK_NS = (64, 128)  # keys per block the kernel takes (128: whole 8x16 tiles)
@@ -73,7 +75,7 @@ def gluon_reason(q, k, v, layout: TokenLayout, radius: float, groups: int | None
     forward's own check."""
     if clear_fwd_ws_kernel is None:
         return "triton's Gluon Hopper API is not available"
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    if TRITON_VERSION < MIN_TRITON:
         return f"triton {triton.__version__} (the kernel is written for Gluon as of triton 3.6)"
     if q.device.type != "cuda":
         return f"needs a CUDA device, got {q.device.type}"
@@ -155,8 +157,6 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
     GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma)."""
     if extra is not None or text_bias is not None:
-        from .triton_backend import triton_clear_attention
-
         return triton_clear_attention(q, k, v, layout, radius, scale, extra=extra, text_bias=text_bias, out=out,
                                       return_lse=return_lse)
     groups = groups or GROUPS

@@ -15,28 +15,14 @@ import torch
 
 from clear_surgery.plugins import TokenLayout, flex
 from clear_surgery.plugins.flex import _compiled_flex, clear_block_mask
-from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
+from clear_surgery.plugins.gluon_backend import gluon_clear_attention
 from clear_surgery.plugins.triton_backend import kernel_config, triton_clear_attention
-from clear_surgery.surgery.tools.bench import needed_flops, time_ms
+from clear_surgery.surgery.tools.bench import computed_pairs, needed_flops, time_ms
 
 sizes = [int(a) for a in sys.argv[1:]] or [4096, 8192]
 radii = [float(r) for r in os.environ.get("RADII", "16").split(",")]
 text, heads, dim = 512, 24, 128
 out_dir = Path(os.environ.get("OUT", "."))
-
-
-def computed_pairs_lists(layout, radius, groups, block_n):
-    """(query, key) token pairs the block-list kernels compute: programs of groups x 64 queries over the union
-    of their block_n-key blocks (the Triton kernel: groups = 1)."""
-    lists = group_lists(layout.height, layout.width, layout.tile, radius, torch.device("cpu"), groups, block_n)
-    rows = BLOCK * groups
-    image = int(lists.count.sum()) + (layout.image_tokens // rows) * (text // block_n)
-    return (image + (text // rows) * (layout.seq_len // block_n)) * rows * block_n
-
-
-def computed_pairs_flex(layout, radius):
-    mask = clear_block_mask(layout, radius, torch.device("cuda"))
-    return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()) * flex.BLOCK * flex.BLOCK
 
 
 def flash_route(positions):
@@ -56,9 +42,10 @@ def flex_route(q, k, v, layout, radius):
     return flex.flex_clear_attention(q, k, v, layout, radius)
 
 
-# route -> (function, tile of the token layout, how its computed pairs are counted)
+# route -> (function, tile of the token layout, (query blocks per program, keys per block) of its computed pairs;
+# None: FlexAttention's 128 x 128 blocks)
 ROUTES = {
-    "flex-raster": (flex_route, None, "flex"),
+    "flex-raster": (flex_route, None, (None, 128)),
     "triton-tiled": (triton_clear_attention, kernel_config(dim).tile, (1, 64)),
     # gluon: one 64-row query block per program (the default) or two; 64- or 128-key blocks; K/V stages
     "gluon-tiled-8x8": (gluon_clear_attention, (8, 8), (1, 64)),
@@ -70,8 +57,8 @@ ROUTES = {
     "gluon-tiled-8x16-two-blocks-n128": (functools.partial(gluon_clear_attention, groups=2, block_n=128), (8, 16),
                                          (2, 128)),
     "gluon-raster": (gluon_clear_attention, None, (1, 64)),
-    "fa4-flash-tables-8x16": (flash_route("tables"), (8, 16), "flex"),
-    "fa4-flash-arithmetic-8x16": (flash_route("arithmetic"), (8, 16), "flex"),
+    "fa4-flash-tables-8x16": (flash_route("tables"), (8, 16), (None, 128)),
+    "fa4-flash-arithmetic-8x16": (flash_route("arithmetic"), (8, 16), (None, 128)),
 }
 only = os.environ.get("ROUTES")
 if only:
@@ -101,8 +88,7 @@ for size in sizes:
                 row["max_abs_vs_triton"] = float((out.float() - want.float()).abs().max())
                 del out, want
                 row["ms"] = time_ms(lambda: fn(q, k, v, layout, radius))
-                pairs = computed_pairs_flex(layout, radius) if counting == "flex" else \
-                    computed_pairs_lists(layout, radius, *counting)
+                pairs = computed_pairs(layout, radius, *counting)
                 row["tflops_computed"] = 4.0 * pairs * dim * heads / row["ms"] / 1e9
                 row["tflops_effective"] = need / row["ms"] / 1e9
                 row["x_floor_cudnn"] = row["ms"] / (need / (dense_rate * 1e9))

@@ -5,11 +5,8 @@ name meant different kernels as the kernel changed between runs (see RUNS).
 import json
 from pathlib import Path
 
-import torch
-
 from clear_surgery.plugins import TokenLayout
-from clear_surgery.plugins.gluon_backend import BLOCK, group_lists
-from clear_surgery.surgery.tools.bench import needed_flops
+from clear_surgery.surgery.tools.bench import computed_pairs, needed_flops
 
 HERE = Path(__file__).parent / "h200-run13-gluon"
 TEXT, HEADS, DIM, RADIUS = 512, 24, 128, 16.0
@@ -59,16 +56,7 @@ RUNS = {
 
 def computed_flops(res, tile, groups, block_n):
     side = res // 16
-    layout = TokenLayout(TEXT, True, side, side, tile)
-    if groups is None:  # FlexAttention: 128 x 128 blocks of its BlockMask
-        from clear_surgery.plugins.layout import classify_blocks
-
-        any_true, _ = classify_blocks(layout, RADIUS, 128, 128, torch.device("cpu"))
-        return 4.0 * int(any_true.sum()) * 128 * 128 * DIM * HEADS
-    lists = group_lists(side, side, tile, RADIUS, torch.device("cpu"), groups, block_n)
-    rows = BLOCK * groups
-    image = int(lists.count.sum()) + (side * side // rows) * (TEXT // block_n)
-    return 4.0 * (image + (TEXT // rows) * (layout.seq_len // block_n)) * rows * block_n * DIM * HEADS
+    return 4.0 * computed_pairs(TokenLayout(TEXT, True, side, side, tile), RADIUS, groups, block_n) * DIM * HEADS
 
 
 def main():

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
-from clear_surgery.plugins.gluon_backend import gluon_clear_attention
+from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
+from clear_surgery.plugins.layout import classify_blocks
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -65,6 +66,19 @@ def window_union_per_query(side: int, radius: float, th: int, tw: int) -> float:
         counts = torch.einsum("o,top,tp->t", vy[i], inside, vx)
         total += float((counts * hy[i] * hx).sum())
     return total / (side * side)
+
+
+def computed_pairs(layout: TokenLayout, radius: float, groups: int | None = 1, block_n: int = 64) -> int:
+    """(query, key) token pairs a block-sparse kernel computes: programs of ``groups`` x 64 queries over the union
+    of their ``block_n``-key blocks (the gluon kernel; the Triton kernel is groups = 1), or with groups None
+    FlexAttention's 128 x 128 blocks of its BlockMask."""
+    if groups is None:
+        any_true, _ = classify_blocks(layout, radius, 128, 128, torch.device("cpu"))
+        return int(any_true.sum()) * 128 * 128
+    lists = group_lists(layout.height, layout.width, layout.tile, radius, torch.device("cpu"), groups, block_n)
+    rows, text = BLOCK * groups, layout.text_len
+    image = int(lists.count.sum()) + (layout.image_tokens // rows) * (text // block_n)
+    return (image + (text // rows) * (layout.seq_len // block_n)) * rows * block_n
 
 
 def time_ms(fn, warmup: int = 2, rep: int = 5) -> float:
