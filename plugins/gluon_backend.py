@@ -1,4 +1,6 @@
-"""Gluon backend of clear::attention: the warp-specialized Hopper kernel (gluon_kernel.py), host side.
+"""Gluon backend of clear::attention: the warp-specialized Hopper kernels, host side. By default the
+ping-pong kernel (gluon_pingpong_kernel.py: two consumer warpgroups per program taking turns); the
+one-warpgroup kernel (gluon_kernel.py) where ping-pong cannot run, and for the other program shapes.
 
 It runs the calls of a diffusion transformer's common case on an sm_90 GPU: one image, text and image
 segments of whole 64-token blocks, every partial block pair's window mask in the mask table (the tile
@@ -23,8 +25,9 @@ try:  # the Gluon Hopper API this kernel is written against: triton 3.6 (the H20
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_kernel import clear_fwd_ws_kernel
+    from .gluon_pingpong_kernel import clear_fwd_pingpong_kernel
 except (ImportError, AttributeError):  # pragma: no cover - machines without triton or with an older one
-    clear_fwd_ws_kernel = None
+    clear_fwd_ws_kernel = clear_fwd_pingpong_kernel = None
 
 MIN_TRITON = (3, 6)
 # read once: the version check is part of every call's can_run
@@ -39,6 +42,11 @@ PROGRAM = {1: (3, 128), 2: (4, 168)}
 # Query blocks per program by default: one. Two (each K/V block loaded once for 128 queries, one program per
 # SM) measured slower on an H200 (recipes/benchmarks/h200-run13-gluon): loads are not what limits the kernel.
 GROUPS = 1
+# The ping-pong kernel (two consumer warpgroups taking turns on the tensor cores, one program per SM: Q 2 x 16 KB
+# + 2 rings of 3 x 32 KB) measured 1.06x (8192²) to 1.10x (4096²) faster than two programs per SM of the plain
+# one (recipes/benchmarks/h200-run14-distill-pingpong): the default wherever it applies (see pingpong_reason).
+PINGPONG = True
+PINGPONG_PROGRAM = (3, 168)
 HEAD_DIMS = (64, 128)
 GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -87,6 +95,19 @@ def gluon_reason(q, k, v, layout: TokenLayout, radius: float, groups: int | None
     if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
     return layout_reason(layout, radius, q.device, groups, block_n)
+
+
+def pingpong_reason(layout: TokenLayout, batch_heads: int, groups: int, block_n: int, q_in_regs: bool,
+                    stages: int | None) -> str | None:
+    """Why the ping-pong kernel cannot take this call (None: it can): it pairs 64-row query blocks with
+    their own 64-key lists, Q in registers, and needs an even number of them (two per program)."""
+    if (groups, block_n, q_in_regs, stages or PINGPONG_PROGRAM[0]) != (1, BLOCK, True, PINGPONG_PROGRAM[0]):
+        return (f"ping-pong runs one query block per warpgroup over {BLOCK}-key blocks with Q in registers and "
+                f"{PINGPONG_PROGRAM[0]} stages (got groups={groups}, block_n={block_n}, q_in_regs={q_in_regs}, "
+                f"stages={stages})")
+    if (layout.text_len + layout.image_tokens) // BLOCK * batch_heads % 2:
+        return "ping-pong needs an even number of 64-row query blocks over batch and heads"
+    return None
 
 
 def can_run_gluon(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
@@ -151,19 +172,24 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                           extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                           groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
-                          q_in_regs: bool = True):
+                          q_in_regs: bool = True, pingpong: bool | None = None):
     """Same signature and result as reference_attention (inference forward). A text padding bias (which
     the chooser cannot see) goes to the Triton kernel. ``groups``: 64-row query blocks per program (default:
     GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
-    ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma)."""
+    ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma);
+    ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required)."""
     if extra is not None or text_bias is not None:
         return triton_clear_attention(q, k, v, layout, radius, scale, extra=extra, text_bias=text_bias, out=out,
                                       return_lse=return_lse)
     groups = groups or GROUPS
     reason = gluon_reason(q, k, v, layout, radius, groups, block_n)
+    batch, tokens, heads, head_dim = q.shape
+    not_pingpong = pingpong_reason(layout, batch * heads, groups, block_n, q_in_regs, stages)
+    if pingpong and not_pingpong and not reason:
+        reason = not_pingpong
     if reason:
         raise ValueError(f"gluon backend: {reason}")
-    batch, tokens, heads, head_dim = q.shape
+    pingpong = (PINGPONG if pingpong is None else pingpong) and not not_pingpong
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = output_buffer(q, out)
     lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, groups, block_n)
@@ -171,14 +197,20 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
     qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
     text_items, image_items = layout.text_len // rows, layout.image_tokens // rows
-    clear_fwd_ws_kernel[((text_items + image_items) * batch * heads,)](
-        _descriptor(q, rows), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
-        out.stride(0), out.stride(1), out.stride(2), tokens, heads, batch * heads, layout.text_len,
-        0 if layout.text_first else layout.image_tokens, layout.image_tokens, layout.image_start, qk_scale,
-        lists.count, lists.unmasked, lists.index, lists.entry, lists.words, lists.index.shape[1],
-        text_items, image_items,
-        BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages or stages_for(groups, block_n), GROUPS=groups,
-        STORE_LSE=return_lse, Q_IN_REGS=q_in_regs,
-        num_warps=4 * groups, maxnreg=PROGRAM[groups][1],  # a consumer warpgroup per query block, plus the loader
-    )
+    items = (text_items + image_items) * batch * heads
+    args = (_descriptor(q, rows), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+            out.stride(0), out.stride(1), out.stride(2), tokens, heads, batch * heads, layout.text_len,
+            0 if layout.text_first else layout.image_tokens, layout.image_tokens, layout.image_start, qk_scale,
+            lists.count, lists.unmasked, lists.index, lists.entry, lists.words, lists.index.shape[1],
+            text_items, image_items)
+    if pingpong:  # two work items per program; 4 warps of the default partition + 4 + 1 of the workers
+        stages, maxnreg = PINGPONG_PROGRAM
+        clear_fwd_pingpong_kernel[(items // 2,)](*args, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages,
+                                                 STORE_LSE=return_lse, num_warps=4, maxnreg=maxnreg)
+    else:
+        clear_fwd_ws_kernel[(items,)](
+            *args, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages or stages_for(groups, block_n), GROUPS=groups,
+            STORE_LSE=return_lse, Q_IN_REGS=q_in_regs,
+            num_warps=4 * groups, maxnreg=PROGRAM[groups][1],  # a consumer warpgroup per query block, plus the loader
+        )
     return (out, lse.transpose(1, 2)) if return_lse else out

@@ -73,13 +73,21 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, ready, empt
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
     tma_load(q_desc, [q_row, col], q_ready, q_smem)
     for i in range(n_blocks):
-        stage = i % STAGES
-        # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
-        mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        row = _key_block(i, is_text, qgroup, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N)
-        mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma_load(k_desc, [seq_row + row, col], ready.index(stage), k_bufs.index(stage))
-        tma_load(v_desc, [seq_row + row, col], ready.index(stage), v_bufs.index(stage))
+        _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, is_text, qgroup,
+                        n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, is_text, qgroup, n_text_blocks,
+                    U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The i-th K and V blocks into ring buffer i % STAGES, once the consumer has given it back."""
+    stage = i % STAGES
+    # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
+    mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+    row = _key_block(i, is_text, qgroup, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N)
+    mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma_load(k_desc, [seq_row + row, col], ready.index(stage), k_bufs.index(stage))
+    tma_load(v_desc, [seq_row + row, col], ready.index(stage), v_bufs.index(stage))
 
 
 @gluon.jit
@@ -100,6 +108,20 @@ def _mask_words(i, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS,
 
 
 @gluon.jit
+def _softmax_start(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """A query block's row indices, each key column's bit in its mask word, which columns read the high word,
+    a zero score block, and the running row max and sum before the first key block."""
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    col_bit = gl.full([BLOCK_N], 1, gl.int64, gl.SliceLayout(0, s_layout)) << (cols % 64).to(gl.int64)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    # m starts at a large finite negative value: a row with no visible key yet gives exp2(-inf) = 0, never NaN
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    return rows, col_bit, cols >= 64, s_zero, m_i, l_i
+
+
+@gluon.jit
 def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS: gl.constexpr):
     """Raw scores of one key block, masked by its words when it needs it: the block's probabilities
     (log2 units: the scale is folded into exp2's argument), the factor that rescales what came before,
@@ -109,7 +131,6 @@ def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WOR
         if WORDS == 2:
             words = gl.where(high_half[None, :], hi[:, None], lo[:, None])
         s = gl.where((words & col_bit[None, :]) != 0, s, float("-inf"))
-    # m starts at a large finite negative value: a row with no visible key yet gives exp2(-inf) = 0, never NaN
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -125,13 +146,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
     WORDS: gl.constexpr = BLOCK_N // 64
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = q_smem.dtype
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    col_bit = gl.full([BLOCK_N], 1, gl.int64, gl.SliceLayout(0, s_layout)) << (cols % 64).to(gl.int64)
-    high_half = cols >= 64
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    rows, col_bit, high_half, s_zero, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_N, s_layout)
     acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout))
 
     masked, lo, hi = _mask_words(n_blocks * 0, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS,
@@ -166,6 +181,20 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     return acc, m_i, l_i
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, O, LSE, o_offset, stride_on, lse_offset, token0, STORE_LSE: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Normalize a query block's accumulator and write its rows (from token0) of O, and of LSE (natural log,
+    (batch * heads, tokens): the scores were in log2 units) when asked."""
+    rows = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, o_layout))
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    gl.store(O + o_offset + (token0 + rows)[:, None] * stride_on + cols[None, :], out.to(O.dtype.element_ty))
+    if STORE_LSE:
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + lse_offset + token0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, s_layout)), lse)
 
 
 @gluon.jit
@@ -209,13 +238,5 @@ def clear_fwd_ws_kernel(
                    TEXT_START, IMAGE_START, BLOCK_N, STAGES)),
     ], [1], [24])
 
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    token = q_start + qgroup * BLOCK_M + rows
-    o_ptr = O + b * stride_ob + h * stride_oh + token[:, None] * stride_on + cols[None, :]
-    gl.store(o_ptr, out.to(O.dtype.element_ty))
-    if STORE_LSE:  # natural log, (batch * heads, tokens): scores were in log2 units
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        lse_rows = q_start + qgroup * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        gl.store(LSE + pid_bh * TOKENS + lse_rows, lse)
+    _store_rows(acc, m_i, l_i, O, LSE, b * stride_ob + h * stride_oh, stride_on, pid_bh * TOKENS,
+                q_start + qgroup * BLOCK_M, STORE_LSE, s_layout, o_layout)

@@ -14,10 +14,8 @@ from conftest import rel_err  # noqa: E402
 needs_gluon = pytest.mark.skipif(gluon_backend.clear_fwd_ws_kernel is None, reason="triton without Gluon's Hopper API")
 
 
-@needs_gluon
-@pytest.mark.parametrize("head_dim,lse,groups,block_n", [(128, False, 1, 64), (64, True, 1, 64), (128, True, 2, 64),
-                                                         (128, False, 2, 128)])
-def test_kernel_compiles_for_sm90_warp_specialized(head_dim, lse, groups, block_n):
+def compile_for_sm90(kernel, head_dim, q_rows, block_n, constexprs, maxnreg):
+    """Compile a Gluon kernel of this backend for sm_90 on the CPU (no GPU needed)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -31,24 +29,43 @@ def test_kernel_compiles_for_sm90_warp_specialized(head_dim, lse, groups, block_
         layout = gl.NVMMASharedLayout.get_default_for([block, head_dim], gl.bfloat16)
         return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, head_dim], layout))
 
-    kernel = gluon_backend.clear_fwd_ws_kernel
-    stages, maxnreg = gluon_backend.stages_for(groups, block_n), gluon_backend.PROGRAM[groups][1]
-    constexprs = dict(BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, GROUPS=groups, STORE_LSE=lse,
-                      Q_IN_REGS=True, num_warps=4 * groups)
-    types = {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "MASK_BITS": "*i64", "q_desc": desc(BLOCK * groups),
+    types = {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "MASK_BITS": "*i64", "q_desc": desc(q_rows),
              "k_desc": desc(block_n), "v_desc": desc(block_n),
              **{n: "*i32" for n in ("U_COUNT", "U_UNMASKED", "U_INDEX", "U_ENTRY")}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     compiled = triton_compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4 * groups, maxnreg=maxnreg))
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=constexprs["num_warps"], maxnreg=maxnreg))
     ptx = compiled.asm["ptx"]
     assert len(compiled.asm["cubin"]) > 0
     assert "wgmma.mma_async" in ptx  # Hopper tensor cores
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
     assert "setmaxnreg" in ptx  # warp specialization: the loader's registers go to the consumers
+    assert compiled.metadata.shared <= 227 * 1024
+    return compiled
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,lse,groups,block_n", [(128, False, 1, 64), (64, True, 1, 64), (128, True, 2, 64),
+                                                         (128, False, 2, 128)])
+def test_kernel_compiles_for_sm90_warp_specialized(head_dim, lse, groups, block_n):
+    stages, maxnreg = gluon_backend.stages_for(groups, block_n), gluon_backend.PROGRAM[groups][1]
+    constexprs = dict(BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, GROUPS=groups, STORE_LSE=lse,
+                      Q_IN_REGS=True, num_warps=4 * groups)
+    compiled = compile_for_sm90(gluon_backend.clear_fwd_ws_kernel, head_dim, BLOCK * groups, block_n, constexprs,
+                                maxnreg)
     if (groups, block_n) == (1, 64):
         assert compiled.metadata.shared <= 116 * 1024  # two programs per SM (228 KB)
-    assert compiled.metadata.shared <= 227 * 1024
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,lse", [(128, True), (64, False)])
+def test_pingpong_kernel_compiles_for_sm90(head_dim, lse):
+    stages, maxnreg = gluon_backend.PINGPONG_PROGRAM
+    constexprs = dict(BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=lse, num_warps=4)
+    compiled = compile_for_sm90(gluon_backend.clear_fwd_pingpong_kernel, head_dim, BLOCK, BLOCK, constexprs, maxnreg)
+    # two Q blocks and two rings of K and V (bf16): for head dim 128, one program per SM
+    assert compiled.metadata.shared >= 2 * (BLOCK + 2 * stages * BLOCK) * head_dim * 2
 
 
 @pytest.mark.parametrize("tile,radius,groups,block_n", [((8, 8), 5.0, 1, 64), ((8, 16), 9.5, 2, 64),
@@ -100,6 +117,12 @@ def test_refusals_name_the_reason():
     assert "multiples of 128" in gluon_backend.layout_reason(TokenLayout(64, True, 16, 16, (8, 8)), 4.0, "cpu", 2)
     assert gluon_backend.layout_reason(TokenLayout(128, True, 16, 32, (8, 8)), 4.0, "cpu", 1, 128)
     assert gluon_backend.layout_reason(TokenLayout(128, True, 16, 32, (8, 16)), 4.0, "cpu", 1, 128) is None
+    # ping-pong: two 64-row query blocks per program, so an even number of them over batch and heads
+    pingpong = gluon_backend.pingpong_reason
+    assert pingpong(TokenLayout(64, True, 24, 24, (8, 8)), 3, 1, 64, True, None) is None  # 3 + 9 blocks, 3 heads
+    assert "even number" in pingpong(TokenLayout(64, True, 24, 16, (8, 8)), 3, 1, 64, True, None)  # (1 + 6) * 3
+    for options in [(2, 64, True, None), (1, 128, True, None), (1, 64, False, None), (1, 64, True, 4)]:
+        assert "ping-pong runs" in pingpong(TokenLayout(64, True, 24, 24, (8, 8)), 2, *options)
 
 
 # ---- GPU (H200) -------------------------------------------------------------------------------------------------
@@ -114,19 +137,23 @@ GPU_CASES = [
     (1, 8, 128, 128, True, 16, 24, 100, (8, 8)),  # r beyond the grid: every key visible
     (2, 6, 64, 128, True, 40, 32, 6.5, (8, 8)),  # head dim 64
     (1, 4, 64, 0, True, 32, 32, 4, (8, 16)),  # no text
+    (1, 3, 64, 64, True, 24, 24, 5, (8, 8)),  # ping-pong: a text and an image block share a program
+    (1, 3, 64, 64, False, 24, 16, 5, (8, 8)),  # odd number of query blocks: no ping-pong
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"case{i}" for i in range(len(GPU_CASES))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["default", "two-blocks-per-program", "128-key-blocks", "q-in-shared-memory"])
+@pytest.mark.parametrize("variant", ["default", "ping-pong", "one-warpgroup", "two-blocks-per-program",
+                                     "128-key-blocks", "q-in-shared-memory"])
 def test_gpu_gluon_matches_reference(case, dtype, variant):
     b, h, d, text_len, text_first, gh, gw, r, tile = case
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the gluon kernel is for Hopper")
     layout = TokenLayout(text_len, text_first, gh, gw, tile)
-    options = {"default": {}, "two-blocks-per-program": {"groups": 2}, "128-key-blocks": {"block_n": 128},
+    options = {"default": {}, "ping-pong": {"pingpong": True}, "one-warpgroup": {"pingpong": False},
+               "two-blocks-per-program": {"groups": 2}, "128-key-blocks": {"block_n": 128},
                "q-in-shared-memory": {"q_in_regs": False}}[variant]
     shape = {k: v for k, v in options.items() if k in ("groups", "block_n")}
     if gluon_backend.layout_reason(layout, r, "cuda", **shape):
@@ -134,6 +161,10 @@ def test_gpu_gluon_matches_reference(case, dtype, variant):
     gen = torch.Generator(device="cuda").manual_seed(11)
     q, k, v = (torch.randn(b, layout.seq_len, h, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     assert BACKENDS["gluon"].can_run(q, k, v, layout, r, raise_error=True)
+    if variant == "ping-pong" and gluon_backend.pingpong_reason(layout, b * h, 1, BLOCK, True, None):
+        with pytest.raises(ValueError, match="even number"):
+            gluon_clear_attention(q, k, v, layout, r, **options)
+        return
     poison = torch.full_like(q, float("nan"))  # every element must be written
     out, lse = gluon_clear_attention(q, k, v, layout, r, out=poison, return_lse=True, **options)
     assert out.data_ptr() == poison.data_ptr() and not out.isnan().any()

@@ -47,16 +47,19 @@ def flex_route(q, k, v, layout, radius):
 ROUTES = {
     "flex-raster": (flex_route, None, (None, 128)),
     "triton-tiled": (triton_clear_attention, kernel_config(dim).tile, (1, 64)),
-    # gluon: one 64-row query block per program (the default) or two; 64- or 128-key blocks; K/V stages
-    "gluon-tiled-8x8": (gluon_clear_attention, (8, 8), (1, 64)),
+    # gluon: ping-pong (two consumer warpgroups taking turns, the default) or one consumer warpgroup per program
+    # with one 64-row query block (two programs per SM) or two; 64- or 128-key blocks; K/V stages
+    "gluon-pingpong-8x8": (functools.partial(gluon_clear_attention, pingpong=True), (8, 8), (1, 64)),
+    "gluon-pingpong-8x16": (functools.partial(gluon_clear_attention, pingpong=True), (8, 16), (1, 64)),
+    "gluon-one-warpgroup-8x8": (functools.partial(gluon_clear_attention, pingpong=False), (8, 8), (1, 64)),
+    "gluon-one-warpgroup-8x16": (functools.partial(gluon_clear_attention, pingpong=False), (8, 16), (1, 64)),
     "gluon-tiled-8x8-q-smem": (functools.partial(gluon_clear_attention, q_in_regs=False), (8, 8), (1, 64)),
     "gluon-tiled-8x8-two-blocks": (functools.partial(gluon_clear_attention, groups=2), (8, 8), (2, 64)),
     "gluon-tiled-8x8-two-blocks-s5": (functools.partial(gluon_clear_attention, groups=2, stages=5), (8, 8), (2, 64)),
-    "gluon-tiled-8x16": (gluon_clear_attention, (8, 16), (1, 64)),
     "gluon-tiled-8x16-two-blocks": (functools.partial(gluon_clear_attention, groups=2), (8, 16), (2, 64)),
     "gluon-tiled-8x16-two-blocks-n128": (functools.partial(gluon_clear_attention, groups=2, block_n=128), (8, 16),
                                          (2, 128)),
-    "gluon-raster": (gluon_clear_attention, None, (1, 64)),
+    "gluon-raster": (functools.partial(gluon_clear_attention, pingpong=False), None, (1, 64)),
     "fa4-flash-tables-8x16": (flash_route("tables"), (8, 16), (None, 128)),
     "fa4-flash-arithmetic-8x16": (flash_route("arithmetic"), (8, 16), (None, 128)),
 }

@@ -1,4 +1,4 @@
-"""Tables of the Hopper routes (h200-run13-gluon/*.json, written by hopper_routes.py) for README.md. Runs on any
+"""Tables of the Hopper routes (h200-run13-gluon/*.json, h200-run14-distill-pingpong/routes; hopper_routes.py wrote them) for README.md. Runs on any
 CPU: the FLOPs of the computed blocks are counted again here from each route's configuration, because a route's
 name meant different kernels as the kernel changed between runs (see RUNS).
     python recipes/benchmarks/routes_table.py"""
@@ -8,7 +8,7 @@ from pathlib import Path
 from clear_surgery.plugins import TokenLayout
 from clear_surgery.surgery.tools.bench import computed_pairs, needed_flops
 
-HERE = Path(__file__).parent / "h200-run13-gluon"
+HERE = Path(__file__).parent
 TEXT, HEADS, DIM, RADIUS = 512, 24, 128, 16.0
 # file -> {route: (what ran, token tile, query blocks per program, keys per block)}; None: not a block-list kernel
 V1 = "gluon v1: one warpgroup, mask words loaded at use"
@@ -16,41 +16,46 @@ V2 = "gluon v2: mask words one block ahead, scale folded into exp2"
 V3 = "gluon v3: union lists of GROUPS query blocks"
 V4 = "gluon v4: v3 + Q in registers"
 V5 = "gluon v5: v4, persistent (runs of work items per resident program)"
-V6 = "gluon (final): v4, one program per work item"
+V6 = "gluon v6: v4, one program per work item (one consumer warpgroup; two programs per SM)"
+V7 = "gluon ping-pong: two consumer warpgroups per program taking turns on the tensor cores"
 FLEX = ("flex (FlexAttention, Triton backend)", None, None, 128)
 RUNS = {
-    "run1_routes.json": {"flex-raster": FLEX, "triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V1, (8, 8), 1, 64),
+    "h200-run13-gluon/run1_routes.json": {"flex-raster": FLEX, "triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V1, (8, 8), 1, 64),
                          "gluon-tiled-8x16": (V1, (8, 16), 1, 64), "gluon-raster": (V1, None, 1, 64)},
-    "run2_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V2, (8, 8), 1, 64),
+    "h200-run13-gluon/run2_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V2, (8, 8), 1, 64),
                          "gluon-tiled-8x16": (V2, (8, 16), 1, 64),
                          "gluon-tiled-8x16-n128": (V2 + "; 128-key blocks", (8, 16), 1, 128)},
-    "run3_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V3, (8, 8), 2, 64),
+    "h200-run13-gluon/run3_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V3, (8, 8), 2, 64),
                          "gluon-tiled-8x8-s5": (V3 + "; 5 stages", (8, 8), 2, 64),
                          "gluon-tiled-8x8-one-block": (V3, (8, 8), 1, 64), "gluon-tiled-8x16": (V3, (8, 16), 2, 64),
                          "gluon-tiled-8x16-n128": (V3 + "; 128-key blocks", (8, 16), 2, 128),
                          "gluon-raster": (V3, None, 2, 64)},
-    "run4_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V4, (8, 8), 2, 64),
+    "h200-run13-gluon/run4_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V4, (8, 8), 2, 64),
                          "gluon-tiled-8x8-one-block": (V4, (8, 8), 1, 64),
                          "gluon-tiled-8x8-one-block-q-smem": (V3 + " (Q in shared memory)", (8, 8), 1, 64),
                          "gluon-tiled-8x16-one-block": (V4, (8, 16), 1, 64),
                          "gluon-tiled-8x16-n128": (V4 + "; 128-key blocks", (8, 16), 2, 128)},
-    "run5_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V5, (8, 8), 2, 64),
+    "h200-run13-gluon/run5_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V5, (8, 8), 2, 64),
                          "gluon-tiled-8x8-s5": (V5 + "; 5 stages", (8, 8), 2, 64),
                          "gluon-tiled-8x8-one-block": (V5, (8, 8), 1, 64),
                          "gluon-tiled-8x8-one-block-q-smem": (V5 + " (Q in shared memory)", (8, 8), 1, 64),
                          "gluon-tiled-8x16-one-block": (V5, (8, 16), 1, 64)},
-    "run6_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V6, (8, 8), 1, 64),
+    "h200-run13-gluon/run6_routes.json": {"triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V6, (8, 8), 1, 64),
                          "gluon-tiled-8x8-s5": (V6 + "; 5 stages (one program per SM)", (8, 8), 1, 64),
                          "gluon-tiled-8x8-persistent": (V5, (8, 8), 1, 64),
                          "gluon-tiled-8x8-one-block-persistent": (V5, (8, 8), 1, 64),
                          "gluon-tiled-8x16": (V6, (8, 16), 1, 64)},
-    "run10_routes_fa4.json": {"flex-raster": FLEX,
+    "h200-run13-gluon/run10_routes_fa4.json": {"flex-raster": FLEX,
                               "triton-tiled": ("triton", (8, 8), 1, 64), "gluon-tiled-8x8": (V6, (8, 8), 1, 64),
                               "gluon-tiled-8x16": (V6, (8, 16), 1, 64),
                               "fa4-flash-tables-8x16": ("FlexAttention BACKEND=FLASH (FlashAttention-4 CuTe DSL), "
                                                         "mask_mod reading position tables", (8, 16), None, 128),
                               "fa4-flash-arithmetic-8x16": ("the same, mask_mod with index arithmetic", (8, 16), None,
                                                             128)},
+    "h200-run14-distill-pingpong/routes/hopper_routes.json": {
+        "flex-raster": FLEX, "triton-tiled": ("triton", (8, 8), 1, 64),
+        "gluon-pingpong-8x8": (V7, (8, 8), 1, 64), "gluon-pingpong-8x16": (V7, (8, 16), 1, 64),
+        "gluon-one-warpgroup-8x8": (V6, (8, 8), 1, 64), "gluon-one-warpgroup-8x16": (V6, (8, 16), 1, 64)},
 }
 
 

@@ -1,0 +1,166 @@
+"""Ping-pong variant of the warp-specialized Hopper kernel (gluon_kernel.py), in Triton's Gluon (sm_90).
+
+A program holds two consumer warpgroups, each on its own 64-row query block (work items 2p and 2p + 1 of
+the one-block-per-program order: own key list, own ring of K/V buffers) and one loader warp feeding both
+rings. The two warpgroups take turns issuing their wgmmas (FlashAttention-3's ping-pong): a pair of
+mbarriers passes the turn, so one warpgroup's softmax runs while the other's GEMMs hold the tensor cores,
+instead of two independent programs per SM overlapping by chance. Per warpgroup the loop is FA3's: issue
+S_j = Q·K_jᵀ together with O += P_{j-1}·V_{j-1}, pass the turn, wait for S_j alone, softmax, then wait
+for P·V and rescale. The mask words, key order and epilogue are gluon_kernel.py's.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from .gluon_kernel import (
+    _item,
+    _load_key_block,
+    _mask_words,
+    _softmax_start,
+    _softmax_step,
+    _store_rows,
+    tma_load,
+)
+
+
+@gluon.jit
+def _turn_wait(turn_mine, t, n_other, WHO: gl.constexpr):
+    """Wait for this warpgroup's turn t. Warpgroup 0 goes first: its turn t follows the other's turn t - 1
+    (a fresh barrier passes parity 1 at once); warpgroup 1's turn t follows warpgroup 0's turn t. Turns
+    alternate, so a barrier is never more than one phase ahead of its waiter; once the other warpgroup
+    has made its last turn (n_other + 1 of them: one per key block and a last P·V) nothing is waited for."""
+    if WHO == 0:
+        mbarrier.wait(turn_mine, (t & 1) ^ 1, pred=t <= n_other + 1)
+    else:
+        mbarrier.wait(turn_mine, t & 1, pred=t <= n_other)
+
+
+@gluon.jit
+def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine, turn_other, n_blocks, n_other,
+                       qk_scale, MASK_BITS, qgroup, pid_bh, q_start, n_text_blocks, n_unmasked, U_ENTRY, width, O, LSE,
+                       stride_ob, stride_on, stride_oh, HEADS, TOKENS, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, WHO: gl.constexpr,
+                       s_layout: gl.constexpr, o_layout: gl.constexpr):
+    BLOCK_M: gl.constexpr = 64
+    WORDS: gl.constexpr = BLOCK_N // 64
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype: gl.constexpr = q_smem.dtype
+    rows, col_bit, high_half, s_zero, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_N, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    masked, lo, hi = _mask_words(n_blocks * 0, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS, rows,
+                                 1, WORDS)
+    mbarrier.wait(q_ready, 0)
+    q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    mbarrier.wait(ready.index(0), 0)
+    t = n_blocks * 0
+    _turn_wait(turn_mine, t, n_other, WHO)
+    s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.arrive(turn_other, count=1)
+    t += 1
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    masked_next, lo_next, hi_next = _mask_words(n_blocks * 0 + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
+                                                MASK_BITS, rows, 1, WORDS)
+    p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+    masked, lo, hi = masked_next, lo_next, hi_next
+    for j in range(1, n_blocks):
+        stage = j % STAGES
+        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        _turn_wait(turn_mine, t, n_other, WHO)
+        s_tok = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index((j - 1) % STAGES), acc,
+                                is_async=True)
+        mbarrier.arrive(turn_other, count=1)
+        t += 1
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j is done; P·V of block j-1 may still run
+        masked_next, lo_next, hi_next = _mask_words(j + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
+                                                    MASK_BITS, rows, 1, WORDS)
+        p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)  # block j-1's buffers back to the loader
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        masked, lo, hi = masked_next, lo_next, hi_next
+    _turn_wait(turn_mine, t, n_other, WHO)
+    acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index((n_blocks - 1) % STAGES), acc,
+                            is_async=True)
+    mbarrier.arrive(turn_other, count=1)
+    acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+    mbarrier.arrive(empty.index((n_blocks - 1) % STAGES), count=1)
+    _store_rows(acc, m_i, l_i, O, LSE, (pid_bh // HEADS) * stride_ob + (pid_bh % HEADS) * stride_oh, stride_on,
+                pid_bh * TOKENS, q_start + qgroup * BLOCK_M, STORE_LSE, s_layout, o_layout)
+
+
+@gluon.jit
+def _pingpong_loader(q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1, k1, v1, qr1, ready1, empty1,
+                     row_q0, row_q1, seq0, seq1, col0, col1, text0, text1, g0, g1, nt, n0, n1, U_INDEX, width,
+                     TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    mbarrier.expect(qr0, q_desc.block_type.nbytes)
+    tma_load(q_desc, [row_q0, col0], qr0, q0)
+    mbarrier.expect(qr1, q_desc.block_type.nbytes)
+    tma_load(q_desc, [row_q1, col1], qr1, q1)
+    # both rings block by block, in the order the warpgroups take turns
+    for i in range(gl.maximum(n0, n1)):
+        if i < n0:
+            _load_key_block(i, k_desc, v_desc, k0, v0, ready0, empty0, seq0, col0, text0, g0, nt, U_INDEX, width,
+                            TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+        if i < n1:
+            _load_key_block(i, k_desc, v_desc, k1, v1, ready1, empty1, seq1, col1, text1, g1, nt, U_INDEX, width,
+                            TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def clear_fwd_pingpong_kernel(
+    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_on, stride_oh,
+    TOKENS, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, qk_scale,
+    U_COUNT, U_UNMASKED, U_INDEX, U_ENTRY, MASK_BITS, width, text_items, image_items,
+    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # the host launches half as many programs as work items (an even number of them)
+    p0 = 2 * gl.program_id(0)
+    text0, g0, bh0, start0, nt, n0, u0 = _item(p0, text_items, image_items, HEADS, BH, TEXT_LEN, TEXT_START,
+                                               IMAGE_LEN, IMAGE_START, U_COUNT, U_UNMASKED, BLOCK_N)
+    text1, g1, bh1, start1, nt, n1, u1 = _item(p0 + 1, text_items, image_items, HEADS, BH, TEXT_LEN, TEXT_START,
+                                               IMAGE_LEN, IMAGE_START, U_COUNT, U_UNMASKED, BLOCK_N)
+    dtype: gl.constexpr = q_desc.dtype
+    q0 = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], q_desc.layout)
+    q1 = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], q_desc.layout)
+    k0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    qr0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qr1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qr0, count=1)
+    mbarrier.init(qr1, count=1)
+    mbarrier.init(turn0, count=1)
+    mbarrier.init(turn1, count=1)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(ready0.index(st), count=1)
+        mbarrier.init(empty0.index(st), count=1)
+        mbarrier.init(ready1.index(st), count=1)
+        mbarrier.init(empty1.index(st), count=1)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    gl.warp_specialize([
+        (_pingpong_consumer, (q0, k0, v0, qr0, ready0, empty0, turn0, turn1, n0, n1, qk_scale, MASK_BITS, g0, bh0,
+                              start0, nt, u0, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS,
+                              BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 0, s_layout, o_layout)),
+        (_pingpong_consumer, (q1, k1, v1, qr1, ready1, empty1, turn1, turn0, n1, n0, qk_scale, MASK_BITS, g1, bh1,
+                              start1, nt, u1, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS,
+                              BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 1, s_layout, o_layout)),
+        (_pingpong_loader, (q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1, k1, v1, qr1, ready1, empty1,
+                            (bh0 // HEADS) * TOKENS + start0 + g0 * 64, (bh1 // HEADS) * TOKENS + start1 + g1 * 64,
+                            (bh0 // HEADS) * TOKENS, (bh1 // HEADS) * TOKENS, (bh0 % HEADS) * HEAD_DIM,
+                            (bh1 % HEADS) * HEAD_DIM, text0, text1, g0, g1, nt, n0, n1, U_INDEX, width, TEXT_START,
+                            IMAGE_START, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
