@@ -198,6 +198,24 @@ def _store_rows(acc, m_i, l_i, O, LSE, o_offset, stride_on, lse_offset, token0, 
 
 
 @gluon.jit
+def _query_block_buffers(q_desc, k_desc, v_desc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """Shared memory of one consumer's query rows: Q with its barrier, and the ring of STAGES K and V buffers
+    with their ready / empty barriers, initialized."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(ready.index(st), count=1)
+        mbarrier.init(empty.index(st), count=1)
+    return q_smem, q_ready, k_bufs, v_bufs, ready, empty
+
+
+@gluon.jit
 def clear_fwd_ws_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_on, stride_oh,
     TOKENS, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, qk_scale,
@@ -213,17 +231,8 @@ def clear_fwd_ws_kernel(
     b = pid_bh // HEADS
     h = pid_bh % HEADS
 
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    for st in gl.static_range(STAGES):
-        mbarrier.init(ready.index(st), count=1)
-        mbarrier.init(empty.index(st), count=1)
+    q_smem, q_ready, k_bufs, v_bufs, ready, empty = _query_block_buffers(q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N,
+                                                                         HEAD_DIM, STAGES)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])

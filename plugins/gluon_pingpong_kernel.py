@@ -17,6 +17,7 @@ from .gluon_kernel import (
     _item,
     _load_key_block,
     _mask_words,
+    _query_block_buffers,
     _softmax_start,
     _softmax_step,
     _store_rows,
@@ -123,30 +124,12 @@ def clear_fwd_pingpong_kernel(
                                                IMAGE_LEN, IMAGE_START, U_COUNT, U_UNMASKED, BLOCK_N)
     text1, g1, bh1, start1, nt, n1, u1 = _item(p0 + 1, text_items, image_items, HEADS, BH, TEXT_LEN, TEXT_START,
                                                IMAGE_LEN, IMAGE_START, U_COUNT, U_UNMASKED, BLOCK_N)
-    dtype: gl.constexpr = q_desc.dtype
-    q0 = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], q_desc.layout)
-    q1 = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], q_desc.layout)
-    k0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    k1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    qr0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    qr1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q0, qr0, k0, v0, ready0, empty0 = _query_block_buffers(q_desc, k_desc, v_desc, 64, BLOCK_N, HEAD_DIM, STAGES)
+    q1, qr1, k1, v1, ready1, empty1 = _query_block_buffers(q_desc, k_desc, v_desc, 64, BLOCK_N, HEAD_DIM, STAGES)
     turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(qr0, count=1)
-    mbarrier.init(qr1, count=1)
     mbarrier.init(turn0, count=1)
     mbarrier.init(turn1, count=1)
-    for st in gl.static_range(STAGES):
-        mbarrier.init(ready0.index(st), count=1)
-        mbarrier.init(empty0.index(st), count=1)
-        mbarrier.init(ready1.index(st), count=1)
-        mbarrier.init(empty1.index(st), count=1)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],

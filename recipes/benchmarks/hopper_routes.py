@@ -59,7 +59,7 @@ ROUTES = {
     "gluon-tiled-8x16-two-blocks": (functools.partial(gluon_clear_attention, groups=2), (8, 16), (2, 64)),
     "gluon-tiled-8x16-two-blocks-n128": (functools.partial(gluon_clear_attention, groups=2, block_n=128), (8, 16),
                                          (2, 128)),
-    "gluon-raster": (functools.partial(gluon_clear_attention, pingpong=False), None, (1, 64)),
+    "gluon-raster": (gluon_clear_attention, None, (1, 64)),
     "fa4-flash-tables-8x16": (flash_route("tables"), (8, 16), (None, 128)),
     "fa4-flash-arithmetic-8x16": (flash_route("arithmetic"), (8, 16), (None, 128)),
 }
