@@ -12,6 +12,7 @@ import torch
 from clear_surgery.hub import load_model
 from clear_surgery.hub.checkpoint import package_version
 from clear_surgery.hub.resolve import ModelRef
+from clear_surgery.plugins import schema
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
 from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError
 
@@ -122,6 +123,11 @@ def prepare(source: str | ModelRef, sizes: dict, *, dtype: str | None, batch: in
     plan = state.family.export_plan
     if plan is None:
         raise ExportError(f"{type(model).__name__} ({state.family.name} family) cannot be exported yet")
+    # what every converted site will pass the op, checked against the schema before any tracing
+    # (the pooled keys of the "down" variant); the translation refuses any other call it cannot serve
+    problems = schema.engine_refusals({"pool_weight": state.config.down_factor})
+    if problems:
+        raise ExportError(f"{what}: an exported engine cannot serve its CLEAR attention: " + "; ".join(problems))
     profile = SizeProfile(*(parse_size(sizes[k], f"--{k}-size") if isinstance(sizes[k], str) else tuple(sizes[k])
                             for k in ("min", "opt", "max")), pixels_per_token=plan.pixels_per_token)
     profile.check()
@@ -152,9 +158,10 @@ def _use_kernel_tile(model) -> list[str]:
     if state.config.token_layout == "tiled" and tuple(state.config.tile_shape or ()) == tile:
         return []
     settings = {**state.config.to_dict(), "token_layout": "tiled", "tile_shape": list(tile)}
-    analysis, provenance = state.analysis, state.provenance
+    analysis, provenance, backend = state.analysis, state.provenance, state.runtime.backend
     remove_clear(model)
-    apply_clear(model, ClearConfig.from_dict(settings), analysis=analysis, verify=False, provenance=provenance)
+    apply_clear(model, ClearConfig.from_dict(settings), backend=backend, analysis=analysis, verify=False,
+                provenance=provenance)
     return [f"token layout: tiled {tile[0]}x{tile[1]} (the engine kernel's; outputs are the same)"]
 
 

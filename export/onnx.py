@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clear_surgery.plugins import TokenLayout, reference_attention
+from clear_surgery.plugins import TokenLayout, reference_attention, schema
 from clear_surgery.plugins.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
 
 DOMAIN, OP_TYPE, DOMAIN_VERSION = PLUGIN_NAMESPACE, PLUGIN_NAME, 1
 OPSET = 18
 MODEL_FILE = "model.onnx"
-# attribute -> ONNX attribute type; the plugin's fields (plugins/tensorrt_plugin.describe) must be the same
-ATTRIBUTES = {"radius": "FLOAT", "text_first": "INT", "tile_h": "INT", "tile_w": "INT", "scale": "FLOAT"}
+# attribute -> ONNX attribute type: the op schema's engine attributes (also the TensorRT plugin's fields)
+ATTRIBUTES = schema.ENGINE_ATTRIBUTES
 
 
 def register_schema() -> None:
@@ -48,20 +48,22 @@ def register_schema() -> None:
 
 
 def _translation():
-    """clear::attention -> one ClearAttention node (a plain traced function, as the exporter wants)."""
+    """clear::attention -> one ClearAttention node (a plain traced function, as the exporter wants); a call
+    an engine cannot serve is refused here, by argument name."""
     import onnxscript
     from onnxscript import opset18 as op
 
     clear = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-    def clear_attention(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto", tile_h=0,
-                        tile_w=0):
+    @schema.implements()
+    def clear_attention(*args):
+        call = schema.bind(args)
+        schema.check_engine_call(call, "an ONNX ClearAttention node")
         one = op.Constant(value_ints=[1])
-        shape = op.Concat(op.Reshape(height, one), op.Reshape(width, one), axis=0)
-        grid = op.Expand(op.CastLike(op.Constant(value_float=0.0), q), shape)
-        return clear.ClearAttention(q, k, v, grid, radius=float(radius), text_first=int(bool(text_first)),
-                                    tile_h=int(tile_h), tile_w=int(tile_w), scale=float(scale or 0.0),
-                                    plugin_namespace=PLUGIN_NAMESPACE)
+        shape = op.Concat(*(op.Reshape(call[name], one) for name in schema.GRID), axis=0)
+        grid = op.Expand(op.CastLike(op.Constant(value_float=0.0), call["q"]), shape)
+        return clear.ClearAttention(*(call[name] for name in schema.TENSOR_INPUTS), grid,
+                                    **schema.engine_attributes(call), plugin_namespace=PLUGIN_NAMESPACE)
 
     return {torch.ops.clear.attention.default: clear_attention}
 
@@ -74,7 +76,7 @@ def export_onnx(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, out
 
     register_schema()
     path = Path(out) / MODEL_FILE
-    with torch.no_grad():
+    with torch.no_grad(), schema.engine_errors_unwrapped():
         torch.onnx.export(module, (), str(path), kwargs=inputs, dynamic_shapes=dynamic_shapes, dynamo=True,
                           custom_translation_table=_translation(), input_names=list(inputs),
                           output_names=output_names, opset_version=OPSET, optimize=True, verbose=False)

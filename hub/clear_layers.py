@@ -21,7 +21,7 @@ from clear_surgery.surgery.state import is_clear_tensor, require_clear_state
 
 from .atomic import atomic_directory
 from .checkpoint import FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version
-from .converted import finish_folder, read_clear_config
+from .converted import backend_to_run, finish_folder, read_clear_config
 from .download import looks_like_path, resolve_file, resolve_folder
 from .layer_tensors import ClearLayersError, apply_layer_tensors, check_layer_fit, layer_shapes  # noqa: F401 (re-exported)
 from .safetensors_io import read_header, read_tensor, write_file
@@ -223,14 +223,17 @@ def read_layers_folder(folder: Path) -> dict:
     return meta
 
 
-def load_clear_layers(model, source: str | os.PathLike, *, verify: bool = False, revision: str | None = None):
+def load_clear_layers(model, source: str | os.PathLike, *, verify: bool = False, revision: str | None = None,
+                      backend: str | None = None):
     """Apply a CLEAR-layers folder (local or Hub repo) to a dense base model: attention, then tensors.
-    Every name and shape is checked first; on a mismatch the model is left as it was."""
+    Every name and shape is checked first; on a mismatch the model is left as it was. ``backend``: the
+    run-time choice (None: what an older folder recorded if this machine has it, else 'auto')."""
     folder = resolve_folder(source, revision)
     meta = read_layers_folder(folder)
     check_layer_fit({n: tuple(t.shape) for n, t in model.state_dict().items()}, folder / LAYERS_FILE,
                     type(model).__name__, before_rewrite=True)
-    apply_clear(model, ClearConfig.from_dict(meta["config"]), verify=verify, provenance=meta.get("training"))
+    apply_clear(model, ClearConfig.from_dict(meta["config"]), backend=backend_to_run(meta["config"], backend),
+                verify=verify, provenance=meta.get("training"))
     try:
         apply_layer_tensors(model, folder / LAYERS_FILE)
     except Exception:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state
+from clear_surgery.surgery.config import runtime_backend, saved_runtime_choices
 from clear_surgery.surgery.state import require_clear_state
 
 from .atomic import atomic_directory, write_json
@@ -66,6 +67,14 @@ def save_converted(model: torch.nn.Module, out: str | os.PathLike, *, base_model
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
         finish_folder(tmp, clear_meta(state, type(model).__name__, base_model, dtype=dtypes))
     return out
+
+
+def backend_to_run(saved_config: dict, requested: str | None) -> str:
+    """The backend a loaded folder runs: the one asked for, else the one an older folder recorded (if this
+    machine has it; 'auto' with a warning otherwise), else 'auto'."""
+    if requested is not None:
+        return runtime_backend(requested)
+    return runtime_backend(saved_runtime_choices(saved_config).get("backend"), saved=True)
 
 
 def write_clear_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -133,12 +142,13 @@ def check_converted_folder(folder: str | os.PathLike) -> ConvertedFolder:
 
 
 def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = False,
-                   revision: str | None = None, device: str | torch.device | None = None):
+                   revision: str | None = None, device: str | torch.device | None = None, backend: str | None = None):
     """Load a folder written by ``save_converted`` (or a Hub repo of one) into a model with its CLEAR
     attention applied, in the dtype it is stored in unless ``dtype`` says otherwise.
 
     Names, shapes and sites are checked from the headers first; weights then load shard by shard
-    onto the meta-device skeleton (diffusers' low_cpu_mem_usage), never as a second copy.
+    onto the meta-device skeleton (diffusers' low_cpu_mem_usage), never as a second copy. ``backend``: the
+    run-time choice (None: what an older folder recorded if this machine has it, else 'auto').
     """
     checked = check_converted_folder(resolve_folder(folder, revision))
     kwargs = {"device_map": str(device)} if device is not None else {}
@@ -146,8 +156,8 @@ def load_converted(folder: str | os.PathLike, *, dtype: torch.dtype | None = Non
                                                 low_cpu_mem_usage=True, **kwargs).eval()
     meta = checked.meta
     analysis = AnalysisReport.from_dict(meta["analysis"]) if meta.get("analysis") and not verify else None
-    apply_clear(model, ClearConfig.from_dict(meta["config"]), analysis=analysis, verify=verify,
-                provenance=meta.get("training"))
+    apply_clear(model, ClearConfig.from_dict(meta["config"]), backend=backend_to_run(meta["config"], backend),
+                analysis=analysis, verify=verify, provenance=meta.get("training"))
     sites = get_clear_state(model).sites
     if sorted(sites) != sorted(meta["sites"]):
         raise ClearFolderError(f"{checked.folder}: clear_config.json lists sites {meta['sites']}, the config selects "

@@ -1,33 +1,86 @@
-"""Backend registry and chooser for clear::attention (NATTEN-style).
+"""Backend registry and chooser for clear::attention (NATTEN-style, and as diffusers' attention dispatcher
+registers its backends with their constraints).
 
-Each backend has a same-signature function and a ``can_run_*`` check; the chooser and the
-validator share those checks, and the chooser logs why it skipped a backend.
+A backend is a same-signature forward (``reference_attention``'s), a ``reason`` function saying why it
+cannot run a call (None: it can), the features it declares and a priority per device type. The chooser
+and the validator share one refusal (``Backend.refusal``): a call's needs (``call_needs``) that the
+backend does not declare, then its own reason. ``auto`` tries every registered backend that has a
+priority for the call's device, highest first, and logs why it skipped each.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
-from .flex import can_run_flex, flex_clear_attention
-from .gluon_backend import can_run_gluon, clear_fwd_ws_kernel, gluon_clear_attention
-from .reference import can_run_reference, reference_attention
-from .triton_aot import can_run_triton_aot, triton_aot_attention
-from .triton_backend import can_run_triton, triton, triton_clear_attention
+from .flex import flex_clear_attention, flex_reason
+from .gluon_backend import clear_fwd_ws_kernel, gluon_clear_attention, gluon_reason
+from .layout import TokenLayout, validate_call
+from .reference import reference_attention, reference_reason
+from .triton_aot import triton_aot_attention, triton_aot_reason
+from .triton_backend import triton, triton_clear_attention, triton_reason
 
 logger = logging.getLogger("clear_surgery")
+
+# What a call may ask beyond plain CLEAR attention of one image, and what a backend may declare.
+POOLED_KEYS = "pooled_keys"  # extra keys and values image queries see (the official "down" variant)
+TEXT_BIAS = "text_bias"  # a per-sample bias on the text keys (text padding masks)
+SEVERAL_IMAGES = "several_images"  # further images' grids after the first (FLUX.1 Kontext's references)
+LSE = "lse"  # the log-sum-exp of each query row (return_lse)
+QUERY_RANGE = "query_range"  # only the image queries of a range of image tokens (image_queries=(start, stop))
+BACKWARD = "backward"  # gradients (the op's autograd)
+FEATURES = (POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, QUERY_RANGE, BACKWARD)
 
 
 @dataclass(frozen=True)
 class Backend:
+    """``forward(q, k, v, layout, radius, scale, *, extra=None, text_bias=None, return_lse=False,
+    image_queries=None)`` as declared by ``features``; ``reason(q, k, v, layout, radius, scale)``: why it
+    cannot run a call (dtype, device, layout), None when it can; ``backward(grad_out, q, k, v, layout, radius,
+    scale, extra=None, text_bias=None) -> (dq, dk, dv, d extra keys, d extra values)``; ``priority``: device
+    type -> rank for ``auto`` (higher first; a device not listed: the backend runs there only when named)."""
+
     name: str
     forward: Callable[..., torch.Tensor]
-    can_run: Callable[..., bool]
-    # (grad_out, q, k, v, *args, extra=None, text_bias=None) -> (dq, dk, dv, d extra keys, d extra values)
-    backward: Callable[..., tuple[torch.Tensor, ...]]
+    reason: Callable[..., str | None]
+    backward: Callable[..., tuple] | None = None
+    features: frozenset[str] = frozenset()
+    priority: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"backend {self.name!r}: unknown features {sorted(unknown)}; known: {FEATURES}")
+        if (BACKWARD in self.features) != (self.backward is not None):
+            raise ValueError(f"backend {self.name!r}: declare {BACKWARD!r} exactly when it has a backward")
+        object.__setattr__(self, "features", frozenset(self.features))
+
+    def refusal(self, q, k, v, layout: TokenLayout, radius: float, scale=None, needs=()) -> str | None:
+        """Why this backend cannot run the call (None: it can). A malformed call raises instead."""
+        validate_call(q, k, v, layout, radius)
+        missing = [f for f in FEATURES if f in set(needs) - self.features]
+        if missing:
+            return f"does not support {', '.join(missing)}"
+        return self.reason(q, k, v, layout, radius, scale)
+
+    def can_run(self, q, k, v, layout: TokenLayout, radius: float, scale=None, *, needs=(),
+                raise_error: bool = False) -> bool:
+        why = self.refusal(q, k, v, layout, radius, scale, needs)
+        if why and raise_error:
+            raise ValueError(f"{self.name} backend: {why}")
+        return why is None
+
+
+def call_needs(layout: TokenLayout, *, extra=None, text_bias=None, return_lse=False, image_queries=None,
+               backward=False) -> frozenset[str]:
+    """The features a call with these options needs."""
+    wanted = {POOLED_KEYS: extra is not None or layout.extra_keys > 0, TEXT_BIAS: text_bias is not None,
+              SEVERAL_IMAGES: bool(layout.images), LSE: return_lse, QUERY_RANGE: image_queries is not None,
+              BACKWARD: backward}
+    return frozenset(name for name, yes in wanted.items() if yes)
 
 
 def recompute_backward(forward):
@@ -44,29 +97,13 @@ def recompute_backward(forward):
     return backward
 
 
-BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", reference_attention, can_run_reference, recompute_backward(reference_attention)),
-    "flex": Backend("flex", flex_clear_attention, can_run_flex, recompute_backward(flex_clear_attention)),
-}
-if triton is not None:
-    # Inference kernel; training falls back to FlexAttention's backward (same math, same mask).
-    BACKENDS["triton"] = Backend("triton", triton_clear_attention, can_run_triton,
-                                 recompute_backward(flex_clear_attention))
-    # The self-contained kernel engines embed (tile layout only); chosen by name, not by "auto".
-    BACKENDS["triton-aot"] = Backend("triton-aot", triton_aot_attention, can_run_triton_aot,
-                                     recompute_backward(flex_clear_attention))
-
-if clear_fwd_ws_kernel is not None:
-    # Warp-specialized Hopper kernel (common case only; can_run_gluon says why not otherwise)
-    BACKENDS["gluon"] = Backend("gluon", gluon_clear_attention, can_run_gluon, recompute_backward(flex_clear_attention))
-
-# Preference for backend="auto": the fast kernels first on GPU (the warp-specialized Hopper kernel where it can
-# run: 20.3 against 24.0 ms at 8192² r16, recipes/benchmarks/h200-run13-gluon); on CPU the dense reference
-# beats FlexAttention's unfused fallback at the sizes a CPU can handle.
-PREFERENCE = {"cuda": ("gluon", "triton", "flex", "reference"), "cpu": ("reference", "flex")}
+BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend: named calls reach it at once, ``auto`` where it has a priority."""
+    if backend.name == "auto" or not backend.name:
+        raise ValueError(f"a backend cannot be named {backend.name!r}")
     BACKENDS[backend.name] = backend
 
 
@@ -74,22 +111,44 @@ def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def choose_backend(requested: str, q, k, v, *args) -> Backend:
-    """The backend to run for this call; ``requested`` may be 'auto' or a backend name.
-    ``args`` = (layout, radius, scale), as every backend takes them."""
+_DENSE_MATH = frozenset({POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, BACKWARD})
+# On CPU the dense reference beats FlexAttention's unfused fallback at the sizes it takes; on a GPU
+# the fast kernels come first (the warp-specialized Hopper kernel: 18.3 against 23.8 ms for the
+# Triton kernel at 8192² r16, recipes/benchmarks/h200-run14-distill-pingpong).
+register_backend(Backend("reference", reference_attention, reference_reason, recompute_backward(reference_attention),
+                         _DENSE_MATH, {"cpu": 20, "cuda": 0}))
+register_backend(Backend("flex", flex_clear_attention, flex_reason, recompute_backward(flex_clear_attention),
+                         _DENSE_MATH, {"cpu": 10, "cuda": 20}))
+if triton is not None:
+    # Inference kernel; training uses FlexAttention's backward (same math, same mask).
+    register_backend(Backend("triton", triton_clear_attention, triton_reason, recompute_backward(flex_clear_attention),
+                             _DENSE_MATH | {QUERY_RANGE}, {"cuda": 30}))
+    # The self-contained kernel engines embed (tile layout only); chosen by name, not by "auto".
+    register_backend(Backend("triton-aot", triton_aot_attention, triton_aot_reason,
+                             recompute_backward(flex_clear_attention), frozenset({BACKWARD})))
+if clear_fwd_ws_kernel is not None:
+    # Warp-specialized Hopper kernel: plain CLEAR of one image (gluon_reason says which layouts)
+    register_backend(Backend("gluon", gluon_clear_attention, gluon_reason, recompute_backward(flex_clear_attention),
+                             frozenset({LSE, BACKWARD}), {"cuda": 40}))
+
+
+def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, scale=None, *,
+                   needs=()) -> Backend:
+    """The backend to run for this call; ``requested`` may be 'auto' or a backend name; ``needs``: the
+    call's features beyond plain attention (``call_needs``)."""
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown CLEAR backend {requested!r}; available: {backend_names()}")
-        BACKENDS[requested].can_run(q, k, v, *args, raise_error=True)
+        BACKENDS[requested].can_run(q, k, v, layout, radius, scale, needs=needs, raise_error=True)
         return BACKENDS[requested]
-    for name in PREFERENCE.get(q.device.type, ("flex", "reference")):
-        backend = BACKENDS.get(name)
-        if backend is None:
-            logger.debug("clear::attention: backend %s is not available", name)
-            continue
-        try:
-            backend.can_run(q, k, v, *args, raise_error=True)
+    device = q.device.type
+    ranked = sorted((b for b in BACKENDS.values() if device in b.priority), key=lambda b: -b.priority[device])
+    skipped = []
+    for backend in ranked:
+        why = backend.refusal(q, k, v, layout, radius, scale, needs)
+        if why is None:
             return backend
-        except ValueError as err:
-            logger.info("clear::attention: skipping backend %s: %s", name, err)
-    raise ValueError(f"no CLEAR backend can run q{tuple(q.shape)} {q.dtype} on {q.device}")
+        logger.info("clear::attention: skipping backend %s: %s", backend.name, why)
+        skipped.append(f"{backend.name}: {why}")
+    raise ValueError(f"no CLEAR backend can run q{tuple(q.shape)} {q.dtype} on {q.device}"
+                     + (f" ({'; '.join(skipped)})" if skipped else ""))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .backends import BACKENDS, choose_backend
+from .backends import QUERY_RANGE, choose_backend
 from .layout import TokenLayout
 
 
@@ -160,11 +160,9 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     # image queries: the band among its halos as a CLEAR problem of its own; with the triton kernel only
     # the band's own query blocks run
     layout = TokenLayout(text_len, text_first, local_rows, plan.width, plan.tile)
-    chosen = choose_backend(backend, lq, lk, lv, layout, float(radius), scale)
-    if backend == "auto" and chosen.name == "gluon":  # the triton kernel runs the band's query blocks alone
-        chosen = BACKENDS["triton"]
+    chosen = _band_backend(backend, lq, lk, lv, layout, float(radius), scale)
     band = (above, above + count)  # the band's image tokens in the local problem
-    extra = {"image_queries": band} if chosen.name == "triton" else {}
+    extra = {"image_queries": band} if QUERY_RANGE in chosen.features else {}
     full = chosen.forward(lq, lk, lv, layout, float(radius), scale, **extra)
     start = layout.image_start + band[0]
     out_img = full[:, start:start + count]
@@ -175,6 +173,17 @@ def band_parallel_attention(q, k, v, *, text_len: int, text_first: bool, plan: B
     else:
         out_txt = _merge_across_ranks(out_txt, lse, group)
     return torch.cat([out_txt, out_img], 1) if text_first else torch.cat([out_img, out_txt], 1)
+
+
+def _band_backend(backend, q, k, v, layout, radius, scale):
+    """'auto' prefers a backend that computes the band's queries alone (the halo rows' queries are wasted
+    work), and takes any other otherwise; a named backend runs as asked."""
+    if backend == "auto":
+        try:
+            return choose_backend(backend, q, k, v, layout, radius, scale, needs={QUERY_RANGE})
+        except ValueError:
+            pass
+    return choose_backend(backend, q, k, v, layout, radius, scale)
 
 
 def _dense_with_lse(q, k, v, scale):

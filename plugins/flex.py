@@ -10,25 +10,21 @@ import torch
 from torch.nn.attention import flex_attention as _flex_module
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .layout import TokenLayout, classify_blocks, validate_call
+from .layout import TokenLayout, classify_blocks
 from .masking import key_bias
 from .reference import with_extra
 
 BLOCK = 128
 
 
-def can_run_flex(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
-    reason = None
+def flex_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) -> str | None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        reason = f"dtype {q.dtype} is not supported by FlexAttention"
-    elif q.device.type not in ("cuda", "cpu"):
-        reason = f"device {q.device.type} is not supported"
-    elif q.device.type == "cuda" and q.shape[-1] < 16:
-        reason = f"head dim {q.shape[-1]} < 16 is not supported by FlexAttention's GPU kernel"
-    if reason and raise_error:
-        raise ValueError(f"flex backend: {reason}")
-    return reason is None
+        return f"dtype {q.dtype} is not supported by FlexAttention"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"device {q.device.type} is not supported"
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        return f"head dim {q.shape[-1]} < 16 is not supported by FlexAttention's GPU kernel"
+    return None
 
 
 def flex_positions() -> str:

@@ -4,7 +4,7 @@ one-warpgroup kernel (gluon_kernel.py) where ping-pong cannot run, and for the o
 
 It runs the calls of a diffusion transformer's common case on an sm_90 GPU: one image, text and image
 segments of whole 64-token blocks, every partial block pair's window mask in the mask table (the tile
-token layout, or raster rows of whole blocks), no pooled keys. ``can_run_gluon`` says why not
+token layout, or raster rows of whole blocks), no pooled keys. ``gluon_reason`` says why not
 otherwise; the chooser then takes the Triton kernel. Forward only; the backward is FlexAttention's,
 as for the Triton backend.
 """
@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import TokenLayout, validate_call
-from .triton_backend import image_block_lists, output_buffer, triton_clear_attention, use_mask_table
+from .layout import TokenLayout
+from .triton_backend import image_block_lists, output_buffer, use_mask_table
 
 try:  # the Gluon Hopper API this kernel is written against: triton 3.6 (the H200's) to 3.9 (CI's) compile it
     import triton
@@ -30,7 +30,7 @@ except (ImportError, AttributeError):  # pragma: no cover - machines without tri
     clear_fwd_ws_kernel = clear_fwd_pingpong_kernel = None
 
 MIN_TRITON = (3, 6)
-# read once: the version check is part of every call's can_run
+# read once: the version check is part of every call's gluon_reason
 TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2]) if clear_fwd_ws_kernel else (0, 0)
 
 BLOCK = 64  # query rows per consumer warpgroup, and keys per block
@@ -77,9 +77,9 @@ def layout_reason(layout: TokenLayout, radius: float, device: torch.device, grou
     return None
 
 
-def gluon_reason(q, k, v, layout: TokenLayout, radius: float, groups: int | None = None,
+def gluon_reason(q, k, v, layout: TokenLayout, radius: float, scale=None, *, groups: int | None = None,
                  block_n: int = BLOCK) -> str | None:
-    """Why the warp-specialized kernel cannot run this call (None: it can); shared by can_run and the
+    """Why the warp-specialized kernel cannot run this call (None: it can); shared by the chooser and the
     forward's own check."""
     if clear_fwd_ws_kernel is None:
         return "triton's Gluon Hopper API is not available"
@@ -108,14 +108,6 @@ def pingpong_reason(layout: TokenLayout, batch_heads: int, groups: int, block_n:
     if (layout.text_len + layout.image_tokens) // BLOCK * batch_heads % 2:
         return "ping-pong needs an even number of 64-row query blocks over batch and heads"
     return None
-
-
-def can_run_gluon(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
-    reason = gluon_reason(q, k, v, layout, radius)
-    if reason and raise_error:
-        raise ValueError(f"gluon backend: {reason}")
-    return reason is None
 
 
 class GroupLists(NamedTuple):
@@ -173,16 +165,16 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
                           extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                           groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
                           q_in_regs: bool = True, pingpong: bool | None = None):
-    """Same signature and result as reference_attention (inference forward). A text padding bias (which
-    the chooser cannot see) goes to the Triton kernel. ``groups``: 64-row query blocks per program (default:
+    """Same signature and result as reference_attention (inference forward) for the features the backend
+    declares (no pooled keys, no text bias: the chooser sends those calls elsewhere). ``groups``: 64-row query blocks per program (default:
     GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma);
     ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required)."""
     if extra is not None or text_bias is not None:
-        return triton_clear_attention(q, k, v, layout, radius, scale, extra=extra, text_bias=text_bias, out=out,
-                                      return_lse=return_lse)
+        raise ValueError("gluon backend: does not support pooled_keys or text_bias (choose_backend sends such calls "
+                         "to a backend that declares them)")
     groups = groups or GROUPS
-    reason = gluon_reason(q, k, v, layout, radius, groups, block_n)
+    reason = gluon_reason(q, k, v, layout, radius, groups=groups, block_n=block_n)
     batch, tokens, heads, head_dim = q.shape
     not_pingpong = pingpong_reason(layout, batch * heads, groups, block_n, q_in_regs, stages)
     if pingpong and not_pingpong and not reason:

@@ -17,37 +17,42 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backends import choose_backend
+from .backends import call_needs, choose_backend
 from .layout import TokenLayout, validate_call
 from .masking import UNBIASED, VALID, ZEROED, text_padding
 from .pooling import check_poolable, pool_image_tokens
+from .schema import NAMES, bind, check_engine_call, engine_arguments, implements, torch_schema
 
 
-@torch.library.custom_op("clear::attention", mutates_args=())
-def clear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int,
-                    text_first: bool, height: int, width: int, radius: float,
-                    scale: float | None = None, backend: str = "auto", tile_h: int = 0,
-                    tile_w: int = 0, pool_weight: torch.Tensor | None = None,
-                    attn_mask: torch.Tensor | None = None, images: list[int] | None = None) -> torch.Tensor:
-    chosen, args, options, rule = _prepared(q, k, v, backend, pool_weight, attn_mask, _backend_args(
-        text_len, text_first, height, width, radius, scale, tile_h, tile_w, images))
-    out = chosen.forward(q, k, v, *args, **options)
-    return _apply_rule(out, rule, q, k, v, args[0], scale).contiguous()
+@torch.library.custom_op("clear::attention", mutates_args=(), schema=torch_schema())
+@implements()
+def clear_attention(*args) -> torch.Tensor:
+    """The op; its arguments are ``schema.ARGUMENTS`` (positional, as the dispatcher passes them)."""
+    call = bind(args)
+    q, k, v = call["q"], call["k"], call["v"]
+    chosen, layout_args, options, rule = _prepared(call)
+    out = chosen.forward(q, k, v, *layout_args, **options)
+    return _apply_rule(out, rule, q, k, v, layout_args[0], call["scale"]).contiguous()
 
 
-def _prepared(q, k, v, backend, pool_weight, attn_mask, args):
+def _prepared(call: dict, *, return_lse: bool = False, backward: bool = False):
     """The backend for this call, its (layout, radius, scale), its keywords (pooled keys, text bias) and the
-    rule per query row; what the op and the front door's log-sum-exp path both run."""
-    args, options = _with_pooled(args, k, v, pool_weight)
-    options, rule = _with_mask(options, args[0], attn_mask, q.shape[0])
-    return choose_backend(backend, q, k, v, *args), args, options, rule
+    rule per query row; what the op, its backward and the front door's log-sum-exp path all run."""
+    q, k, v = call["q"], call["k"], call["v"]
+    args, options = _with_pooled(_backend_args(call), k, v, call["pool_weight"])
+    options, rule = _with_mask(options, args[0], call["attn_mask"], q.shape[0])
+    needs = call_needs(args[0], **options, return_lse=return_lse, backward=backward)
+    return choose_backend(call["backend"], q, k, v, *args, needs=needs), args, options, rule
 
 
-def _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, images=None):
+def _backend_args(call: dict):
     """(layout, radius, scale) as every backend takes them; ``images``: further grids, flat (h2, w2, h3, ...)."""
-    tile = (int(tile_h), int(tile_w)) if tile_h else None
+    tile = (int(call["tile_h"]), int(call["tile_w"])) if call["tile_h"] else None
+    images = call["images"]
     grids = tuple(zip(map(int, images[::2]), map(int, images[1::2]))) if images else ()
-    return TokenLayout(int(text_len), bool(text_first), int(height), int(width), tile, images=grids), float(radius), scale
+    layout = TokenLayout(int(call["text_len"]), bool(call["text_first"]), int(call["height"]), int(call["width"]),
+                         tile, images=grids)
+    return layout, float(call["radius"]), call["scale"]
 
 
 def pool_factor(pool_weight: torch.Tensor) -> int:
@@ -103,34 +108,38 @@ def _apply_rule(out, rule, q, k, v, layout, scale):
 
 
 @clear_attention.register_fake
-def _(q, k, v, text_len, text_first, height, width, radius, scale=None, backend="auto", tile_h=0, tile_w=0,
-      pool_weight=None, attn_mask=None, images=None):
-    others = sum(h * w for h, w in zip((images or [])[::2], (images or [])[1::2]))
-    torch._check(text_len + height * width + others == q.shape[1],
+def _(*args):
+    call = bind(args)
+    images = call["images"] or []
+    others = sum(h * w for h, w in zip(images[::2], images[1::2]))
+    q, v = call["q"], call["v"]
+    torch._check(call["text_len"] + call["height"] * call["width"] + others == q.shape[1],
                  lambda: "clear::attention: text_len + the images' tokens must equal the token count")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+_SAVED = ("q", "k", "v", "pool_weight", "attn_mask")  # tensors the backward needs (the rest are plain values)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, *rest, pool_weight, attn_mask, images = inputs
-    ctx.save_for_backward(q, k, v, pool_weight, attn_mask)
-    ctx.rest, ctx.images = rest, images
+    call = bind(inputs)
+    ctx.save_for_backward(*(call[name] for name in _SAVED))
+    ctx.call = {name: value for name, value in call.items() if name not in _SAVED}
 
 
 def _backward(ctx, grad_out):
-    q, k, v, pool_weight, attn_mask = ctx.saved_tensors
-    text_len, text_first, height, width, radius, scale, backend, tile_h, tile_w = ctx.rest
-    args = _backend_args(text_len, text_first, height, width, radius, scale, tile_h, tile_w, ctx.images)
-    nones = [None] * len(ctx.rest)
+    call = {**ctx.call, **dict(zip(_SAVED, ctx.saved_tensors))}
+    q, k, v, pool_weight = call["q"], call["k"], call["v"], call["pool_weight"]
     with torch.enable_grad():  # the pooling again, to carry the pooled keys' gradients to k, v and the weights
         leaves = [t.detach().requires_grad_(True) for t in (k, v, pool_weight)] if pool_weight is not None else []
-        args, options = _with_pooled(args, *leaves) if leaves else (args, {})
-    layout = args[0]
-    options, rule = _with_mask(options, layout, attn_mask, q.shape[0])
+        if leaves:
+            call = {**call, "k": leaves[0], "v": leaves[1], "pool_weight": leaves[2]}
+        chosen, args, options, rule = _prepared(call, backward=True)
+    layout, scale = args[0], call["scale"]
     through_backend = grad_out if rule is None else grad_out * (rule == VALID)[:, :, None, None].to(grad_out.dtype)
     pooled = options.pop("extra", None)
-    dq, dk, dv, dek, dev = choose_backend(backend, q, k, v, *args).backward(
-        through_backend, q, k, v, *args, extra=tuple(t.detach() for t in pooled) if pooled else None, **options)
+    dq, dk, dv, dek, dev = chosen.backward(through_backend, q, k, v, *args,
+                                           extra=tuple(t.detach() for t in pooled) if pooled else None, **options)
     if rule is not None and bool((rule == UNBIASED).any()):  # the rows of plain attention
         with torch.enable_grad():
             plain = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -138,10 +147,11 @@ def _backward(ctx, grad_out):
             weight = (rule[:, rows] == UNBIASED)[:, :, None, None].to(grad_out.dtype)
             grads = torch.autograd.grad(_unbiased_text(*plain, layout, scale), plain, grad_out[:, rows] * weight)
         dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
-    if pooled is None:
-        return dq, dk, dv, *nones, None, None, None
-    via_k, via_v, dw = torch.autograd.grad(pooled, leaves, (dek, dev))
-    return dq, dk + via_k, dv + via_v, *nones, dw, None, None
+    grads = {"q": dq, "k": dk, "v": dv}
+    if pooled is not None:
+        via_k, via_v, grads["pool_weight"] = torch.autograd.grad(pooled, leaves, (dek, dev))
+        grads["k"], grads["v"] = dk + via_k, dv + via_v
+    return tuple(grads.get(name) for name in NAMES)
 
 
 clear_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -185,26 +195,16 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
         if pool_weight is not None:
             check_poolable(height, width, pool_factor(pool_weight))
     tile_h, tile_w = tile or (0, 0)
+    call = bind((q, k, v), dict(text_len=text_len, text_first=text_first, height=height, width=width,
+                                radius=float(radius), scale=scale, backend=backend, tile_h=tile_h, tile_w=tile_w,
+                                pool_weight=pool_weight, attn_mask=attn_mask, images=flat))
     if return_lse:
-        if backend == "triton-aot":
-            raise ValueError("the triton-aot backend (the engines' self-contained kernel) returns no log-sum-exp")
-        chosen, args, options, rule = _prepared(q, k, v, backend, pool_weight, attn_mask, _backend_args(
-            text_len, text_first, height, width, radius, scale, tile_h, tile_w, flat))
+        chosen, args, options, rule = _prepared(call, return_lse=True)
         out, lse = chosen.forward(q, k, v, *args, **options, return_lse=True)
         return _apply_rule(out, rule, q, k, v, args[0], scale), lse  # (lse: of the CLEAR rows)
     if _Route.self_contained:
-        if images:
-            raise ValueError("the self-contained kernel (engines) takes one image: sequences of several images "
-                             "cannot be exported yet")
-        if attn_mask is not None:
-            raise ValueError("the self-contained kernel (engines) takes no attention mask: models with text padding "
-                             "masks cannot be exported yet")
-        if pool_weight is not None:
-            raise ValueError("the self-contained kernel (engines) has no extra (pooled) keys: the 'down' variant "
-                             "cannot be exported yet")
+        check_engine_call(call, "the self-contained kernel (engines)")
         if not tile_h:
             raise ValueError("the self-contained kernel needs the tile token layout")
-        return torch.ops.clear.attention_aot(q, k, v, height, width, float(radius), bool(text_first), tile_h, tile_w,
-                                             float(scale or 0.0))
-    return torch.ops.clear.attention(q, k, v, text_len, text_first, height, width, float(radius),
-                                     scale, backend, tile_h, tile_w, pool_weight, attn_mask, flat)
+        return torch.ops.clear.attention_aot(*engine_arguments(call))
+    return torch.ops.clear.attention(*(call[name] for name in NAMES))

@@ -5,21 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import TokenLayout, dense_mask, validate_call
+from .layout import TokenLayout, dense_mask
 from .masking import key_bias
 
 # A dense (N, N) boolean mask beyond this many tokens costs more memory than a test should.
 MAX_REFERENCE_TOKENS = 16384
 
 
-def can_run_reference(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
+def reference_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) -> str | None:
     if q.shape[1] > MAX_REFERENCE_TOKENS:
-        if raise_error:
-            raise ValueError(f"reference backend builds an N×N mask; {q.shape[1]} tokens is more than "
-                             f"{MAX_REFERENCE_TOKENS}")
-        return False
-    return True
+        return f"builds an N×N mask; {q.shape[1]} tokens is more than {MAX_REFERENCE_TOKENS}"
+    return None
 
 
 def with_extra(k, v, extra):

@@ -17,8 +17,10 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import TokenLayout, validate_call
-from .triton_backend import interpreting, kernel_config, max_visible_d2, triton, triton_reason
+from .layout import TokenLayout
+from .schema import ENGINE_ATTRIBUTES, GRID, aot_arguments, implements
+from .schema import TENSOR_INPUTS as TENSOR_INPUTS_OF_CALL
+from .triton_backend import interpreting, kernel_config, max_visible_d2, tensors_reason, triton
 
 if triton is not None:
     from .triton_aot_kernel import clear_fwd_aot_kernel
@@ -90,17 +92,12 @@ def launch_plan(tokens, heads, batch, height, width, spec: AotSpec) -> LaunchPla
     return LaunchPlan((programs, 1, 1), (tokens, heads, batch * heads, height, width), (32 * spec.num_warps, 1, 1))
 
 
-def can_run_triton_aot(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
-    reason = triton_reason(q, v)
-    if reason is None and layout.extra_keys:
-        reason = "the self-contained kernel has no extra (pooled) keys"
+def triton_aot_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) -> str | None:
+    reason = tensors_reason(q, v)
     if reason is None and (layout.tile is None or math.prod(layout.tile) != math.prod(aot_tile(q.shape[-1]))):
         reason = (f"needs the tile token layout with {math.prod(aot_tile(q.shape[-1]))}-token tiles, got "
                   f"{layout.tile or 'raster order'}")
-    if reason and raise_error:
-        raise ValueError(f"triton-aot backend: {reason}")
-    return reason is None
+    return reason
 
 
 def triton_aot_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
@@ -123,15 +120,17 @@ if triton is not None:
     from torch.library import triton_op, wrap_triton
 
     @triton_op("clear::attention_aot", mutates_args=())
-    def attention_aot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int, radius: float,
-                      text_first: bool, tile_h: int, tile_w: int, scale: float) -> torch.Tensor:
-        """clear::attention on the self-contained kernel, as a ``triton_op``: torch.export records the
-        kernel launch itself, so AOTInductor compiles the kernel into its package (``scale`` 0: default)."""
+    @implements(aot_arguments())
+    def attention_aot(*args) -> torch.Tensor:
+        """clear::attention on the self-contained kernel, as a ``triton_op`` taking ``schema.engine_arguments``:
+        torch.export records the kernel launch itself, so AOTInductor compiles the kernel into its package."""
+        call = dict(zip((*TENSOR_INPUTS_OF_CALL, *GRID, *ENGINE_ATTRIBUTES), args))
+        q, k, v = (call[name].contiguous() for name in TENSOR_INPUTS_OF_CALL)
         batch, tokens, heads, head_dim = q.shape
-        spec = spec_for(head_dim, q.dtype, radius, text_first, scale or None, (tile_h, tile_w))
-        q, k, v = (t.contiguous() for t in (q, k, v))
+        spec = spec_for(head_dim, q.dtype, call["radius"], bool(call["text_first"]), call["scale"] or None,
+                        (call["tile_h"], call["tile_w"]))
         out = torch.empty_like(q)
-        plan = launch_plan(tokens, heads, batch, height, width, spec)
+        plan = launch_plan(tokens, heads, batch, call["height"], call["width"], spec)
         wrap_triton(clear_fwd_aot_kernel)[plan.grid](q, k, v, q, *plan.scalars, out, **constexprs(spec),
                                                      UPCAST_DOT=False, num_warps=spec.num_warps,
                                                      num_stages=spec.num_stages)

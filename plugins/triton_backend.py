@@ -1,4 +1,4 @@
-"""Triton backend of clear::attention: host side (block lists, launch, can_run, config table).
+"""Triton backend of clear::attention: host side (block lists, launch, the reason it cannot run a call, config table).
 
 Forward only; the backward falls back to the flex backend's (recomputed under autograd), which
 the op's autograd picks automatically through ``Backend.backward``.
@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import TokenLayout, classify_blocks, image_positions, validate_call
+from .layout import TokenLayout, classify_blocks, image_positions
 
 try:  # triton is optional (the `triton` extra); the backend registers only when it imports
     import triton
@@ -60,27 +60,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def triton_reason(q, v) -> str | None:
+def tensors_reason(q, v) -> str | None:
     """Why a Triton kernel of this project cannot take these tensors (None: it can); shared by the
-    triton backends' can_run checks."""
-    reason = None
+    triton backends."""
     if triton is None:
-        reason = "triton is not installed"
-    elif q.device.type != "cuda" and not interpreting():
-        reason = f"needs a CUDA device (or TRITON_INTERPRET=1), got {q.device.type}"
-    elif q.dtype not in (torch.bfloat16, torch.float16) and not (interpreting() and q.dtype == torch.float32):
-        reason = f"dtype {q.dtype} (bf16 and fp16 only)"
-    elif q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        reason = f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
-    return reason
+        return "triton is not installed"
+    if q.device.type != "cuda" and not interpreting():
+        return f"needs a CUDA device (or TRITON_INTERPRET=1), got {q.device.type}"
+    if q.dtype not in (torch.bfloat16, torch.float16) and not (interpreting() and q.dtype == torch.float32):
+        return f"dtype {q.dtype} (bf16 and fp16 only)"
+    if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (supported: {HEAD_DIMS}, same for v)"
+    return None
 
 
-def can_run_triton(q, k, v, layout: TokenLayout, radius: float, scale=None, raise_error: bool = False) -> bool:
-    validate_call(q, k, v, layout, radius)
-    reason = triton_reason(q, v)
-    if reason and raise_error:
-        raise ValueError(f"triton backend: {reason}")
-    return reason is None
+def triton_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) -> str | None:
+    return tensors_reason(q, v)
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

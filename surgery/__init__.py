@@ -10,12 +10,12 @@ from .lazy import lazy_exports
 _EXPORTS = {
     "analysis": ["AnalysisReport", "AttentionSite", "analyze"],
     "builtin": ["BUILTIN_PREFIX", "builtin_class", "builtin_names", "load_builtin", "tiny_pipeline"],
-    "config": ["ClearConfig"],
+    "config": ["ClearConfig", "runtime_backend"],
     "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid"],
     "patch_parallel": ["disable_patch_parallel", "enable_patch_parallel"],
     "processors": ["ClearRuntime", "ClearSDPAProcessor"],
     "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "remove_clear",
-                "select_sites"],
+                "select_sites", "set_backend"],
     "state": ["ClearState", "clear_tensors", "get_clear_state", "is_clear_tensor"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

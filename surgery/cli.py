@@ -150,7 +150,7 @@ def convert(
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
-    backend: str = typer.Option("auto", help="CLEAR backend recorded in the config"),
+    backend: Optional[str] = typer.Option(None, hidden=True, help="no longer recorded (a run-time choice)"),
     token_layout: str = typer.Option("raster", help="raster | tiled (image tokens permuted into tiles)"),
     target: list[str] = typer.Option([], "--target", help="convert only modules matching this pattern"),
     exclude: list[str] = typer.Option([], "--exclude", help="leave modules matching this pattern dense"),
@@ -172,11 +172,15 @@ def convert(
         _check_sources(layers_base)
         from clear_surgery.hub import parse_dtype
         from clear_surgery.hub.clear_layers import resolve_layers
-        from clear_surgery.surgery import ClearConfig
+        from clear_surgery.surgery import ClearConfig, runtime_backend
         from clear_surgery.surgery.tools.convert import convert as run, default_down_factor, default_radius
 
         torch_dtype = parse_dtype(dtype)
-        settings = dict(backend=backend, target_modules=target or None, exclude_modules=exclude,
+        if backend is not None:  # folders made with it must load on machines without that backend
+            runtime_backend(backend)
+            typer.echo("warning: --backend is a run-time choice and is no longer recorded in the folder; choose it "
+                       "where the model runs (load_converted(..., backend=...), set_backend)", err=True)
+        settings = dict(target_modules=target or None, exclude_modules=exclude,
                         token_layout=token_layout, radius_overrides=rules)
         ClearConfig(radius=radius or 1, down_factor=down_factor, **settings)  # checked before the model is read
         with _stages("convert", total=3) as step:

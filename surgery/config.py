@@ -1,4 +1,8 @@
-"""ClearConfig: what a CLEAR rewrite does, validated on construction (torchao-style)."""
+"""ClearConfig: what a CLEAR rewrite does, validated on construction (torchao-style).
+
+It holds what the weights mean (radius, per-layer radii, targets, token layout, pooling) and is saved
+with them; run-time choices (which backend runs the op) are not part of it, so a saved folder loads on
+any machine (``apply_clear(..., backend=...)``, ``set_backend``)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import InvalidValueError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# version 1 also recorded the backend, a run-time choice: read as the default backend of a loaded model
+LEGACY_RUNTIME_KEYS = {1: ("backend",)}
 
 
 @dataclass
@@ -16,13 +22,11 @@ class ClearConfig:
     """Settings of a CLEAR rewrite.
 
     radius: image keys within this Euclidean distance (strict) on the token grid stay visible.
-    backend: 'auto' or a backend name of ``clear_surgery.plugins``.
     target_modules: fnmatch patterns of attention-module names to convert (default: every
         joint text-image attention site). exclude_modules: patterns to leave dense.
     """
 
     radius: float
-    backend: str = "auto"
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
     radius_overrides: dict[str, float] = field(default_factory=dict)
@@ -32,8 +36,6 @@ class ClearConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
-        from clear_surgery.plugins import backend_names
-
         for where, value in [("radius", self.radius), *((f"radius for {k!r}", v) for k, v in
                                                          dict(self.radius_overrides).items())]:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -43,8 +45,6 @@ class ClearConfig:
         if not all(isinstance(k, str) and k for k in self.radius_overrides):
             raise InvalidValueError(f"radius_overrides keys must be module-name patterns, got {list(self.radius_overrides)}")
         self.radius_overrides = dict(self.radius_overrides)
-        if self.backend not in backend_names():
-            raise InvalidValueError(f"unknown backend {self.backend!r}; choose one of {backend_names()}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -79,8 +79,37 @@ class ClearConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClearConfig":
+        """A config as saved (any version this reads); run-time keys of older versions are left out
+        (``saved_runtime_choices`` reads them)."""
+        data = dict(data)
+        legacy = LEGACY_RUNTIME_KEYS.get(data.get("version"), ())
+        for key in legacy:
+            data.pop(key, None)
+        if data.get("version") in LEGACY_RUNTIME_KEYS:
+            data["version"] = CONFIG_VERSION
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidValueError(f"unknown ClearConfig keys: {unknown}")
         return cls(**data)
+
+
+def saved_runtime_choices(data: dict) -> dict:
+    """The run-time choices an older saved config recorded beside its settings (e.g. {'backend': 'triton'})."""
+    return {key: data[key] for key in LEGACY_RUNTIME_KEYS.get(data.get("version"), ()) if key in data}
+
+
+def runtime_backend(requested: str | None, *, saved: bool = False) -> str:
+    """The backend a model runs: ``requested`` if this machine has it. A backend a saved folder recorded
+    (``saved``) that this machine lacks falls back to 'auto' with one warning; one asked for now is an error."""
+    import warnings
+
+    from clear_surgery.plugins import backend_names
+
+    if requested is None or requested in backend_names():
+        return requested or "auto"
+    if saved:
+        warnings.warn(f"the saved CLEAR config asks for backend {requested!r}, which this machine does not have "
+                      f"({', '.join(backend_names())}): using 'auto'", stacklevel=3)
+        return "auto"
+    raise InvalidValueError(f"unknown backend {requested!r}; choose one of {backend_names()}")

@@ -17,8 +17,10 @@ from clear_surgery.plugins import attention, spatial_weight_shape
 
 @dataclass
 class ClearRuntime:
-    """Per-model state shared by its CLEAR processors: the current call's image grid."""
+    """Per-model state shared by its CLEAR processors: the current call's image grid and the run-time
+    choices (the backend) that are not part of the saved config."""
 
+    backend: str = "auto"  # which backend of clear_surgery.plugins runs the op (set_backend changes it)
     grid: tuple[int, int] | None = None
     images: tuple[tuple[int, int], ...] = ()  # further images' grids in the current call (FLUX.1 Kontext)
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
@@ -41,12 +43,10 @@ class ClearProcessorBase(torch.nn.Module):
 
     text_first: bool  # segment order the processor builds
 
-    def __init__(self, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = "",
-                 down_factor: int | None = None):
+    def __init__(self, runtime: ClearRuntime, radius: float, name: str = "", down_factor: int | None = None):
         super().__init__()
         self.runtime, self.name = runtime, name
         self.radius = float(radius)
-        self.backend = backend
         self.down_factor = down_factor
         if down_factor:
             self.spatial_weight = torch.nn.Parameter(self.initial_tensors()["spatial_weight"])
@@ -72,9 +72,9 @@ class ClearProcessorBase(torch.nn.Module):
             tokens = query.shape[1] if band is None else band.text_len(query) + height * width  # the whole image's
             scale = math.sqrt(math.log(tokens, 4608) / query.shape[-1])
         if band is not None:  # patch parallel: this rank holds the text and one band of image rows
-            return band.attend(query, key, value, self.text_first, self.radius, self.backend, scale)
+            return band.attend(query, key, value, self.text_first, self.radius, self.runtime.backend, scale)
         return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
-                         width=width, radius=self.radius, backend=self.backend, tile=self.runtime.tile, scale=scale,
+                         width=width, radius=self.radius, backend=self.runtime.backend, tile=self.runtime.tile, scale=scale,
                          pool_weight=self.spatial_weight if self.down_factor else None, attn_mask=attention_mask,
                          images=images)
 
@@ -82,7 +82,7 @@ class ClearProcessorBase(torch.nn.Module):
         return f", down_factor={self.down_factor}" if self.down_factor else ""
 
     def __repr__(self):
-        return f"{type(self).__name__}(radius={self.radius:g}, backend={self.backend!r}{self._down()})"
+        return f"{type(self).__name__}(radius={self.radius:g}, backend={self.runtime.backend!r}{self._down()})"
 
 
 class _RouteSDPA(torch.overrides.TorchFunctionMode):
@@ -104,9 +104,9 @@ class ClearSDPAProcessor(ClearProcessorBase):
     to ``clear::attention``. Used where no dedicated CLEAR processor exists; the rewrite re-traces
     the model and undoes itself unless exactly the attention call changed."""
 
-    def __init__(self, original, runtime: ClearRuntime, radius: float, backend: str = "auto", name: str = "",
-                 text_first: bool = True, down_factor: int | None = None):
-        super().__init__(runtime, radius, backend, name, down_factor)
+    def __init__(self, original, runtime: ClearRuntime, radius: float, name: str = "", text_first: bool = True,
+                 down_factor: int | None = None):
+        super().__init__(runtime, radius, name, down_factor)
         object.__setattr__(self, "original", original)  # a plain attribute even when the stock processor is a module
         self.text_first = text_first
         # Attention modules read the processor's __call__ signature to filter their kwargs.
@@ -140,7 +140,7 @@ class ClearSDPAProcessor(ClearProcessorBase):
 
     def __repr__(self):
         return (f"ClearSDPAProcessor({type(self.original).__name__}, radius={self.radius:g}, "
-                f"backend={self.backend!r}{self._down()})")
+                f"backend={self.runtime.backend!r}{self._down()})")
 
 
 def clear_processor_for(family, processor) -> type[ClearProcessorBase] | None:

@@ -8,11 +8,11 @@ import fnmatch
 import torch
 
 from .analysis import AnalysisReport, AttentionSite, analyze
-from .config import ClearConfig
+from .config import ClearConfig, runtime_backend
 from .errors import ClearSurgeryError, InvalidValueError
 from .families import ModelFamily, family_of
 from .processors import ClearRuntime, ClearSDPAProcessor, clear_processor_for
-from .state import ClearState, attach, detach, get_clear_state
+from .state import ClearState, attach, detach, get_clear_state, require_clear_state
 from .tiling import TileLayout
 
 
@@ -68,20 +68,24 @@ def _grid_hook(family: ModelFamily, runtime: ClearRuntime):
     return hook
 
 
-def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: AnalysisReport | None = None,
-                verify: bool = True, provenance: dict | None = None) -> AnalysisReport:
+def apply_clear(model: torch.nn.Module, config: ClearConfig, *, backend: str = "auto",
+                analysis: AnalysisReport | None = None, verify: bool = True,
+                provenance: dict | None = None) -> AnalysisReport:
     """Convert ``model``'s joint attention to CLEAR, in place; returns the analysis of the result.
 
     All targets are validated before anything changes. Weights and state-dict keys are untouched
     (only attention processors are swapped), so ``remove_clear`` restores the model exactly.
     With ``verify`` the model is traced again: every target must now be a ``clear::attention``
     node and every other compute op must be unchanged, otherwise the rewrite is undone.
+    ``backend``: which backend runs the op ('auto' or a name of ``clear_surgery.plugins.backend_names()``), a
+    run-time choice kept apart from the config (``set_backend`` changes it later).
     ``analysis``: the model's analysis when the caller has it (skips a trace); ``provenance``: how
     the model's CLEAR tensors were made, kept in its state for saving.
     The result is readable with ``get_clear_state(model)``.
     """
     if get_clear_state(model) is not None:
         raise ValueError("model already has CLEAR attention; call remove_clear(model) first")
+    backend = runtime_backend(backend)
     family = family_of(model)  # resolved once, handed to every step below
     if config.token_layout == "tiled" and not family.tileable:
         raise ValueError(f"token_layout='tiled' is not available for {type(model).__name__} (its image tokens are "
@@ -91,11 +95,11 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
     modules = {s.module: model.get_submodule(s.module) for s in targets}
     text_first = {s.module: s.order == "text_first" for s in targets}
 
-    runtime = ClearRuntime()
+    runtime = ClearRuntime(backend=backend)
     for name, module in modules.items():
         original = module.processor
         dedicated = clear_processor_for(family, original)
-        args = (runtime, config.radius_for(name), config.backend, name)
+        args = (runtime, config.radius_for(name), name)
         runtime.originals[name] = original
         # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
         processor = (dedicated(*args, down_factor=config.down_factor) if dedicated else
@@ -116,6 +120,11 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, analysis: Analys
         remove_clear(model)
         raise
     return after
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> None:
+    """Choose which backend runs a converted model's CLEAR attention from now on ('auto' or a backend name)."""
+    require_clear_state(model, "choose its backend").runtime.backend = runtime_backend(backend)
 
 
 def default_tile(head_dim: int, radius: float) -> tuple[int, int]:

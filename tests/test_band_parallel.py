@@ -112,9 +112,9 @@ MODELS = (("tiny-flux", None), ("tiny-flux-controlnet", None), ("tiny-sd3", None
 def _clear(model, tile):
     from clear_surgery.surgery import ClearConfig, apply_clear
 
-    config = ClearConfig(radius=2.5, backend="reference", token_layout="tiled" if tile else "raster",
+    config = ClearConfig(radius=2.5, token_layout="tiled" if tile else "raster",
                          tile_shape=list(tile) if tile else None)
-    apply_clear(model, config, verify=False)  # the rewrite is tested elsewhere
+    apply_clear(model, config, backend="reference", verify=False)  # the rewrite is tested elsewhere
 
 
 def _model_inputs(name, seed=0):

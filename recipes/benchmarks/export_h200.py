@@ -101,7 +101,7 @@ def aoti_rows(out: Path, tiny: bool) -> dict:
     report = {"model": "tiny FLUX.1-dev architecture" if tiny else "FLUX.1-dev-shaped, random bf16 weights"}
     started = time.perf_counter()
     model = build_flux_dev("cuda", torch.bfloat16, config)
-    apply_clear(model, ClearConfig(radius=16, backend="triton", token_layout="tiled"), analysis=analyze_flux_dev(config),
+    apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), backend="triton", analysis=analyze_flux_dev(config),
                 verify=False)
     prepared = prepare(model, sizes, dtype=None, text_len=512, kernel_tile=True, device="cuda")
     report["tile"] = get_clear_state(model).runtime.tile

@@ -36,7 +36,7 @@ def peak_gib():
 
 report = analyze_flux_dev(config)
 transformer = build_flux_dev(device, dtype, config)
-apply_clear(transformer, ClearConfig(radius=16, backend="reference" if TINY else "triton", token_layout="tiled"),
+apply_clear(transformer, ClearConfig(radius=16, token_layout="tiled"), backend="reference" if TINY else "triton",
             analysis=report, verify=False)
 with torch.device("meta"):
     vae = AutoencoderKL(**vae_config)

@@ -58,12 +58,12 @@ def main():
         row = {"res": size, "radius": args.radius, "world": world, "gpu": torch.cuda.get_device_name()}
         with torch.no_grad():
             if rank == 0:
-                apply_clear(model, ClearConfig(radius=args.radius, backend="triton", token_layout="tiled"),
+                apply_clear(model, ClearConfig(radius=args.radius, token_layout="tiled"), backend="triton",
                             analysis=report, verify=False)
                 row["one_gpu_tiled_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=3)
                 tiled = model(**inputs)[0]  # the same model and inputs, another order of the same sums
                 remove_clear(model)
-            apply_clear(model, ClearConfig(radius=args.radius, backend="triton"), analysis=report, verify=False)
+            apply_clear(model, ClearConfig(radius=args.radius), backend="triton", analysis=report, verify=False)
             if rank == 0:
                 single = model(**inputs)[0]
                 row["one_gpu_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=3)
@@ -75,7 +75,7 @@ def main():
             disable_patch_parallel(model)
             remove_clear(model)
             # the same with the tile token layout (bands and halos in whole tile rows)
-            apply_clear(model, ClearConfig(radius=args.radius, backend="triton", token_layout="tiled"),
+            apply_clear(model, ClearConfig(radius=args.radius, token_layout="tiled"), backend="triton",
                         analysis=report, verify=False)
             enable_patch_parallel(model)
             parallel_tiled = model(**inputs)[0]

@@ -63,7 +63,7 @@ result = dict(res=size)
 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
                  set_priority=True):
     result["dense"], result["dense_top"] = profiled_ms(model, inputs)
-apply_clear(model, ClearConfig(radius=16, backend="triton" if device == "cuda" else "auto", token_layout="tiled"),
+apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), backend="triton" if device == "cuda" else "auto",
             analysis=report, verify=False)
 result["clear"], result["clear_top"] = profiled_ms(model, inputs)
 remove_clear(model)

@@ -26,7 +26,7 @@ with torch.no_grad():
         row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if size >= 8192 else 1, rep=1)
     print(json.dumps(row), flush=True)
     for backend in backends:
-        apply_clear(model, ClearConfig(radius=radius, backend=backend, token_layout="tiled"), analysis=report,
+        apply_clear(model, ClearConfig(radius=radius, token_layout="tiled"), backend=backend, analysis=report,
                     verify=False)
         row[f"clear_ms_{backend}"] = time_ms(lambda: model(**inputs), warmup=1, rep=2)
         row[f"speedup_{backend}"] = row["dense_ms"] / row[f"clear_ms_{backend}"]

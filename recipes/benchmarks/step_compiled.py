@@ -43,7 +43,7 @@ for size in sizes:
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
                      set_priority=True):
         dense = measure("dense", size, inputs)
-    apply_clear(model, ClearConfig(radius=16, backend="triton" if device == "cuda" else "auto", token_layout="tiled"),
+    apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), backend="triton" if device == "cuda" else "auto",
                 analysis=report, verify=False)
     clear = measure("clear-r16", size, inputs)
     remove_clear(model)

@@ -304,7 +304,7 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
                     row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,
                                               rep=1 if huge else 2 if size >= 4096 else 3)
-            apply_clear(model, ClearConfig(radius=radius, backend=backend, token_layout=token_layout),
+            apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout), backend=backend,
                         analysis=report, verify=False)
             row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
             remove_clear(model)

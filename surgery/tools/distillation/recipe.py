@@ -13,7 +13,7 @@ import torch
 
 from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
-from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig
+from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig, runtime_backend
 from clear_surgery.surgery.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import read_toml
 
@@ -121,7 +121,10 @@ class DistillRecipe:
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def clear_config(self):
-        return ClearConfig(**dataclasses.asdict(self.clear))
+        """What the trained layers mean (saved with them); the backend is the run's own choice."""
+        settings = dataclasses.asdict(self.clear)
+        settings.pop("backend")
+        return ClearConfig(**settings)
 
     @property
     def torch_dtype(self):
@@ -211,6 +214,7 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
                         f"{r.model.dtype!r}")
     try:
         r.clear_config()
+        runtime_backend(r.clear.backend)
     except (ValueError, TypeError) as err:
         problems.append(f"[clear]: {err}")
 

@@ -90,7 +90,7 @@ class Distiller:
         """The dense teacher (a CLEAR folder's base model) with CLEAR processors: the student."""
         ref = self.recipe.teacher_ref()
         model, _ = load_model(ref.base(), dtype=self.recipe.torch_dtype)  # None: as stored
-        apply_clear(model, self.recipe.clear_config(), verify=False)  # convert verifies; here it costs a trace
+        apply_clear(model, self.recipe.clear_config(), backend=self.recipe.clear.backend, verify=False)  # convert verifies; here it costs a trace
         self.start_from = ref if ref.is_clear else None  # its tensors are the student's starting point
         return model.to(self.device)
 
