@@ -13,22 +13,23 @@ DEFAULT_SIZES = {"min": "512x512", "opt": "1024x1024", "max": "2048x2048"}
 
 def export_model(source, out: str | Path, fmt: str, *, sizes: dict | None = None, dtype: str | None = None,
                  batch: int = 1, text_len: int | None = None, overwrite: bool = False, timing_cache=None,
-                 progress=None) -> dict:
+                 kernel_tile: bool = False, progress=None) -> dict:
     """Export a converted model (any form the model resolver takes) as ``fmt`` into the folder ``out``,
-    written atomically; returns the manifest. Every option is checked before any work."""
-    from clear_surgery.hub.atomic import atomic_directory, write_json
+    written atomically; returns the manifest. Every option is checked before any work. ``kernel_tile``: an ONNX
+    file in the engines' kernel's tile layout (so that an engine can be built from it elsewhere; engines and
+    AOTInductor packages always are)."""
+    from clear_surgery.hub.atomic import atomic_directory, check_output_folder, write_json
 
     from .common import check_options, manifest, out_files, prepare
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    check_output_folder(out, overwrite)
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     check_options(fmt, sizes, dtype)
     step = progress or (lambda message: None)
     step("loading")
     prepared = prepare(source, sizes, dtype=dtype, batch=batch, text_len=text_len,
-                       kernel_tile=fmt != "onnx", device="cuda" if fmt == "aoti" else "cpu")
+                       kernel_tile=kernel_tile or fmt != "onnx", device="cuda" if fmt == "aoti" else "cpu")
     with atomic_directory(out, overwrite) as tmp:
         extra = {}
         if fmt in ("onnx", "tensorrt"):

@@ -80,8 +80,36 @@ def export_onnx(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, out
         torch.onnx.export(module, (), str(path), kwargs=inputs, dynamic_shapes=dynamic_shapes, dynamo=True,
                           custom_translation_table=_translation(), input_names=list(inputs),
                           output_names=output_names, opset_version=OPSET, optimize=True, verbose=False)
+    strip_build_metadata(path)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def strip_build_metadata(path: Path) -> None:
+    """Drop the exporter's metadata_props (stack traces, class hierarchies, source locations: they hold the
+    exporting machine's file system, project and site-packages paths) from the model, its nodes and its
+    functions; weights in external data stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def strip_nodes(nodes):
+        for node in nodes:
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                for graph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                    strip_graph(graph)
+
+    def strip_graph(graph):
+        del graph.metadata_props[:]
+        strip_nodes(graph.node)
+
+    del model.metadata_props[:]
+    strip_graph(model.graph)
+    for function in model.functions:
+        del function.metadata_props[:]
+        strip_nodes(function.node)
+    onnx.save_model(model, str(path))
 
 
 def clear_nodes(model) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from importlib.metadata import PackageNotFoundError, version
+import os
 from pathlib import Path
 
 import torch
@@ -129,3 +130,13 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: Path, max_shard
     if split.is_sharded:
         write_json(folder / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
     return [f for f, _ in files]
+
+
+def portable_record(record: dict, folder: str | os.PathLike) -> dict:
+    """A base-model record as a CLEAR folder saves it: a local base as a path relative to ``folder`` (so the
+    two can move together), its absolute path kept only as a hint; Hub ids and built-ins as they are."""
+    identity = record.get("id")
+    if not identity or not Path(identity).is_absolute():
+        return dict(record)
+    relative = os.path.relpath(identity, Path(folder).resolve())
+    return {**record, "id": relative, "relative_to": "folder", "absolute_hint": identity}

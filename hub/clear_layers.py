@@ -20,7 +20,7 @@ from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, re
 from clear_surgery.surgery.state import is_clear_tensor, require_clear_state
 
 from .atomic import atomic_directory
-from .checkpoint import FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version
+from .checkpoint import FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version, portable_record
 from .converted import backend_to_run, finish_folder, read_clear_config
 from .download import looks_like_path, resolve_file, resolve_folder
 from .layer_tensors import ClearLayersError, apply_layer_tensors, check_layer_fit, layer_shapes  # noqa: F401 (re-exported)
@@ -70,7 +70,7 @@ def save_clear_layers(model, out: str | os.PathLike, *, trained=DEFAULT_TRAINED,
     with atomic_directory(out, overwrite) as tmp:
         write_file(tmp / LAYERS_FILE, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names],
                    lambda n: tensors[n], metadata={"format": "pt"})
-        finish_folder(tmp, layers_meta(state, type(model).__name__, trained, base_model,
+        finish_folder(tmp, layers_meta(state, type(model).__name__, trained, portable_record(base_model or {}, out),
                                        {n: tuple(tensors[n].shape) for n in names}))
     return out
 

@@ -18,7 +18,7 @@ from clear_surgery.surgery.config import runtime_backend, saved_runtime_choices
 from clear_surgery.surgery.state import require_clear_state
 
 from .atomic import atomic_directory, write_json
-from .checkpoint import (CLEAR_CONFIG_NAME, FORMAT, FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, check_specs,
+from .checkpoint import (CLEAR_CONFIG_NAME, portable_record, FORMAT, FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, check_specs,
                          package_version, read_json, read_tensor_specs, save_state_dict, skeleton, stored_dtype,
                          weight_files)
 from .download import resolve_folder
@@ -65,7 +65,8 @@ def save_converted(model: torch.nn.Module, out: str | os.PathLike, *, base_model
         save_state_dict(tensors, tmp, max_shard_size, desc=f"saving {out.name}")
         write_clear_tensors(tmp, own)
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-        finish_folder(tmp, clear_meta(state, type(model).__name__, base_model, dtype=dtypes))
+        finish_folder(tmp, clear_meta(state, type(model).__name__, portable_record(base_model or {}, out),
+                                      dtype=dtypes))
     return out
 
 

@@ -80,7 +80,7 @@ class ModelRef:
         base = self.meta.get("base_model") or {}
         if not base.get("id"):
             raise ModelLoadError(f"{self.source}: clear_config.json records no base model")
-        return resolve_model(base["id"], subfolder=base.get("subfolder"), revision=base.get("revision"))
+        return resolve_recorded_base(base, self.folder, f"{self.source}'s clear_config.json")
 
     def record(self) -> dict:
         """How saved CLEAR folders name this model as their base (clear_config.json's base_model)."""
@@ -88,7 +88,7 @@ class ModelRef:
             return dict(self.meta.get("base_model") or {})
         if self.repo_id:
             identity = self.repo_id
-        elif self.kind == DIFFUSERS:
+        elif self.kind == DIFFUSERS:  # a local folder: saved relative to the CLEAR folder (portable_record)
             identity = str(Path(self.pipeline or self.folder).resolve())
         else:
             identity = self.source
@@ -157,6 +157,26 @@ def _hub(repo_id: str, subfolder: str | None, revision: str | None) -> ModelRef:
     pipeline = repo_id if subfolder == "transformer" else None
     return ModelRef(DIFFUSERS, repo_id, _class_of(config), pipeline=pipeline, repo_id=repo_id,
                     revision=snapshot.group(1) if snapshot else revision, subfolder=subfolder)
+
+
+def resolve_recorded_base(record: dict, folder: Path | None, where: str, option: str = "--layers-base") -> ModelRef:
+    """The base model a CLEAR folder records: a path relative to the folder (``portable_record``) is resolved
+    against it, then its absolute hint; anything else as the resolver takes it. A record that names nothing
+    reachable fails with where it came from and how to give the base instead."""
+    kwargs = dict(subfolder=record.get("subfolder"), revision=record.get("revision"))
+    if record.get("relative_to") == "folder" and folder is not None:
+        candidates = [(Path(folder) / record["id"]).resolve(), record.get("absolute_hint")]
+        for candidate in filter(None, candidates):
+            if Path(candidate).is_dir():
+                return resolve_model(str(candidate), **kwargs)
+        raise ModelLoadError(f"{where} records its base model as {record['id']!r} relative to {folder} "
+                             f"({candidates[0]}, once {record.get('absolute_hint')}): no such folder; give the base "
+                             f"model with {option}")
+    try:
+        return resolve_model(record["id"], **kwargs)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{where} records its base model as {record['id']!r}: {err}; give the base model with "
+                             f"{option}") from err
 
 
 def resolve_model(source: str, *, subfolder: str | None = None, revision: str | None = None) -> ModelRef:

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .chunked import chunked_attention, chunked_reason
 from .flex import flex_clear_attention, flex_reason
 from .gluon_backend import clear_fwd_ws_kernel, gluon_clear_attention, gluon_reason
 from .layout import TokenLayout, validate_call
@@ -41,7 +42,9 @@ class Backend:
     image_queries=None)`` as declared by ``features``; ``reason(q, k, v, layout, radius, scale)``: why it
     cannot run a call (dtype, device, layout), None when it can; ``backward(grad_out, q, k, v, layout, radius,
     scale, extra=None, text_bias=None) -> (dq, dk, dv, d extra keys, d extra values)``; ``priority``: device
-    type -> rank for ``auto`` (higher first; a device not listed: the backend runs there only when named)."""
+    type -> rank for ``auto`` (higher first; a device not listed: the backend runs there only when named);
+    ``auto_max_tokens``: device type -> the most tokens ``auto`` gives it there (above, the next backend by
+    priority is faster; a named call is not limited)."""
 
     name: str
     forward: Callable[..., torch.Tensor]
@@ -49,6 +52,7 @@ class Backend:
     backward: Callable[..., tuple] | None = None
     features: frozenset[str] = frozenset()
     priority: Mapping[str, int] = field(default_factory=dict)
+    auto_max_tokens: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = set(self.features) - set(FEATURES)
@@ -112,13 +116,16 @@ def backend_names() -> list[str]:
 
 
 _DENSE_MATH = frozenset({POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, BACKWARD})
-# On CPU the dense reference beats FlexAttention's unfused fallback at the sizes it takes; on a GPU
-# the fast kernels come first (the warp-specialized Hopper kernel: 18.3 against 23.8 ms for the
-# Triton kernel at 8192² r16, recipes/benchmarks/h200-run14-distill-pingpong).
+# On CPU: the dense reference up to 1024 tokens, the chunked backend above (linear memory; 4.9 against 12.0 ms
+# at 1101 tokens, 0.56 against 0.21 ms at 141, r = 4, 2 heads x 16, this project's 2-core CPU); FlexAttention's
+# CPU path is unfused (N x N scores) and comes last. On a GPU the fast kernels come first (the warp-specialized
+# Hopper kernel: 18.3 against 23.8 ms for the Triton kernel at 8192² r16, recipes/benchmarks/h200-run14-distill-pingpong).
 register_backend(Backend("reference", reference_attention, reference_reason, recompute_backward(reference_attention),
-                         _DENSE_MATH, {"cpu": 20, "cuda": 0}))
+                         _DENSE_MATH, {"cpu": 20, "cuda": 0}, auto_max_tokens={"cpu": 1024}))
+register_backend(Backend("chunked", chunked_attention, chunked_reason, recompute_backward(chunked_attention),
+                         _DENSE_MATH, {"cpu": 15, "mps": 15, "cuda": 5}))
 register_backend(Backend("flex", flex_clear_attention, flex_reason, recompute_backward(flex_clear_attention),
-                         _DENSE_MATH, {"cpu": 10, "cuda": 20}))
+                         _DENSE_MATH, {"cpu": 5, "cuda": 20}))
 if triton is not None:
     # Inference kernel; training uses FlexAttention's backward (same math, same mask).
     register_backend(Backend("triton", triton_clear_attention, triton_reason, recompute_backward(flex_clear_attention),
@@ -142,7 +149,9 @@ def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, 
         BACKENDS[requested].can_run(q, k, v, layout, radius, scale, needs=needs, raise_error=True)
         return BACKENDS[requested]
     device = q.device.type
-    ranked = sorted((b for b in BACKENDS.values() if device in b.priority), key=lambda b: -b.priority[device])
+    tokens = q.shape[1]
+    ranked = sorted((b for b in BACKENDS.values() if device in b.priority and tokens <= b.auto_max_tokens.get(
+        device, tokens)), key=lambda b: -b.priority[device])
     skipped = []
     for backend in ranked:
         why = backend.refusal(q, k, v, layout, radius, scale, needs)

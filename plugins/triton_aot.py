@@ -26,6 +26,9 @@ if triton is not None:
     from .triton_aot_kernel import clear_fwd_aot_kernel
 
 KERNEL_NAME = "clear_fwd_aot_kernel"
+# PTX ISA of the embedded kernel: what triton 3.6 writes for sm_90a; newer tritons default to newer ISAs, which
+# older drivers (they JIT-compile the PTX an engine carries) and older ptxas cannot read
+PTX_VERSION = 87
 LOG2_E = 1.4426950408889634
 # argument order of the kernel (and of a TensorRT AOT launch): input tensors, scalars, output tensors
 TENSOR_INPUTS = ("Q", "K", "V", "GRID")
@@ -163,13 +166,31 @@ def aot_kernel(spec: AotSpec, arch: int = 90) -> CompiledKernel:
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=clear_fwd_aot_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                       "ptx_version": PTX_VERSION})
     name = compiled.metadata.name
     ptx = compiled.asm["ptx"]
     meta = compiled.metadata
     scratch = getattr(meta, "global_scratch_size", 0) + getattr(meta, "profile_scratch_size", 0)
     return CompiledKernel(name, ptx, compiled.asm["cubin"], ptx_parameters(ptx, name), meta.shared, scratch,
                           spec.num_warps, f"sm_{arch}")
+
+
+def engine_ptx(kernel: CompiledKernel) -> str:
+    """The kernel's PTX with exactly the parameters TensorRT's AOT launcher passes (input tensors, scalars,
+    output tensors): Triton appends two scratch pointers to every kernel, which this one never reads (no
+    scratch memory; each is named only in the entry's parameter list), so they are dropped from it."""
+    import re
+
+    count = len(TENSOR_INPUTS) + len(SCALARS) + len(TENSOR_OUTPUTS)
+    header = re.search(rf"(\.entry {re.escape(kernel.name)}\s*\()(.*?)(\))", kernel.ptx, re.S)
+    params = [p.strip() for p in header.group(2).split(",")]
+    extra = [p.split()[-1] for p in params[count:]]
+    if kernel.scratch_bytes or any(kernel.ptx.count(name) != 1 for name in extra):
+        raise RuntimeError(f"{kernel.name}: the parameters Triton added ({extra}) are used by the kernel "
+                           f"(scratch memory {kernel.scratch_bytes} bytes): TensorRT's AOT launch cannot pass them")
+    kept = ",\n\t".join(params[:count])
+    return kernel.ptx[:header.start(2)] + "\n\t" + kept + "\n" + kernel.ptx[header.end(2):]
 
 
 def ptx_parameters(ptx: str, entry: str) -> tuple[str, ...]:

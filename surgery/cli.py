@@ -204,6 +204,18 @@ def convert(
     typer.echo(f"converted {len(result.sites)} joint attention sites to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
 
 
+def _model_argument(option: str | None, positional: str | None) -> str:
+    """The model of a command that used to take it as a positional argument: --model, as every command does;
+    the positional form still works, with a note, for one release."""
+    if option is not None and positional is not None:
+        raise InvalidValueError(f"give the model once: --model {option} or the positional {positional}, not both")
+    if option is None and positional is None:
+        raise InvalidValueError("missing --model: the model to use (" + MODEL_HELP + ")")
+    if positional is not None:
+        typer.echo(f"note: the model as a positional argument is deprecated; use --model {positional}", err=True)
+    return option or positional
+
+
 def _radius_rules(rules: list[str]) -> dict[str, float]:
     parsed = {}
     for rule in rules:
@@ -502,7 +514,9 @@ def distill(
 
 @app.command("push-to-hub")
 def push_to_hub(
-    model: str = typer.Argument(..., help="a CLEAR folder (converted model or CLEAR layers), local or on the Hub"),
+    source: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="the same as --model (kept for one release)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a CLEAR folder (converted model or CLEAR "
+                                                                    "layers), local or on the Hub"),
     repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hub"),
     private: bool = typer.Option(False, help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to (created if needed)"),
@@ -511,6 +525,7 @@ def push_to_hub(
 ):
     """Validate a CLEAR folder and upload it (token from HF_TOKEN or `hf auth login`, never printed)."""
     with user_errors():
+        model = _model_argument(model, source)
         from clear_surgery.hub.download import check_repo_id, require_reachable
 
         check_repo_id("--repo-id", repo_id)
@@ -545,7 +560,8 @@ def _from_hub_client(err: BaseException) -> bool:
 
 @app.command("export")
 def export_command(
-    model: str = typer.Argument(..., help="a converted CLEAR model: " + MODEL_HELP),
+    source: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="the same as --model (kept for one release)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a converted CLEAR model: " + MODEL_HELP),
     out_format: str = typer.Option(..., "--format", "-f", help="onnx | tensorrt | aoti"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
     min_size: str = typer.Option("512x512", help="smallest image served, HEIGHTxWIDTH in pixels"),
@@ -556,11 +572,14 @@ def export_command(
     text_len: Optional[int] = typer.Option(None, min=1, help="text tokens (default: the family's, e.g. 512 for "
                                                              "FLUX.1)"),
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to start from"),
+    kernel_tile: bool = typer.Option(False, help="onnx: write the engine kernel's tile token layout, so that a "
+                                                 "TensorRT engine can be built from the file elsewhere"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Export a converted model for deployment: ONNX with ClearAttention nodes, a TensorRT engine running
     the CLEAR plugin, or an AOTInductor package."""
     with user_errors():
+        model = _model_argument(model, source)
         output_folder("--out", out, overwrite)
         check(timing_cache is None or timing_cache.is_file(), f"--timing-cache {timing_cache} does not exist")
         from clear_surgery.export.common import check_options
@@ -572,7 +591,8 @@ def export_command(
 
         with _stages("export") as step:
             data = export_model(model, out, out_format, sizes=sizes, dtype=dtype, batch=batch, text_len=text_len,
-                                overwrite=overwrite, timing_cache=timing_cache, progress=step)
+                                overwrite=overwrite, timing_cache=timing_cache, kernel_tile=kernel_tile,
+                                progress=step)
             step.finish("done")
     sizes = data["sizes"]
     typer.echo(f"exported {data['model_class']} ({len(data['sites'])} CLEAR sites, r={data['clear_config']['radius']:g}) "

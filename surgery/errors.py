@@ -25,6 +25,10 @@ class OutputPathError(ClearSurgeryError, ValueError):
     """An output path that cannot be written: exists, is a folder, unknown extension, no parent."""
 
 
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output that exists and may not be replaced (no --overwrite, or not written by clear-surgery)."""
+
+
 class NetworkError(ClearSurgeryError, ConnectionError):
     """The Hub cannot be reached (no network, or offline mode and nothing cached)."""
 

@@ -54,7 +54,7 @@ def test_converting_twice_gives_the_same_bytes(tmp_path):
 def test_clear_config_contents(tmp_path):
     save_converted(_converted(radius=3), tmp_path / "out", base_model={"id": "builtin:tiny-flux", "revision": None})
     meta = json.loads((tmp_path / "out" / "clear_config.json").read_text())
-    assert meta["config"]["radius"] == 3 and meta["config"]["version"] == 1
+    assert meta["config"]["radius"] == 3 and meta["config"]["version"] == 2 and "backend" not in meta["config"]
     assert meta["base_model"]["id"] == "builtin:tiny-flux"
     assert len(meta["sites"]) == 4 and meta["analysis"]["model_class"] == "FluxTransformer2DModel"
 
@@ -66,8 +66,13 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         save_converted(_converted(), out)
     assert (out / "keep.txt").read_text() == "mine"
-    save_converted(_converted(), out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "clear_config.json").exists()
+    with pytest.raises(FileExistsError, match="holds files clear-surgery did not write"):  # never the user's files
+        save_converted(_converted(), out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    save_converted(_converted(), out, overwrite=True)  # an empty folder
+    save_converted(_converted(), out, overwrite=True)  # one it wrote
+    assert (out / "clear_config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

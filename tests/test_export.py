@@ -73,10 +73,11 @@ def test_every_clear_site_is_one_node_with_the_plugin_fields(tmp_path):
     assert attributes["plugin_namespace"] == tensorrt_plugin.PLUGIN_NAMESPACE
     assert nodes[0].op_type == tensorrt_plugin.PLUGIN_NAME and nodes[0].domain == tensorrt_plugin.PLUGIN_NAMESPACE
     assert attributes["radius"] == 2.5 and attributes["text_first"] == 1 and attributes["scale"] == 0.0
-    # the plugin's fields are the parameters of its shape function after the tensor inputs
+    # the plugin's fields are the parameters of its shape function after the tensor inputs, typed as the ONNX
+    # parser passes the node's attributes (FLOAT: float32, INT: int32), all from the op schema
     fields = list(inspect.signature(tensorrt_plugin.describe).parameters.values())[len(tensorrt_plugin.TENSOR_INPUTS):]
-    types = {float: "FLOAT", int: "INT", "float": "FLOAT", "int": "INT"}
-    plugin_fields = {p.name: types[p.annotation] for p in fields}
+    types = {np.float32: "FLOAT", np.int32: "INT"}
+    plugin_fields = {p.name: types[tensorrt_plugin.FIELDS[p.name]] for p in fields}
     onnx_fields = {name: "FLOAT" if isinstance(value, float) else "INT"
                    for name, value in attributes.items() if name != "plugin_namespace"}
     assert onnx_fields == plugin_fields == ATTRIBUTES
@@ -86,8 +87,8 @@ def test_the_aot_step_compiles_for_sm90(tmp_path):
     pytest.importorskip("triton")
     from clear_surgery.plugins.triton_aot import KERNEL_NAME, SCALARS, TENSOR_INPUTS, TENSOR_OUTPUTS
 
-    name, ptx, plan, shared = tensorrt_plugin.aot_launch((1, 512 + 256 * 256, 24, 128), (256, 256), "bf16", 16.0, 1,
-                                                         8, 8, 0.0)
+    fields = {"radius": 16.0, "text_first": 1, "tile_h": 8, "tile_w": 8, "scale": 0.0}
+    name, ptx, plan, shared = tensorrt_plugin.aot_launch((1, 512 + 256 * 256, 24, 128), (256, 256), "bf16", fields)
     assert name == KERNEL_NAME and f".entry {KERNEL_NAME}(" in ptx and ".target sm_90" in ptx
     assert "wgmma" in ptx  # Hopper tensor-core instructions
     from clear_surgery.plugins.triton_aot import aot_kernel, spec_for
@@ -96,7 +97,7 @@ def test_the_aot_step_compiles_for_sm90(tmp_path):
     # inputs, scalars, outputs in TensorRT's AOT order; Triton appends two scratch pointers it never reads
     assert kernel.parameters == (".u64",) * len(TENSOR_INPUTS) + (".u32",) * len(SCALARS) + \
         (".u64",) * len(TENSOR_OUTPUTS) + (".u64", ".u64")
-    assert kernel.scratch_bytes == 0 and 0 < shared <= 227 * 1024 and kernel.cubin[:4] == b"\x7fELF"
+    assert kernel.scratch_bytes == 0 and 0 < shared <= 48 * 1024 and kernel.cubin[:4] == b"\x7fELF"
     # grid: (ceil(512 / 64) text blocks + (256 / 8)^2 tiles) per (batch, head); scalars: the sizes
     assert plan.grid == ((8 + 32 * 32) * 24, 1, 1) and plan.scalars == (512 + 65536, 24, 24, 256, 256)
     assert plan.block == (128, 1, 1)
@@ -105,7 +106,7 @@ def test_the_aot_step_compiles_for_sm90(tmp_path):
 def test_plugin_tactics_cover_bf16_and_fp16():
     combos = tensorrt_plugin.tactics()
     assert [c.types for c in combos] == ["BF16, BF16, BF16, BF16, BF16", "FP16, FP16, FP16, FP16, FP16"]
-    assert all(c.tactics == (0, 1, 2) for c in combos)
+    assert all(c.tactics == (1, 2, 3) for c in combos)  # TensorRT reserves 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -199,3 +200,75 @@ def test_gpu_aoti_package_runs_in_a_fresh_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         got = torch.load(tmp_path / "out.pt", weights_only=True).float()
         assert got.shape == want.shape and rel_err(got, want) < 2e-2
+
+
+def _variant(tmp_path, variant):
+    """A converted folder of each kind a converted model can be."""
+    from conftest import coverage_model
+
+    if variant == "masks":  # Chroma: text padding masks at every joint attention
+        model, _ = coverage_model("Chroma (ChromaTransformer2DModel)")
+        apply_clear(model, ClearConfig(radius=2.5))
+        return save_converted(model, tmp_path / "masks-clear", base_model={"id": "tiny-chroma"})
+    config = {"plain": {}, "tiled": {"token_layout": "tiled", "tile_shape": [2, 2]}, "down": {"down_factor": 2},
+              "per-layer radii": {"radius_overrides": {"single_transformer_blocks.*": 1.5}}}[variant]
+    return converted(tmp_path, "tiny-flux", **config)
+
+
+@pytest.mark.parametrize("variant,refusal", [
+    ("plain", None), ("tiled", None), ("per-layer radii", None),
+    ("down", "pool_weight: pooled keys (the 'down' variant)"),
+    ("masks", "cannot be exported yet"),
+])
+def test_every_variant_exports_or_is_refused_with_one_line(tmp_path, variant, refusal):
+    """Several images are a property of a call, not of the converted model: the FLUX export plan serves one
+    image, so a FLUX.1 Kontext-style call cannot reach an engine."""
+    import subprocess
+
+    from conftest import cli_exe
+
+    folder = _variant(tmp_path, variant)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run([cli_exe(), "export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx"),
+                           "--min-size", "32x32", "--opt-size", "48x64", "--max-size", "128x128"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if refusal is None:
+        assert done.returncode == 0, done.stderr
+        import onnx
+
+        radii = {node_attributes(n)["radius"] for n in clear_nodes(onnx.load(str(tmp_path / "onnx" / "model.onnx"),
+                                                                             load_external_data=False))}
+        assert radii == ({2.5, 1.5} if variant == "per-layer radii" else {2.5})
+        return
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and refusal in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_no_file_of_an_export_holds_a_path_of_the_exporting_machine(tmp_path):
+    import site
+    from pathlib import Path
+
+    import clear_surgery
+
+    folder = converted(tmp_path, "tiny-flux")
+    export_model(str(folder), tmp_path / "onnx", "onnx", sizes=SIZES, text_len=7)
+    machine = {str(tmp_path), str(Path.cwd()), str(Path.home()), *site.getsitepackages(),
+               *(str(Path(p).resolve().parent) for p in clear_surgery.__path__)}
+    machine = {m for m in machine if Path(m).is_absolute() and m != "/"}
+    for path in (tmp_path / "onnx").iterdir():
+        data = path.read_bytes()
+        assert not [m for m in machine if m.encode() in data], path.name
+
+
+def test_an_engine_is_built_only_from_onnx_in_the_kernels_tile_layout(tmp_path):
+    from clear_surgery.export.tensorrt import ExportLayoutError, check_onnx_for_engine
+
+    folder = converted(tmp_path, "tiny-flux")
+    export_model(str(folder), tmp_path / "raster", "onnx", sizes=SIZES, text_len=7)
+    with pytest.raises(ExportLayoutError, match="use raster order; a TensorRT engine's kernel needs"):
+        check_onnx_for_engine(tmp_path / "raster" / "model.onnx")
+    data = export_model(str(folder), tmp_path / "tiled", "onnx", sizes=SIZES, text_len=7, kernel_tile=True)
+    check_onnx_for_engine(tmp_path / "tiled" / "model.onnx")
+    assert any("token layout: tiled" in note for note in data["notes"])

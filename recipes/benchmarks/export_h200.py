@@ -6,8 +6,9 @@ package of a FLUX.1-dev-shaped CLEAR model (random bf16 weights, r = 16, tile la
     python recipes/benchmarks/export_h200.py aoti --tiny --out OUT  # the same on a toy model (smoke run)
 
 kernel: FLUX shapes (24 heads x 128, 512 text tokens) at 4096 px (256 x 256 tokens) and 8192 px, r = 16,
-text first and last: the kernel, grid and arguments of ``tensorrt_plugin.aot_launch`` launched through the
-CUDA driver (cupy) against the table-driven triton backend (rel. error, and ms of each).
+text first and last: the PTX, grid and arguments of ``tensorrt_plugin.aot_launch`` for every tactic,
+JIT-loaded and launched through the CUDA driver (cupy) with TensorRT's ten arguments, against the
+table-driven triton backend (rel. error), timed beside the triton, gluon and triton-aot backends.
 aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
 2048 px and 4096 px against eager; the 4096 px step timed for eager, torch.compile and the package.
 """
@@ -18,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,9 +40,16 @@ def rel_err(a, b) -> float:
 
 
 def kernel_rows(out: Path) -> list[dict]:
+    """Per size and text order: the engine's launch (its PTX JIT-loaded by the driver, TensorRT's ten
+    arguments) for every tactic against the triton backend, and the time of each beside the triton, gluon and
+    triton-aot backends on the same inputs."""
+    import cupy
+    import numpy as np
     from test_triton_aot import launch_as_tensorrt_would
 
     from clear_surgery.plugins import TokenLayout
+    from clear_surgery.plugins.gluon_backend import gluon_clear_attention
+    from clear_surgery.plugins.tensorrt_plugin import aot_launch, tactics
     from clear_surgery.plugins.triton_aot import aot_tile, triton_aot_attention
     from clear_surgery.plugins.triton_backend import triton_clear_attention
 
@@ -54,12 +61,25 @@ def kernel_rows(out: Path) -> list[dict]:
                        for _ in range(3))
             layout = TokenLayout(512, text_first, side, side, aot_tile(128))
             want = triton_clear_attention(q, k, v, layout, 16)
-            got = torch.full_like(q, float("nan"))
-            launch_as_tensorrt_would(q, k, v, got, (side, side), 16.0, text_first, Path(tempfile.mkdtemp()))
-            row = {"res": side * 16, "text_first": text_first, "rel_err_vs_triton": rel_err(got, want),
-                   "nan": bool(got.isnan().any()),
+            row = {"res": side * 16, "text_first": text_first,
                    "triton_ms": ms(lambda: triton_clear_attention(q, k, v, layout, 16), 2, 5),
+                   "gluon_ms": ms(lambda: gluon_clear_attention(q, k, v, layout, 16), 2, 5),
+                   "gluon_rel_err_vs_triton": rel_err(gluon_clear_attention(q, k, v, layout, 16), want),
                    "triton_aot_ms": ms(lambda: triton_aot_attention(q, k, v, layout, 16), 2, 5)}
+            for tactic in tactics()[0].tactics:
+                got = torch.full_like(q, float("nan"))
+                launch_as_tensorrt_would(q, k, v, got, (side, side), 16.0, text_first, tactic)
+                row[f"engine_t{tactic}_rel_err_vs_triton"] = rel_err(got, want)
+                row[f"engine_t{tactic}_nan"] = bool(got.isnan().any())
+                fields = {"radius": 16.0, "text_first": int(text_first), "tile_h": 8, "tile_w": 8, "scale": 0.0}
+                name, ptx, plan, shared = aot_launch(tuple(q.shape), (side, side), "bf16", fields, tactic)
+                module = cupy.cuda.function.Module()
+                module.load(ptx.encode())
+                function = module.get_function(name)
+                carrier = torch.empty((side, side), device="cuda", dtype=q.dtype)
+                args = (*(np.uint64(t.data_ptr()) for t in (q, k, v, carrier)), *(np.int32(x) for x in plan.scalars),
+                        np.uint64(got.data_ptr()))
+                row[f"engine_t{tactic}_ms"] = ms(lambda: function(plan.grid, plan.block, args, shared_mem=shared), 2, 5)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del q, k, v, want, got

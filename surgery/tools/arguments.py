@@ -78,10 +78,9 @@ def output_file(option: str, path: Path | None, suffixes=None) -> None:
 
 
 def output_folder(option: str, path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{option} {path} is a file, not a folder")
-    if path.exists() and not overwrite:
-        raise OutputPathError(f"output folder {path} already exists (pass --overwrite to replace it)")
+    from clear_surgery.hub.atomic import check_output_folder
+
+    check_output_folder(path, overwrite, option)
 
 
 def size_in_bytes(option: str, text: str) -> int:

@@ -26,7 +26,8 @@ from clear_surgery.hub.clear_layers import (DEFAULT_TRAINED, LAYERS_FILE, ClearL
                                             add_layer_change, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             file_provenance, layer_shapes, layers_meta, resolve_layers, select_names)
 from clear_surgery.hub.converted import clear_meta, finish_folder, model_class, write_clear_tensors
-from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef
+from clear_surgery.hub.checkpoint import portable_record
+from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef, resolve_recorded_base
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
 from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard, write_tensors
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state, is_clear_tensor
@@ -68,11 +69,13 @@ def default_down_factor(ref: ModelRef, layers: LayersSource | None) -> int | Non
 
 def layers_base_ref(layers: LayersSource, base: str | None = None) -> ModelRef:
     """The model CLEAR layers were made from: ``base`` if given, else the one their folder records."""
-    record = ((layers.meta or {}).get("base_model") or {}) if base is None else {"id": base}
+    if base is not None:
+        return resolve_model(base)
+    record = (layers.meta or {}).get("base_model") or {}
     if not record.get("id"):
         raise InvalidValueError(f"CLEAR layers {layers.describe()} do not record the model they were made from: "
                                 "give it with --layers-base")
-    return resolve_model(record["id"], subfolder=record.get("subfolder"), revision=record.get("revision"))
+    return resolve_recorded_base(record, layers.file.parent, f"the CLEAR layers' {layers.file.parent / 'clear_config.json'}")
 
 
 def base_tensors(ref: ModelRef, names: list[str]) -> dict[str, torch.Tensor]:
@@ -126,7 +129,7 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     delta_base = layers_base_ref(layers, layers_base) if layers_mode == "delta" else None
     if delta_base is not None:
         provenance = {**(provenance or {}), "carried_by": {"mode": "delta", "layers_base": delta_base.source}}
-    weights_ref, base_record = ref, ref.record()
+    weights_ref, base_record = ref, portable_record(ref.record(), out)
     if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
         weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE
     if weights_ref.kind == BUILTIN:
