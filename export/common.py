@@ -14,10 +14,10 @@ from clear_surgery.hub.checkpoint import package_version
 from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.plugins import schema
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
+from clear_surgery.surgery.dtypes import DTYPES, parse_dtype
 from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError
 
 FORMATS = ("onnx", "tensorrt", "aoti")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MANIFEST_FILE = "manifest.json"
 
 
@@ -30,8 +30,7 @@ def check_options(fmt: str, sizes: dict, dtype: str | None) -> None:
     dtype, and the sizes' syntax and order (their multiple depends on the model: checked after loading)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    parse_dtype(dtype, "--dtype")
     parsed = {k: parse_size(v, f"--{k}-size") if isinstance(v, str) else tuple(v) for k, v in sizes.items()}
     for side, name in ((0, "height"), (1, "width")):
         values = [parsed[k][side] for k in ("min", "opt", "max") if k in parsed]
@@ -106,15 +105,14 @@ def prepare(source: str | ModelRef, sizes: dict, *, dtype: str | None, batch: in
     """Load ``source`` (it must be a converted model), check every option, build the export wrapper and
     its example inputs at the opt size. ``kernel_tile``: run the tile layout of the self-contained kernel
     (engines need it; the weights do not change)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    torch_dtype = parse_dtype(dtype, "--dtype")
     if not isinstance(batch, int) or batch < 1:
         raise ExportError(f"--batch must be a positive integer, got {batch!r}")
     if isinstance(source, torch.nn.Module):  # a model in memory (Python API)
-        model, ref = (source.to(DTYPES[dtype]) if dtype else source), None
+        model, ref = (source.to(torch_dtype) if dtype else source), None
         what = f"this {type(model).__name__}"
     else:
-        model, ref = load_model(source, dtype=DTYPES[dtype] if dtype else None)
+        model, ref = load_model(source, dtype=torch_dtype)
         what = f"{ref.source} is {ref.describe()}"
     state = get_clear_state(model)
     if state is None:

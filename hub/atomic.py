@@ -41,11 +41,15 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool = False, option:
             shown = ", ".join(contents[:5]) + (f" and {len(contents) - 5} more" if len(contents) > 5 else "")
             raise OutputExistsError(f"{option} {out} holds files clear-surgery did not write ({shown}): --overwrite "
                                   "replaces only folders it wrote; choose another folder")
-    existing = next(p for p in (where, *where.parents) if p.exists())
-    if existing == where:
-        existing = where.parent
+    writable_parent(out, option)
+
+
+def writable_parent(path: str | os.PathLike, option: str = "--out") -> None:
+    """The nearest existing folder above ``path`` (missing parents are created when writing) must be writable."""
+    where = Path(path).resolve()
+    existing = next(p for p in where.parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or not _can_make_folder(existing):
-        raise OutputPathError(f"{option} {out}: cannot write in {existing}")
+        raise OutputPathError(f"{option} {path}: cannot write in {existing}")
 
 
 def _can_make_folder(parent: Path) -> bool:
@@ -115,6 +119,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False, option: st
 def atomic_file(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block completes."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield tmp

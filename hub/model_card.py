@@ -11,6 +11,12 @@ logger = logging.getLogger("clear_surgery")
 REPO_PLACEHOLDER = "REPO_ID"  # replaced by the repo id when the card is rendered for an upload
 
 
+def distillation_made_worse(metrics: dict) -> bool:
+    """Whether a distillation ended further from its teacher on the held-out samples than zero-shot CLEAR."""
+    before, after = metrics.get("zero_shot_student_teacher_mse"), metrics.get("eval_student_teacher_mse")
+    return isinstance(before, float) and isinstance(after, float) and after > before
+
+
 def base_model_license(base_id: str | None, *, online: bool = False) -> str | None:
     """The base model's license from its own card, when it can be read: from the local Hugging Face
     cache, or with ``online`` (an upload, which needs the network anyway) from the Hub. A local save
@@ -65,6 +71,9 @@ def describe_training(training: dict | None) -> list[str]:
         if metrics:
             lines.append("- held-out metrics: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                                              for k, v in metrics.items()))
+        if distillation_made_worse(metrics):
+            lines.append("- **warning**: these layers are further from the dense teacher on the held-out samples than "
+                         "zero-shot CLEAR (the distillation made the student worse)")
         return lines
     if training.get("method") == "imported CLEAR layers":
         return [f"- training: CLEAR layers imported from `{training.get('file')}` (sha256 "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import BUILTIN_PREFIX, builtin_class, builtin_names, load_builtin
+from clear_surgery.surgery.dtypes import parse_dtype  # noqa: F401 (re-exported)
 from clear_surgery.surgery.errors import InvalidValueError
 
 from .checkpoint import (CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_headers, read_json, read_tensor_specs, stored_dtype,
@@ -34,20 +35,10 @@ from .download import hub_file, hub_snapshot, looks_like_path
 from .safetensors_io import read_tensor
 
 BUILTIN, DIFFUSERS, CONVERTED, LAYERS = "builtin", "diffusers", "converted", "layers"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 class ModelLoadError(InvalidValueError):
     pass
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; choose one of bf16, fp16, fp32")
-    return DTYPES[name]
 
 
 @dataclass
@@ -191,9 +182,20 @@ def resolve_model(source: str, *, subfolder: str | None = None, revision: str | 
     path = Path(source).expanduser()
     if path.is_dir():
         return _local(path, source, subfolder, {})
+    if path.is_file():
+        raise ModelLoadError(f"--model takes a model folder, not a file: {source} (give its folder, "
+                             f"{path.parent or '.'})")
     if looks_like_path(source) or path.exists():
         raise ModelLoadError(f"no such model folder: {source}")
+    check_not_bare_builtin(source)
     return _hub(source, subfolder, revision)
+
+
+def check_not_bare_builtin(source: str) -> None:
+    """A built-in's name without its prefix is neither a folder nor a Hub id (OWNER/NAME): say so at once."""
+    if f"{BUILTIN_PREFIX}{source}" in builtin_names() and not Path(source).expanduser().exists():
+        raise ModelLoadError(f"{source!r} is not a folder or a Hub id (OWNER/NAME): did you mean "
+                             f"{BUILTIN_PREFIX}{source}?")
 
 
 def load_model(source: str | ModelRef, *, subfolder: str | None = None, revision: str | None = None,

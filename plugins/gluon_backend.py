@@ -149,6 +149,13 @@ def group_lists(height: int, width: int, tile, radius: float, device: torch.devi
     bits = torch.arange(64, device=device, dtype=torch.int64)
     # distinct powers of two: the sum is the bitwise or (bit 63 wraps to the sign bit, as intended)
     words = (table << bits).sum(-1).flatten(1).contiguous()
+    # one more column than the longest list: a consumer reads the entry of the block after its last one ahead
+    # of time, which must stay inside the table (-2: nothing to read) also where a list is full (a radius
+    # beyond the grid, every block listed); and a words table of at least one row to point at
+    order = torch.cat([order, order.new_zeros(order.shape[0], 1)], 1)
+    chosen = torch.cat([chosen, chosen.new_full((chosen.shape[0], 1, groups), -2)], 1)
+    if not len(words):
+        words = words.new_zeros(1, words.shape[1])
     return GroupLists(count, plain.sum(1, dtype=torch.int32), order.to(torch.int32).contiguous(),
                       chosen.contiguous(), words)
 

@@ -71,7 +71,7 @@ class AnalysisReport:
     def describe(self) -> str:
         kinds = Counter(s.kind for s in self.sites)
         parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        return f"{len(self.sites)} attention sites ({parts})"
+        return f"{len(self.sites)} attention site{'' if len(self.sites) == 1 else 's'} ({parts})"
 
     def table(self) -> str:
         header = ("module", "kind", "op", "order", "q/k tokens", "heads x dim", "rewrite")

@@ -65,8 +65,10 @@ def _check_sources(model: str | None, file: str | None = None) -> None:
     """Fail within seconds (before torch is imported) when a model or file argument can only come from an
     unreachable Hub and the local cache does not have it."""
     from clear_surgery.hub.download import require_reachable
+    from clear_surgery.hub.resolve import check_not_bare_builtin
 
     if model:
+        check_not_bare_builtin(model)
         require_reachable(model)
     if file:
         require_reachable(file, file=True)
@@ -105,10 +107,11 @@ def analyze(
     subfolder: Optional[str] = typer.Option(None, help="model subfolder (default: transformer for pipelines)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    overwrite: bool = typer.Option(False, help="replace an existing --json file"),
 ):
     """List every attention site of a model: owner, kind, segment order, token counts, rewritable or why not."""
     with user_errors():
-        output_file("--json", json_out)
+        output_file("--json", json_out, overwrite=overwrite)
         _check_sources(model)
         from clear_surgery.hub import load_model
         from clear_surgery.hub.atomic import write_text
@@ -173,7 +176,8 @@ def convert(
         from clear_surgery.hub import parse_dtype
         from clear_surgery.hub.clear_layers import resolve_layers
         from clear_surgery.surgery import ClearConfig, runtime_backend
-        from clear_surgery.surgery.tools.convert import convert as run, default_down_factor, default_radius
+        from clear_surgery.surgery.tools.convert import (CONVERT_STAGES, convert as run, default_down_factor,
+                                                         default_radius)
 
         torch_dtype = parse_dtype(dtype)
         if backend is not None:  # folders made with it must load on machines without that backend
@@ -183,7 +187,7 @@ def convert(
         settings = dict(target_modules=target or None, exclude_modules=exclude,
                         token_layout=token_layout, radius_overrides=rules)
         ClearConfig(radius=radius or 1, down_factor=down_factor, **settings)  # checked before the model is read
-        with _stages("convert", total=3) as step:
+        with _stages("convert", total=1 + len(CONVERT_STAGES)) as step:
             step(f"resolving {model}", 0)
             ref = _resolve(model, subfolder, revision)
             layers = resolve_layers(clear_layers, revision) if clear_layers else None
@@ -192,16 +196,16 @@ def convert(
             if down_factor is None:
                 down_factor = default_down_factor(ref, layers)
             config = ClearConfig(radius=radius, down_factor=down_factor, **settings)
-            step("analyze, rewrite, verify, write")
             result = run(ref, out, config, dtype=torch_dtype, clear_layers=layers, out_format=out_format,
                          overwrite=overwrite, max_shard_size=shard_bytes, link=link,
-                         allow_radius_change=allow_radius_change, layers_mode=layers_mode, layers_base=layers_base)
-            step.finish()
+                         allow_radius_change=allow_radius_change, layers_mode=layers_mode, layers_base=layers_base,
+                         stage=step)
+            step.finish("done")
     typer.echo(result.analysis.table())
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
            if result.streamed and out_format == "full" else "")
     variant = f", pooled keys {down_factor}x{down_factor}" if down_factor else ""
-    typer.echo(f"converted {len(result.sites)} joint attention sites to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
+    typer.echo(f"converted {len(result.sites)} joint attention site{'' if len(result.sites) == 1 else 's'} to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
 
 
 def _model_argument(option: str | None, positional: str | None) -> str:
@@ -318,12 +322,13 @@ def generate(
     require_clear: Optional[bool] = typer.Option(None, help="refuse a model without CLEAR attention"),
     recipe: Optional[Path] = typer.Option(None, help=r"TOML recipe with a \[generate] table (flags override it)"),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="image file (.png, .jpg, .webp, ...)"),
+    overwrite: bool = typer.Option(False, help="replace an existing image"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
     with user_errors():
-        output_file("--out", out, IMAGE_SUFFIXES)
+        output_file("--out", out, IMAGE_SUFFIXES, overwrite=overwrite)
         in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
@@ -509,6 +514,11 @@ def distill(
         metrics = read_clear_config(result, None)["training"]["metrics"]
         typer.echo(f"held-out student-teacher MSE: zero-shot {metrics['zero_shot_student_teacher_mse']:.4g} -> "
                    f"distilled {metrics['eval_student_teacher_mse']:.4g}")
+        from clear_surgery.hub.model_card import distillation_made_worse
+
+        if distillation_made_worse(metrics):
+            typer.echo("warning: the distilled layers are worse than zero-shot CLEAR on the held-out samples (more "
+                       "steps, a lower learning rate or more data may help); the model card says so too", err=True)
         typer.echo(f"wrote {result}")
 
 

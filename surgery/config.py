@@ -53,7 +53,8 @@ class ClearConfig:
                 raise InvalidValueError(f"{name} must be a list of non-empty module-name patterns, got {value!r}")
             setattr(self, name, list(value))
         if self.token_layout not in ("raster", "tiled"):
-            raise InvalidValueError(f"token_layout must be 'raster' or 'tiled', got {self.token_layout!r}")
+            raise InvalidValueError(f"token_layout (--token-layout) must be 'raster' or 'tiled', got "
+                                    f"{self.token_layout!r}")
         if self.tile_shape is not None:
             if self.token_layout != "tiled":
                 raise InvalidValueError("tile_shape needs token_layout='tiled'")

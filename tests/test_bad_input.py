@@ -86,8 +86,10 @@ CASES = [
      True),
     ("backend", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "--backend", "cuda-magic", "-o", f"{W}/o"],
      "unknown backend 'cuda-magic'", True),
+    ("bare-builtin-name", ["analyze", "-m", "tiny-flux"], "did you mean builtin:tiny-flux?", True),
+    ("model-is-a-file", ["analyze", "-m", f"{W}/afile.txt"], "takes a model folder, not a file", False),
     ("token-layout", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "--token-layout", "zigzag", "-o", f"{W}/o"],
-     "token_layout must be", True),
+     "token_layout (--token-layout) must be", True),
     ("format", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "--format", "gguf", "-o", f"{W}/o"],
      "--format must be full or layers", True),
     ("generate-steps-0", ["generate", "-m", "builtin:tiny-flux", "-p", "a cat", "--steps", "0", "-o", f"{W}/i.png"],
@@ -135,10 +137,12 @@ CASES = [
     ("generate-out-extension", ["generate", "-m", "builtin:tiny-flux", "-p", "a", "-o", f"{W}/image.xyz"],
      "unknown file type '.xyz'", True),
     ("generate-out-folder", ["generate", "-m", "builtin:tiny-flux", "-p", "a", "-o", f"{W}/adir"], "is a folder", True),
-    ("generate-out-no-parent", ["generate", "-m", "builtin:tiny-flux", "-p", "a", "-o", f"{W}/missing/i.png"],
-     "does not exist", True),
-    ("analyze-json-no-parent", ["analyze", "-m", "builtin:tiny-flux", "--json", f"{W}/missing/r.json"],
-     "does not exist", True),
+    ("generate-out-exists", ["generate", "-m", "builtin:tiny-flux", "-p", "a", "-o", f"{W}/old.png"],
+     "already exists (pass --overwrite to replace it)", True),
+    ("analyze-json-exists", ["analyze", "-m", "builtin:tiny-flux", "--json", f"{W}/afile.txt"],
+     "already exists (pass --overwrite to replace it)", True),
+    ("generate-out-unwritable", ["generate", "-m", "builtin:tiny-flux", "-p", "a", "-o", "/proc/x/i.png"],
+     "cannot write in /proc", True),
     ("analyze-json-folder", ["analyze", "-m", "builtin:tiny-flux", "--json", f"{W}/adir"], "is a folder", True),
     ("convert-out-exists", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "-o", f"{W}/adir"], "already exists", True),
     ("convert-out-is-file", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "-o", f"{W}/afile.txt"],
@@ -232,6 +236,7 @@ def workspace(tmp_path_factory):
     _truncate(ws / "conv-badjson" / "clear_config.json")
     (ws / "adir").mkdir()
     (ws / "afile.txt").write_text("not a model\n")
+    (ws / "old.png").write_bytes(b"an image the user keeps")
     (ws / "broken.toml").write_text("[generate\nprompt = 'a'\n")
     (ws / "generate.toml").write_text("[generate]\nprompt = 'a'\nheight = 64\nwidth = 64\ncolour = 'red'\n")
     (ws / "recipe.toml").write_text((Path(__file__).parents[1] / "recipes" / "tiny-flux-r2.toml").read_text())

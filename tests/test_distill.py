@@ -280,3 +280,24 @@ def test_down_variant_trains_spatial_weight_too(trained, tmp_path):
     assert get_clear_state(healed).config.down_factor == 4
     state = healed.state_dict()
     assert all(torch.equal(state[n], t) for n, t in spatial.items())
+
+
+def test_every_recipe_problem_is_reported_in_one_pass_one_per_line(tmp_path):
+    """An unknown key no longer hides the invalid values beside it; each problem is a line of its own."""
+    args = ["distill", "--recipe", str(TINY), "--out", str(tmp_path / "out"), "--set", 'model.tacher="x"',
+            "--set", "clear.radius=0", "--set", 'train.optimizer="adam8bit"']
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    lines = [line.strip() for line in result.output.splitlines()]
+    for problem in ("unknown key model.tacher", "radius must be > 0", "train.optimizer must be one of"):
+        assert sum(problem in line for line in lines) == 1, (problem, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("after,warned", [(0.160, True), (0.0041, False)])
+def test_a_distillation_that_made_the_student_worse_says_so_on_its_card(after, warned):
+    from clear_surgery.hub.model_card import describe_training
+
+    lines = describe_training({"method": "distillation", "teacher": "builtin:tiny-flux", "steps": 2,
+                               "metrics": {"zero_shot_student_teacher_mse": 0.0134, "eval_student_teacher_mse": after}})
+    assert any("made the student worse" in line for line in lines) == warned

@@ -113,7 +113,7 @@ def test_plugin_tactics_cover_bf16_and_fp16():
     (["builtin:tiny-flux", "--format", "onnx"], "without CLEAR attention: convert it first"),
     (["CONVERTED", "--format", "onnx", "--opt-size", "256x256", "--max-size", "128x128"], "sizes outside the profile"),
     (["CONVERTED", "--format", "onnx", "--min-size", "40x32"], "must be a multiple of 16 pixels"),
-    (["CONVERTED", "--format", "onnx", "--dtype", "int8"], "unsupported dtype 'int8'"),
+    (["CONVERTED", "--format", "onnx", "--dtype", "int8"], "--dtype: unknown dtype 'int8'; choose one of bf16, fp16, fp32"),
     (["CONVERTED", "--format", "tensorrt"], "TensorRT is not installed"),
     (["CONVERTED", "--format", "onnnx"], "--format must be one of onnx, tensorrt, aoti"),
 ])

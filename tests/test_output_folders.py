@@ -122,3 +122,13 @@ def test_a_local_base_is_recorded_relative_to_the_folder_and_travels_with_it(tmp
     shutil.rmtree(moved / "base")
     with pytest.raises(ValueError, match=r"records its base model as '\.\./base' relative to .*--layers-base"):
         layers_base_ref(resolve_layers(str(moved / "layers")))
+
+
+def test_generate_follows_the_same_output_rules(tmp_path):
+    """Missing parents are created, as for output folders; an existing image is replaced only with --overwrite."""
+    args = ["generate", "--model", "builtin:tiny-flux", "--prompt", "a cat", "--height", "32", "--width", "32",
+            "--steps", "1", "--out", "new/sub/cat.png"]
+    assert run_cli(args, tmp_path).returncode == 0 and (tmp_path / "new" / "sub" / "cat.png").is_file()
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 2 and "already exists (pass --overwrite to replace it)" in again.stderr
+    assert run_cli([*args, "--overwrite"], tmp_path).returncode == 0

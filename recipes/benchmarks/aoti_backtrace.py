@@ -36,26 +36,30 @@ print("loaded; max abs diff", float((y.cpu() - ref["y"]).abs().max()), flush=Tru
 """
 
 
-def run(cmd, timeout=600, env=None):
+def run(cmd, timeout=600, env=None, keep=4000):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return {"returncode": done.returncode, "stdout": done.stdout[-4000:], "stderr": done.stderr[-4000:]}
+    return {"returncode": done.returncode, "stdout": done.stdout[-keep:], "stderr": done.stderr[-keep:]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--compilers", default="default,system", help="which of default,system to try")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"versions": {c: run([c, "--version"])["stdout"].splitlines()[:1] for c in ("/usr/bin/g++", "g++")
                            if shutil.which(c)}}
     for name, compiler in (("default", "default"), ("system", "/usr/bin/g++")):
+        if name not in args.compilers.split(","):
+            continue
         package = str(args.out / f"linear-{name}.pt2")
         report[f"compile_{name}"] = run([sys.executable, "-c", COMPILE, package, compiler])
         report[f"load_{name}"] = run([sys.executable, "-c", LOAD, package])
         if report[f"load_{name}"]["returncode"] != 0 and shutil.which("cuda-gdb"):
             report[f"backtrace_{name}"] = run(["cuda-gdb", "-batch", "-ex", "set pagination off", "-ex", "run",
-                                               "-ex", "bt 40", "-ex", "info sharedlibrary", "--args", sys.executable,
-                                               "-c", LOAD, package], env=dict(os.environ, PYTHONFAULTHANDLER="0"))
+                                               "-ex", "bt 30", "-ex", "info symbol $pc", "--args", sys.executable,
+                                               "-c", LOAD, package], env=dict(os.environ, PYTHONFAULTHANDLER="0"),
+                                              keep=12000)
         for suffix in ("", ".ref"):
             Path(package + suffix).unlink(missing_ok=True)
     (args.out / "aoti_backtrace.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError, OutputPathError
+from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError, OutputExistsError, OutputPathError
 
 # Pillow's formats by extension, for checking an image path before the work that makes the image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -65,13 +65,18 @@ def numbers(option: str, text: str, cast=int, low: float = 0) -> list:
     return values
 
 
-def output_file(option: str, path: Path | None, suffixes=None) -> None:
+def output_file(option: str, path: Path | None, suffixes=None, overwrite: bool = False) -> None:
+    """One check of an output file, before any work, with the rules of output folders: missing parents are
+    created when it is written, an existing file is replaced only with ``overwrite``."""
+    from clear_surgery.hub.atomic import writable_parent
+
     if path is None:
         return
     if path.is_dir():
         raise OutputPathError(f"{option} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"{option} {path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output file {path} already exists (pass --overwrite to replace it)")
+    writable_parent(path, option)
     if suffixes and path.suffix.lower() not in suffixes:
         raise OutputPathError(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; use one of "
                               f"{', '.join(suffixes)}")

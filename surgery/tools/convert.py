@@ -67,6 +67,10 @@ def default_down_factor(ref: ModelRef, layers: LayersSource | None) -> int | Non
     return ref.meta["config"].get("down_factor") if ref.is_clear else None
 
 
+# what a conversion does, in order (the weights of a model in files are written during the second)
+CONVERT_STAGES = ("reading the model", "analyzing, rewriting, verifying", "writing")
+
+
 def layers_base_ref(layers: LayersSource, base: str | None = None) -> ModelRef:
     """The model CLEAR layers were made from: ``base`` if given, else the one their folder records."""
     if base is not None:
@@ -96,7 +100,7 @@ def _delta(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor, name: 
 def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None = None, *,
             subfolder: str | None = None, revision: str | None = None, dtype: torch.dtype | None = None,
             clear_layers: str | Path | LayersSource | None = None, out_format: str = "full", overwrite: bool = False,
-            max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True,
+            max_shard_size: str | int = "10GB", link: bool = True, progress: bool = True, stage=None,
             allow_radius_change: bool = False, layers_mode: str = "replace",
             layers_base: str | None = None) -> ConvertResult:
     """Convert ``source`` to CLEAR and write ``out`` (``out_format`` full: the whole model; layers: the
@@ -106,7 +110,9 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     ``link``: unchanged files of a model read from files are hard links to the source's (where the
     filesystem allows), else byte copies. ``layers_mode`` delta: the model's own attention tensors plus
     what the layers changed in the model they were made from (``layers_base``, default the one their
-    folder records): how layers made on FLUX.1-dev carry over to FLUX.1-schnell."""
+    folder records): how layers made on FLUX.1-dev carry over to FLUX.1-schnell. ``stage(name)``: called as
+    each of CONVERT_STAGES starts (a progress display).
+    """
     if out_format not in FORMATS:
         raise ValueError(f"--format must be full or layers, got {out_format!r}")
     check_layers_mode(layers_mode, clear_layers)
@@ -132,17 +138,21 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
     weights_ref, base_record = ref, portable_record(ref.record(), out)
     if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
         weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE
+    stage = stage or (lambda name: None)
     if weights_ref.kind == BUILTIN:
         return _convert_in_memory(weights_ref, out, config, dtype, layers_file, out_format, overwrite,
-                                  max_shard_size, base_record, provenance, delta_base)
+                                  max_shard_size, base_record, provenance, delta_base, stage)
     return _convert_files(weights_ref, out, config, dtype, layers_file, out_format, overwrite, base_record,
-                          provenance, link, progress, delta_base)
+                          provenance, link, progress, delta_base, stage)
 
 
 def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwrite, max_shard_size, base_record,
-                       provenance, delta_base) -> ConvertResult:
+                       provenance, delta_base, stage) -> ConvertResult:
+    stage(CONVERT_STAGES[0])
     model, _ = load_model(ref, dtype=dtype)
+    stage(CONVERT_STAGES[1])
     analysis = apply_clear(model, config, provenance=provenance)
+    stage(CONVERT_STAGES[2])
     if delta_base is not None:
         apply_layer_deltas(model, layers_file, base_tensors(delta_base, list(layer_shapes(layers_file))))
     elif layers_file is not None:
@@ -155,7 +165,8 @@ def _convert_in_memory(ref, out, config, dtype, layers_file, out_format, overwri
 
 
 def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, base_record, provenance, link,
-                   progress, delta_base) -> ConvertResult:
+                   progress, delta_base, stage) -> ConvertResult:
+    stage(CONVERT_STAGES[0])
     folder = ref.local_folder()
     files = weight_files(folder)
     if not files:
@@ -203,7 +214,9 @@ def _convert_files(ref, out, config, dtype, layers_file, out_format, overwrite, 
             writer.start()
         try:
             # analysis and the rewrite's re-trace check on the meta device: no weights, no compute
+            stage(CONVERT_STAGES[1])
             analysis = apply_clear(meta_model, config, provenance=provenance)
+            stage(CONVERT_STAGES[2])
         except BaseException:
             if writer is not None:
                 stop.set()

@@ -9,11 +9,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
 from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig, runtime_backend
+from clear_surgery.surgery.dtypes import parse_dtype
 from clear_surgery.surgery.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import read_toml
 
@@ -128,7 +128,7 @@ class DistillRecipe:
 
     @property
     def torch_dtype(self):
-        return getattr(torch, self.model.dtype) if self.model.dtype else None
+        return parse_dtype(self.model.dtype, "model.dtype")
 
     def teacher_ref(self):
         """The resolved model.teacher (a CLEAR folder's base model is the dense teacher)."""
@@ -183,9 +183,10 @@ def _build(raw: dict, source: str, problems: list[str]) -> DistillRecipe | None:
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         problems += [f"unknown key {name}.{k}" for k in sorted(set(table) - known)]
-        problems += [f"missing {name}.{k}" for k in sorted(required - set(table))]
-        if not (set(table) - known) and required <= set(table):
-            parts[name] = cls(**table)
+        problems += [f"missing {name}.{k}" + (" (or give --out)" if (name, k) == ("output", "dir") else "")
+                     for k in sorted(required - set(table))]
+        if required <= set(table):  # unknown keys aside, the values are still checked, in the same pass
+            parts[name] = cls(**{k: v for k, v in table.items() if k in known})
     if len(parts) < len(SECTIONS):
         return None
     return DistillRecipe(**parts, version=raw.get("version", RECIPE_VERSION), source=source)
@@ -209,9 +210,10 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
             r.teacher_ref()
         except ValueError as err:
             problems.append(f"model.teacher: {err}")
-    if r.model.dtype not in (None, "float32", "bfloat16", "float16"):
-        problems.append(f"model.dtype must be float32, bfloat16 or float16 (or absent: as stored), got "
-                        f"{r.model.dtype!r}")
+    try:
+        parse_dtype(r.model.dtype, "model.dtype")  # (absent: as stored)
+    except ValueError as err:
+        problems.append(str(err))
     try:
         r.clear_config()
         runtime_backend(r.clear.backend)
@@ -281,7 +283,7 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
         problems.append(f"loss.attention_layers must be {OFFICIAL_ATTENTION_LAYERS!r} or a list of module-name "
                         f"patterns, got {layers!r}")
     if not isinstance(r.output.dir, str) or not r.output.dir:
-        problems.append("output.dir must name the output folder")
+        problems.append("output.dir must name the output folder (or give --out)")
 
 
 def _set(raw: dict, assignment: str) -> None:
