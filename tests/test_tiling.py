@@ -54,7 +54,7 @@ def test_default_tile_follows_head_dim():
 
 
 def test_tile_config_is_validated():
-    with pytest.raises(ValueError, match="token_layout must be"):
+    with pytest.raises(ValueError, match=r"token_layout \(--token-layout\) must be"):
         ClearConfig(radius=2, token_layout="zigzag")
     with pytest.raises(ValueError, match="tile_shape needs token_layout='tiled'"):
         ClearConfig(radius=2, tile_shape=[8, 16])

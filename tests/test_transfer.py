@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,11 @@ def test_layer_deltas_add_what_the_layers_changed(tmp_path):
 
 
 def test_check_transfer_delta_on_schnell(tmp_path, monkeypatch):
-    monkeypatch.chdir(TESTBED.parents[1])  # the layers record their base as a path from the repository root
+    monkeypatch.chdir(tmp_path)  # the layers record their base relative to their own folder: any directory works
     metrics = _run(tmp_path, "--target", str(MODELS / "schnell"), "--clear-layers", str(TESTBED / "layers" / "r8"),
                    "--layers-mode", "delta")
     setup = metrics["setup"]
-    assert setup["mode"] == "trained CLEAR layers (delta)" and setup["layers_base"] == "recipes/testbed/models/dev"
+    assert setup["mode"] == "trained CLEAR layers (delta)" and setup["layers_base"] == str((MODELS / "dev").resolve())
     assert metrics["summary"]["psnr"] > 20
 
 
@@ -160,7 +161,7 @@ def test_convert_carries_layers_as_a_delta(tmp_path, monkeypatch):
     """convert --layers-mode delta (streamed from files): schnell's tensors + (layers - dev's), the rest as is."""
     from safetensors.torch import load_file
 
-    monkeypatch.chdir(TESTBED.parents[1])
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "schnell-clear"
     assert main(["convert", "-m", str(MODELS / "schnell"), "--clear-layers", str(TESTBED / "layers" / "r8"),
                  "--layers-mode", "delta", "-o", str(out)]) == 0
@@ -173,7 +174,8 @@ def test_convert_carries_layers_as_a_delta(tmp_path, monkeypatch):
         expected = schnell[name] + layers[name] - dev[name] if name in layers else schnell[name]
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
     record = json.loads((out / "clear_config.json").read_text())
-    assert record["training"]["carried_by"] == {"mode": "delta", "layers_base": "recipes/testbed/models/dev"}
+    carried = os.path.relpath((MODELS / "dev").resolve(), out.resolve())  # where the output finds it again
+    assert record["training"]["carried_by"] == {"mode": "delta", "layers_base": carried}
 
 
 def test_convert_delta_in_memory_of_unchanged_layers_keeps_the_target(tmp_path):

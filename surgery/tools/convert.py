@@ -134,7 +134,9 @@ def convert(source: str | ModelRef, out: str | Path, config: ClearConfig | None 
                   else (ref.meta or {}).get("training"))
     delta_base = layers_base_ref(layers, layers_base) if layers_mode == "delta" else None
     if delta_base is not None:
-        provenance = {**(provenance or {}), "carried_by": {"mode": "delta", "layers_base": delta_base.source}}
+        # the base as the output folder can find it again (a local one relative to it)
+        carried = portable_record({"id": delta_base.source}, out)["id"]
+        provenance = {**(provenance or {}), "carried_by": {"mode": "delta", "layers_base": carried}}
     weights_ref, base_record = ref, portable_record(ref.record(), out)
     if ref.kind == LAYERS:  # the base model's weights with the folder's layers in place
         weights_ref, layers_file = ref.base(), ref.folder / LAYERS_FILE

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from clear_surgery.hub import load_model, resolve_model
+from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
 from clear_surgery.hub.clear_layers import (LayersSource, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             layer_shapes, resolve_layers)
@@ -115,9 +116,9 @@ def _controlnet_problems(transformer, controlnet) -> list[str]:
     return problems
 
 
-def _layers_base_tensors(layers: LayersSource | None, base: str | None) -> dict:
+def _layers_base_tensors(layers: LayersSource | None, base: ModelRef) -> dict:
     """The original values, in the model the layers were made from, of the tensors the layers hold."""
-    return base_tensors(layers_base_ref(layers, base), list(layer_shapes(layers.file)))
+    return base_tensors(base, list(layer_shapes(layers.file)))
 
 
 def _load_controlnet(source: str, transformer):
@@ -225,7 +226,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                             down_factor=config.down_factor)
         check_layer_fit({n: tuple(t.shape) for n, t in transformer.state_dict().items()}, layers.file,
                         f"the target's {type(transformer).__name__}", before_rewrite=True)
-    base_values = _layers_base_tensors(layers, layers_base) if layers_mode == "delta" else None
+    delta_base = layers_base_ref(layers, layers_base) if layers_mode == "delta" else None
+    base_values = _layers_base_tensors(layers, delta_base) if delta_base is not None else None
     if controlnet_attention == "layers" and base_values is None:  # replace: the target is the layers' base
         state = transformer.state_dict()
         base_values_cn = {n: state[n].detach().clone() for n in layer_shapes(layers.file) if n in state}
@@ -257,8 +259,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             "target": str(target), "target_class": type(transformer).__name__,
             "clear_layers": str(layers.describe()) if layers else None, "radius": radius,
             "mode": ("trained CLEAR layers" + (" (delta)" if base_values is not None else "")) if layers
-            else "zero-shot", "layers_base": str(layers_base or layers.base_model) if base_values is not None
-            else None, "controlnet": controlnet,
+            else "zero-shot", "layers_base": delta_base.source if delta_base is not None else None, "controlnet": controlnet,
             "controlnet_attention": controlnet_attention if controlnet else None,
             "control_images": str(control_images) if control_images else None,
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
