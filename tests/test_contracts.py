@@ -14,6 +14,22 @@ from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, loa
 SIZES = {"min": "32x32", "opt": "48x64", "max": "128x128"}
 
 
+def test_the_op_and_every_engine_form_derive_from_the_schema():
+    import inspect
+
+    from clear_surgery.export.onnx import ATTRIBUTES
+    from clear_surgery.plugins import schema, tensorrt_plugin
+
+    assert str(torch.ops.clear.attention.default._schema) == "clear::attention" + schema.torch_schema()
+    assert str(torch.ops.clear.attention_aot.default._schema) == "clear::attention_aot" + schema.aot_schema()
+    fields = list(inspect.signature(tensorrt_plugin.describe).parameters)[len(tensorrt_plugin.TENSOR_INPUTS):]
+    assert ATTRIBUTES == schema.ENGINE_ATTRIBUTES and fields == list(schema.ENGINE_ATTRIBUTES)
+    call = schema.bind((None, None, None), dict(text_len=3, text_first=True, height=2, width=2, radius=1.5))
+    assert schema.engine_refusals(call) == []
+    assert [line.split(":")[0] for line in schema.engine_refusals({**call, "pool_weight": 1, "images": [2, 2]})] == \
+        ["pool_weight", "images"]
+
+
 def test_export_of_the_down_variant_is_one_clear_refusal(tmp_path):
     model = load_builtin("tiny-flux")
     apply_clear(model, ClearConfig(radius=2.5, down_factor=2))
