@@ -478,7 +478,7 @@ def coverage():
     """Analyze tiny configs of every MMDiT family in the installed diffusers; print the markdown table."""
     from clear_surgery.surgery.tools.coverage import coverage_table
 
-    typer.echo(coverage_table())
+    typer.echo(coverage_table(progress=True))
 
 
 @app.command()

@@ -7,6 +7,7 @@ the model family registry (surgery/families/), by converting and comparing."""
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import torch
@@ -366,9 +367,13 @@ def _rewrite_check(model, inputs, report) -> str:
     return "yes"
 
 
-def coverage_rows() -> list[dict]:
+def coverage_rows(progress: bool = False) -> list[dict]:
+    """One row per family; ``progress``: a bar on stderr, one step per family."""
+    from tqdm.auto import tqdm
+
     rows = []
-    for family, build in FAMILIES.items():
+    for family, build in tqdm(FAMILIES.items(), desc="coverage", unit="family", disable=not progress,
+                              file=sys.stderr):
         row = {"family": family}
         try:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -403,8 +408,8 @@ def coverage_rows() -> list[dict]:
     return rows
 
 
-def coverage_table(rows=None) -> str:
-    rows = rows or coverage_rows()
+def coverage_table(rows=None, progress: bool = False) -> str:
+    rows = rows or coverage_rows(progress)
     lines = ["| family | attention sites (tiny config) | segment order | CLEAR rewrite |", "|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['sites']} | {r['layout']} | {r['rewrite']} |" for r in rows]
     return "\n".join(lines)
