@@ -20,12 +20,13 @@ def export_model(source, out: str | Path, fmt: str, *, sizes: dict | None = None
     AOTInductor packages always are)."""
     from clear_surgery.hub.atomic import atomic_directory, check_output_folder, write_json
 
-    from .common import check_options, manifest, out_files, prepare
+    from .common import check_before_loading, check_options, manifest, out_files, prepare
 
     out = Path(out)
     check_output_folder(out, overwrite)
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     check_options(fmt, sizes, dtype)
+    check_before_loading(source, sizes)
     step = progress or (lambda message: None)
     step("loading")
     prepared = prepare(source, sizes, dtype=dtype, batch=batch, text_len=text_len,

@@ -100,6 +100,40 @@ class Prepared:
     notes: list = field(default_factory=list)
 
 
+def check_before_loading(source, sizes: dict) -> None:
+    """What can be checked from a model's configs alone (``check_exportable``), so that a wrong size or an
+    unconverted model fails before any weight is read."""
+    if isinstance(source, torch.nn.Module):
+        return
+    from clear_surgery.hub import resolve_model
+
+    ref = source if isinstance(source, ModelRef) else resolve_model(source)
+    check_exportable(f"{ref.source} is {ref.describe()}", ref.model_class, ref.meta["config"] if ref.is_clear
+                     else None, sizes)
+
+
+def check_exportable(what: str, model_class: str, config: dict | None, sizes: dict) -> SizeProfile:
+    """One error for a model an export cannot serve: not converted (``config`` None), a family without an
+    export plan, a converted variant the engines' kernel cannot run (checked against the op schema before any
+    tracing; the ONNX translation refuses any other call), sizes off the family's token step."""
+    from clear_surgery.surgery import family_for_class
+
+    if config is None:
+        raise ExportError(f"{what} without CLEAR attention: convert it first "
+                          "(clear-surgery convert --model ... --radius R --out FOLDER) and export that folder")
+    family = family_for_class(model_class)
+    plan = family.export_plan if family is not None else None
+    if plan is None:
+        raise ExportError(f"{model_class} ({family.name if family else 'unknown'} family) cannot be exported yet")
+    problems = schema.engine_refusals({"pool_weight": config.get("down_factor")})
+    if problems:
+        raise ExportError(f"{what}: an exported engine cannot serve its CLEAR attention: " + "; ".join(problems))
+    profile = SizeProfile(*(parse_size(sizes[k], f"--{k}-size") if isinstance(sizes[k], str) else tuple(sizes[k])
+                            for k in ("min", "opt", "max")), pixels_per_token=plan.pixels_per_token)
+    profile.check()
+    return profile
+
+
 def prepare(source: str | ModelRef, sizes: dict, *, dtype: str | None, batch: int = 1, text_len: int | None = None,
             kernel_tile: bool = False, device: str = "cpu") -> Prepared:
     """Load ``source`` (it must be a converted model), check every option, build the export wrapper and
@@ -115,20 +149,8 @@ def prepare(source: str | ModelRef, sizes: dict, *, dtype: str | None, batch: in
         model, ref = load_model(source, dtype=torch_dtype)
         what = f"{ref.source} is {ref.describe()}"
     state = get_clear_state(model)
-    if state is None:
-        raise ExportError(f"{what} without CLEAR attention: convert it first "
-                          "(clear-surgery convert --model ... --radius R --out FOLDER) and export that folder")
+    profile = check_exportable(what, type(model).__name__, state and state.config.to_dict(), sizes)
     plan = state.family.export_plan
-    if plan is None:
-        raise ExportError(f"{type(model).__name__} ({state.family.name} family) cannot be exported yet")
-    # what every converted site will pass the op, checked against the schema before any tracing
-    # (the pooled keys of the "down" variant); the translation refuses any other call it cannot serve
-    problems = schema.engine_refusals({"pool_weight": state.config.down_factor})
-    if problems:
-        raise ExportError(f"{what}: an exported engine cannot serve its CLEAR attention: " + "; ".join(problems))
-    profile = SizeProfile(*(parse_size(sizes[k], f"--{k}-size") if isinstance(sizes[k], str) else tuple(sizes[k])
-                            for k in ("min", "opt", "max")), pixels_per_token=plan.pixels_per_token)
-    profile.check()
     notes = []
     if kernel_tile:
         notes += _use_kernel_tile(model)

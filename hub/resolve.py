@@ -178,6 +178,9 @@ def resolve_model(source: str, *, subfolder: str | None = None, revision: str | 
     if source.startswith(BUILTIN_PREFIX):
         if source not in builtin_names():
             raise ModelLoadError(f"unknown built-in model {source!r}; available: {builtin_names()}")
+        if revision is not None:
+            raise ModelLoadError(f"--revision {revision}: {source} is built in, it has no revisions (they are for "
+                                 "Hub ids)")
         return ModelRef(BUILTIN, source, builtin_class(source))
     path = Path(source).expanduser()
     if path.is_dir():

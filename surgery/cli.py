@@ -592,14 +592,16 @@ def export_command(
         model = _model_argument(model, source)
         output_folder("--out", out, overwrite)
         check(timing_cache is None or timing_cache.is_file(), f"--timing-cache {timing_cache} does not exist")
-        from clear_surgery.export.common import check_options
+        from clear_surgery.export.common import check_before_loading, check_options
 
         sizes = {"min": min_size, "opt": opt_size, "max": max_size}
         check_options(out_format, sizes, dtype)
         _check_sources(model)
+        check_before_loading(model, sizes)  # from the model's configs: before any progress output
         from clear_surgery.export import export_model
 
-        with _stages("export") as step:
+        stages = {"onnx": 2, "tensorrt": 3, "aoti": 2}[out_format] + 1  # loading, exporting (, building), done
+        with _stages("export", total=stages) as step:
             data = export_model(model, out, out_format, sizes=sizes, dtype=dtype, batch=batch, text_len=text_len,
                                 overwrite=overwrite, timing_cache=timing_cache, kernel_tile=kernel_tile,
                                 progress=step)

@@ -87,6 +87,7 @@ CASES = [
     ("backend", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "--backend", "cuda-magic", "-o", f"{W}/o"],
      "unknown backend 'cuda-magic'", True),
     ("bare-builtin-name", ["analyze", "-m", "tiny-flux"], "did you mean builtin:tiny-flux?", True),
+    ("builtin-revision", ["analyze", "-m", "builtin:tiny-flux", "--revision", "v2"], "it has no revisions", False),
     ("model-is-a-file", ["analyze", "-m", f"{W}/afile.txt"], "takes a model folder, not a file", False),
     ("token-layout", ["convert", "-m", "builtin:tiny-flux", "-r", "4", "--token-layout", "zigzag", "-o", f"{W}/o"],
      "token_layout (--token-layout) must be", True),

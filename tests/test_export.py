@@ -130,6 +130,7 @@ def test_bad_exports_fail_with_one_message_and_leave_nothing(tmp_path, args, mes
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output
+    assert "export:" not in result.output  # refused from the configs, before any progress output or loading
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
 
 
