@@ -59,6 +59,16 @@ def _usage(meta: dict, is_layers: bool, repo_id: str) -> str:
             f'pipe = {pipeline}.from_pretrained("{base}", {target}=model, torch_dtype=torch.bfloat16)\n```\n')
 
 
+def _patterns_used(meta: dict, sites: list[str]) -> list[str]:
+    """The layers' selection patterns that selected a stored tensor (a plain-CLEAR folder's card does not list
+    the pooled-key variant's spatial_weight pattern)."""
+    import fnmatch
+
+    stored = list(meta.get("tensors", {}))
+    return [p for p in meta.get("trained", []) if any(fnmatch.fnmatchcase(name, p.format(site=site) if "{site}" in p
+                                                                            else p) for name in stored for site in sites)]
+
+
 def describe_training(training: dict | None) -> list[str]:
     """The card's lines on how the CLEAR tensors were made (zero-shot when there is no record)."""
     if not training:
@@ -110,7 +120,7 @@ def render_model_card(meta: dict, repo_id: str = REPO_PLACEHOLDER, *, online: bo
         f"- converted attention modules: {len(sites)} ({', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''})",
     ]
     if is_layers:
-        lines.append(f"- tensors stored: {len(meta['tensors'])}, selected by {meta['trained']}")
+        lines.append(f"- tensors stored: {len(meta['tensors'])}, selected by {_patterns_used(meta, sites)}")
     lines += describe_training(meta.get("training"))
     lines += ["", "## Usage", "", _usage(meta, is_layers, repo_id),
               f"Made with clear-surgery {meta.get('clear_surgery_version', '')}; settings in `clear_config.json`."]

@@ -205,6 +205,7 @@ def convert(
     how = (f"; shards: {result.linked} linked, {result.copied} copied, {result.rewritten} rewritten"
            if result.streamed and out_format == "full" else "")
     variant = f", pooled keys {down_factor}x{down_factor}" if down_factor else ""
+    variant += "".join(f"; r={r:g} for {pattern}" for pattern, r in rules.items())
     typer.echo(f"converted {len(result.sites)} joint attention site{'' if len(result.sites) == 1 else 's'} to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
 
 

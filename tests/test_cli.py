@@ -123,3 +123,12 @@ def test_convert_with_per_layer_radius(tmp_path):
     result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--radius-for", "single_*",
                  "--out", str(tmp_path / "bad"))
     assert result.exit_code == 2 and "--radius-for takes PATTERN=RADIUS" in result.output
+
+
+def test_per_layer_radii_are_in_the_summary_and_a_plain_card_lists_only_what_it_stored(tmp_path):
+    result = run("convert", "--model", "builtin:tiny-flux", "--radius", "4", "--radius-for",
+                 "single_transformer_blocks.*=2", "--format", "layers", "--out", str(tmp_path / "layers"))
+    assert result.exit_code == 0, result.output
+    assert "(r=4; r=2 for single_transformer_blocks.*)" in result.output
+    card = (tmp_path / "layers" / "README.md").read_text()
+    assert "selected by" in card and "spatial_weight" not in card  # plain CLEAR stores no pooled-key weights
