@@ -173,8 +173,8 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
                           groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
                           q_in_regs: bool = True, pingpong: bool | None = None):
     """Same signature and result as reference_attention (inference forward) for the features the backend
-    declares (no pooled keys, no text bias: the chooser sends those calls elsewhere). ``groups``: 64-row query blocks per program (default:
-    GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
+    declares (no pooled keys, no text bias: the chooser sends those calls elsewhere). ``groups``: 64-row query
+    blocks per program (default: GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma);
     ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required)."""
     if extra is not None or text_bias is not None:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .layout import TokenLayout
-from .schema import ENGINE_ATTRIBUTES, GRID, aot_arguments, implements
+from .schema import aot_arguments, implements
 from .schema import TENSOR_INPUTS as TENSOR_INPUTS_OF_CALL
 from .triton_backend import interpreting, kernel_config, max_visible_d2, tensors_reason, triton
 
@@ -127,7 +127,7 @@ if triton is not None:
     def attention_aot(*args) -> torch.Tensor:
         """clear::attention on the self-contained kernel, as a ``triton_op`` taking ``schema.engine_arguments``:
         torch.export records the kernel launch itself, so AOTInductor compiles the kernel into its package."""
-        call = dict(zip((*TENSOR_INPUTS_OF_CALL, *GRID, *ENGINE_ATTRIBUTES), args))
+        call = dict(zip((a.name for a in aot_arguments()), args))
         q, k, v = (call[name].contiguous() for name in TENSOR_INPUTS_OF_CALL)
         batch, tokens, heads, head_dim = q.shape
         spec = spec_for(head_dim, q.dtype, call["radius"], bool(call["text_first"]), call["scale"] or None,
