@@ -13,9 +13,9 @@ _EXPORTS = {
     "config": ["ClearConfig", "runtime_backend"],
     "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid"],
     "patch_parallel": ["disable_patch_parallel", "enable_patch_parallel"],
-    "processors": ["ClearRuntime", "ClearSDPAProcessor"],
-    "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "remove_clear",
-                "select_sites", "set_backend"],
+    "processors": ["AttentionCall", "ClearRuntime", "ClearSDPAProcessor"],
+    "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "observe_attention",
+                "remove_clear", "select_sites", "set_backend"],
     "state": ["ClearState", "clear_tensors", "get_clear_state", "is_clear_tensor"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,34 +11,34 @@ Weights are replicated.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
 from clear_surgery.plugins.band_parallel import BandPlan, band_parallel_attention
 
+from .boundary import TokenBoundary, is_token_tensor
 from .errors import InvalidValueError
-from .families.base import bound_arguments
+from .processors import AttentionCall
 from .state import require_clear_state
-from .tiling import map_tensors
 
 
-class BandRuntime:
-    """Hooks that run a CLEAR model on one band of image rows; owned by the model's ClearRuntime."""
+class BandRuntime(TokenBoundary):
+    """Runs a CLEAR model on one band of image rows: cuts the band on entry, gathers all bands on exit, and
+    hands every attention call to the band-parallel op (a step of the model's attention route)."""
+
+    ROUTE = "patch-parallel"
 
     def __init__(self, model, family, runtime, group, text_merge: str = "exact"):
-        self.plan_spec, self.runtime, self.group, self.text_merge = family.tile_plan, runtime, group, text_merge
+        # entry: after the tile layout's permutation (registered earlier); exit: before its inverse
+        super().__init__(model, family.tile_plan, outermost=True)
+        self.runtime, self.group, self.text_merge = runtime, group, text_merge
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.band = None  # (start token, stop token) of this rank's rows in the current call
         self.tokens = 0  # image tokens of the whole image in the current call
-        # entry: after the tile layout's permutation (registered earlier); exit: before its inverse (prepend)
-        self.handles = [model.register_forward_pre_hook(self._entry, with_kwargs=True),
-                        model.register_forward_hook(self._exit, with_kwargs=True, prepend=True)]
-        for names, hook, first in ((self.plan_spec.token_modules, self._cut, False),
-                                   (self.plan_spec.exit_modules, self._gather, True)):
-            for name in names:
-                module = getattr(model, name, None)
-                if isinstance(module, torch.nn.Module):
-                    self.handles.append(module.register_forward_hook(hook, prepend=first))
+        # first on the route: the steps after it (proportional attention) see the whole image's token count
+        runtime.add_route(self.ROUTE, self.route, first=True)
 
     def plan(self, radius: float) -> BandPlan:
         height, width = self.runtime.current_grid()
@@ -49,20 +49,21 @@ class BandRuntime:
         height, width = self.runtime.current_grid()
         return BandPlan(height, width, self.world, 0, self.runtime.tile)
 
-    def text_len(self, query) -> int:
-        return query.shape[1] - (self.band[1] - self.band[0])
+    def route(self, call: AttentionCall, proceed):
+        if call.pool_weight is not None or call.attn_mask is not None or call.images:
+            raise ValueError("patch parallelism runs plain CLEAR only: not the 'down' variant (its pooled keys need "
+                             "the whole image on every rank), text padding masks or several images")
+        # this rank holds the text and one band of image rows
+        text_len = call.query.shape[1] - (self.band[1] - self.band[0])
+        return proceed(replace(call, text_len=text_len, op=self.attend))
 
-    def attend(self, query, key, value, text_first: bool, radius: float, backend: str, scale):
-        return band_parallel_attention(query, key, value, text_len=self.text_len(query), text_first=text_first,
-                                       plan=self.plan(radius), radius=radius, scale=scale, backend=backend,
-                                       group=self.group, text_merge=self.text_merge)
+    def attend(self, call: AttentionCall):
+        return band_parallel_attention(call.query, call.key, call.value, text_len=call.text_len,
+                                       text_first=call.text_first, plan=self.plan(call.radius), radius=call.radius,
+                                       scale=call.scale, backend=call.backend, group=self.group,
+                                       text_merge=self.text_merge)
 
-    def _take(self, x):
-        if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == self.tokens:
-            return x[:, self.band[0]:self.band[1]]
-        return x
-
-    def _entry(self, model, args, kwargs):
+    def start(self, model):
         height, width = self.runtime.current_grid()  # of the whole image: the grid hook runs first
         rows = self.rows().rows(self.rank)
         if rows[1] <= rows[0]:
@@ -70,20 +71,16 @@ class BandRuntime:
             raise InvalidValueError(f"patch parallel: {self.world} ranks for an image of {height} token rows{unit} "
                                     f"leave rank {self.rank} without rows")
         self.band, self.tokens = (rows[0] * width, rows[1] * width), height * width
-        bound = bound_arguments(model, args, kwargs)
-        for name in [n for n in self.plan_spec.entry_tensors if n in bound]:
-            bound[name] = self._take(bound.get(name))
-        for name in self.plan_spec.entry_lists:
-            if bound.get(name) is not None:
-                bound[name] = [self._take(x) for x in bound[name]]
-        ids = bound.get(self.plan_spec.ids) if self.plan_spec.ids else None
-        if ids is not None:  # position ids (RoPE) of the band's tokens
-            bound[self.plan_spec.ids] = ids.narrow(ids.ndim - 2, self.band[0], self.band[1] - self.band[0])
-        return (), bound
 
-    def _gather_tensor(self, x):
+    def enter(self, x):
+        return x[:, self.band[0]:self.band[1]] if is_token_tensor(x, self.tokens) else x
+
+    def enter_ids(self, ids):  # position ids (RoPE) of the band's tokens
+        return ids.narrow(ids.ndim - 2, self.band[0], self.band[1] - self.band[0])
+
+    def leave(self, x):
         """All ranks' bands of x (batch, band tokens, channels) back into the whole image, on every rank."""
-        if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == self.band[1] - self.band[0]):
+        if not is_token_tensor(x, self.band[1] - self.band[0]):
             return x
         spec = self.rows()
         counts = [(stop - start) * spec.width for start, stop in map(spec.rows, range(self.world))]
@@ -93,18 +90,9 @@ class BandRuntime:
         dist.all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[:, :n] for p, n in zip(parts, counts)], 1)
 
-    def _exit(self, model, args, kwargs, output):
-        return map_tensors(output, self._gather_tensor)
-
-    def _cut(self, module, args, output):
-        return self._take(output)
-
-    def _gather(self, module, args, output):
-        return self._gather_tensor(output)
-
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
+        super().remove()
+        self.runtime.remove_route(self.ROUTE)
 
 
 def init_from_torchrun() -> bool:
@@ -135,23 +123,26 @@ def enable_patch_parallel(model: torch.nn.Module, group=None, *, text_merge: str
     if state.family.tile_plan is None:
         raise InvalidValueError(f"{type(model).__name__} ({state.family.name} family) has no plan of where its image "
                                 "tokens enter and leave: patch parallel is not available for it")
-    if state.runtime.band is not None:
+    if patch_parallel_of(state.runtime) is not None:
         raise InvalidValueError("patch parallel is enabled already")
     # dense attention over image tokens (SD3.5's image-only attn2, sites left dense) needs the whole image
     dense = [s.module for s in state.analysis.sites if s.kind in ("image", "joint") and s.module not in state.sites]
     if dense:
         raise InvalidValueError(f"patch parallel splits image tokens by rows, but {', '.join(dense[:4])} "
                                 f"{'attend' if len(dense) > 1 else 'attends'} densely over all image tokens")
-    state.runtime.band = BandRuntime(model, state.family, state.runtime, group, text_merge)
-    state.runtime.hooks.append(state.runtime.band)
+    state.runtime.hooks.append(BandRuntime(model, state.family, state.runtime, group, text_merge))
 
 
 def disable_patch_parallel(model: torch.nn.Module) -> None:
     runtime = require_clear_state(model, "stop patch parallel").runtime
-    if runtime.band is not None:
-        runtime.band.remove()
-        runtime.hooks.remove(runtime.band)
-        runtime.band = None
+    band = patch_parallel_of(runtime)
+    if band is not None:
+        band.remove()
+        runtime.hooks.remove(band)
+
+
+def patch_parallel_of(runtime) -> BandRuntime | None:
+    return next((hook for hook in runtime.hooks if isinstance(hook, BandRuntime)), None)
 
 
 __all__ = ["BandRuntime", "disable_patch_parallel", "enable_patch_parallel", "init_from_torchrun"]

@@ -6,9 +6,10 @@ lives in its family's module) and the generic route for any stock processor."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -16,9 +17,56 @@ from clear_surgery.plugins import attention, spatial_weight_shape
 
 
 @dataclass
+class AttentionCall:
+    """One attention call of a CLEAR processor, as the run-time route sees it. Tensors are
+    (batch, tokens, heads, head_dim); ``text_len`` counts every token that is not an image token of this
+    process (text, and nothing else); ``op`` runs the call (default: ``clear::attention``)."""
+
+    site: str
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    text_len: int
+    text_first: bool
+    height: int
+    width: int
+    radius: float
+    backend: str
+    images: tuple = ()
+    tile: tuple[int, int] | None = None
+    scale: float | None = None
+    attn_mask: torch.Tensor | None = None
+    pool_weight: torch.Tensor | None = None
+    op: Callable[["AttentionCall"], torch.Tensor] | None = None
+
+    def tokens(self) -> int:
+        """Tokens of the whole sequence (all images, all text), whichever part this process holds."""
+        return self.text_len + self.height * self.width + sum(h * w for h, w in self.images)
+
+    def run(self) -> torch.Tensor:
+        return (self.op or clear_attention)(self)
+
+
+def clear_attention(call: AttentionCall) -> torch.Tensor:
+    """The call through ``clear::attention``: the route's last step unless a tool replaced it."""
+    return attention(call.query, call.key, call.value, text_len=call.text_len, text_first=call.text_first,
+                     height=call.height, width=call.width, radius=call.radius, backend=call.backend, tile=call.tile,
+                     scale=call.scale, pool_weight=call.pool_weight, attn_mask=call.attn_mask, images=call.images)
+
+
+# A step of the run-time route: sees the call, may change it (dataclasses.replace) and hand it on with
+# ``proceed``, or answer it itself.
+Route = Callable[[AttentionCall, Callable[[AttentionCall], torch.Tensor]], torch.Tensor]
+
+
+@dataclass
 class ClearRuntime:
-    """Per-model state shared by its CLEAR processors: the current call's image grid and the run-time
-    choices (the backend) that are not part of the saved config."""
+    """Per-model state shared by its CLEAR processors: the current call's image grid, the run-time choices
+    that are not part of the saved config (the backend), and the route every attention call takes.
+
+    Tools change what attention does by adding a named step to the route (``add_route``): the locality
+    profiler answers calls itself, proportional attention changes the scale, patch parallelism hands the
+    call to the band-parallel op. Steps run in list order; the last one's ``proceed`` runs ``call.run()``."""
 
     backend: str = "auto"  # which backend of clear_surgery.plugins runs the op (set_backend changes it)
     grid: tuple[int, int] | None = None
@@ -26,14 +74,40 @@ class ClearRuntime:
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
     originals: dict = field(default_factory=dict)  # module name -> replaced processor (for undo)
     hooks: list = field(default_factory=list)
-    observer: object = None  # set by the locality profiler: sees q/k of every call, attention stays dense
-    proportional_attention: bool = False  # scale = sqrt(log_4608(tokens) / head_dim), for resolution extrapolation
-    band: object = None  # patch parallel (surgery/patch_parallel.py): this rank's rows of the image, or None
+    routes: dict[str, Route] = field(default_factory=dict)  # name -> step, in the order they run
 
     def current_grid(self) -> tuple[int, int]:
         if self.grid is None:
             raise RuntimeError("CLEAR processor called outside its model's forward: no image grid is set")
         return self.grid
+
+    def add_route(self, name: str, step: Route, *, first: bool = False) -> None:
+        """Add a step to every attention call's route (``first``: before the steps already there)."""
+        if name in self.routes:
+            raise ValueError(f"{name} is on this model's attention route already")
+        self.routes = {name: step, **self.routes} if first else {**self.routes, name: step}
+
+    def remove_route(self, name: str) -> None:
+        self.routes.pop(name, None)
+
+    @contextlib.contextmanager
+    def routed(self, name: str, step: Route):
+        """``step`` on the route inside the block only."""
+        self.add_route(name, step)
+        try:
+            yield
+        finally:
+            self.remove_route(name)
+
+    def route(self, call: AttentionCall) -> torch.Tensor:
+        steps = list(self.routes.values())
+
+        def proceed(call: AttentionCall, i: int = 0) -> torch.Tensor:
+            if i == len(steps):
+                return call.run()
+            return steps[i](call, lambda next_call: proceed(next_call, i + 1))
+
+        return proceed(call)
 
 
 class ClearProcessorBase(torch.nn.Module):
@@ -59,24 +133,13 @@ class ClearProcessorBase(torch.nn.Module):
     def _attend(self, query, key, value, attention_mask, scale=None):
         """(batch, tokens, heads, head_dim) in, same out. ``attention_mask``: the model's text padding mask as
         scaled_dot_product_attention takes it (bool or additive, broadcastable to (batch, heads, q, k))."""
-        height, width = self.runtime.current_grid()
-        images = self.runtime.images
-        text_len = query.shape[1] - height * width - sum(h * w for h, w in images)
-        if self.runtime.observer is not None:
-            return self.runtime.observer(self, query, key, value, text_len, height, width, images)
-        band = self.runtime.band
-        if band is not None and (self.down_factor or attention_mask is not None or images):
-            raise ValueError("patch parallelism runs plain CLEAR only: not the 'down' variant (its pooled keys need "
-                             "the whole image on every rank), text padding masks or several images")
-        if self.runtime.proportional_attention:  # the official high-resolution setting (4608 = 1024² FLUX tokens)
-            tokens = query.shape[1] if band is None else band.text_len(query) + height * width  # the whole image's
-            scale = math.sqrt(math.log(tokens, 4608) / query.shape[-1])
-        if band is not None:  # patch parallel: this rank holds the text and one band of image rows
-            return band.attend(query, key, value, self.text_first, self.radius, self.runtime.backend, scale)
-        return attention(query, key, value, text_len=text_len, text_first=self.text_first, height=height,
-                         width=width, radius=self.radius, backend=self.runtime.backend, tile=self.runtime.tile, scale=scale,
-                         pool_weight=self.spatial_weight if self.down_factor else None, attn_mask=attention_mask,
-                         images=images)
+        runtime = self.runtime
+        height, width = runtime.current_grid()
+        images = runtime.images
+        call = AttentionCall(self.name, query, key, value, query.shape[1] - height * width - sum(h * w for h, w in images),
+                             self.text_first, height, width, self.radius, runtime.backend, images, runtime.tile, scale,
+                             attention_mask, self.spatial_weight if self.down_factor else None)
+        return runtime.route(call)
 
     def _down(self) -> str:
         return f", down_factor={self.down_factor}" if self.down_factor else ""

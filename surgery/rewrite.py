@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 
 import torch
 
@@ -11,7 +12,7 @@ from .analysis import AnalysisReport, AttentionSite, analyze
 from .config import ClearConfig, runtime_backend
 from .errors import ClearSurgeryError, InvalidValueError
 from .families import ModelFamily, family_of
-from .processors import ClearRuntime, ClearSDPAProcessor, clear_processor_for
+from .processors import ClearRuntime, ClearSDPAProcessor, Route, clear_processor_for
 from .state import ClearState, attach, detach, get_clear_state, require_clear_state
 from .tiling import TileLayout
 
@@ -92,27 +93,16 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, backend: str = "
                          "made inside the model where the tile layout does not hook in); use token_layout='raster'")
     before = analysis if analysis is not None else analyze(model, family=family)
     targets = select_sites(before, config)
-    modules = {s.module: model.get_submodule(s.module) for s in targets}
-    text_first = {s.module: s.order == "text_first" for s in targets}
 
     runtime = ClearRuntime(backend=backend)
-    for name, module in modules.items():
-        original = module.processor
-        dedicated = clear_processor_for(family, original)
-        args = (runtime, config.radius_for(name), name)
-        runtime.originals[name] = original
-        # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
-        processor = (dedicated(*args, down_factor=config.down_factor) if dedicated else
-                     ClearSDPAProcessor(original, *args, text_first[name], down_factor=config.down_factor))
-        weight = next(module.parameters(), None)  # the down variant's spatial_weight: the attention's dtype/device
-        module.set_processor(processor.to(weight.device, weight.dtype) if weight is not None else processor)
-    runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
+    _install_processors(model, family, targets, runtime, config.radius_for, config.down_factor)
     attach(model, ClearState(config=config, family=family, sites=[s.module for s in targets], analysis=before,
                              runtime=runtime, provenance=provenance))
     try:
         # The re-trace checks the processors' math in raster order; the tile layout only adds
         # permutations at the model's edges (checked by output equality in the tests).
-        after = verify_rewrite(model, family, before, set(modules), config.down_factor or 1) if verify else before
+        after = verify_rewrite(model, family, before, {s.module for s in targets},
+                                               config.down_factor or 1) if verify else before
         if config.token_layout == "tiled":
             runtime.tile = tuple(config.tile_shape or default_tile(targets[0].head_dim, config.radius))
             runtime.hooks.append(TileLayout(model, family, runtime, runtime.tile))
@@ -120,6 +110,48 @@ def apply_clear(model: torch.nn.Module, config: ClearConfig, *, backend: str = "
         remove_clear(model)
         raise
     return after
+
+
+def _install_processors(model, family: ModelFamily, targets: list[AttentionSite], runtime: ClearRuntime, radius_for,
+                        down_factor: int | None = None) -> None:
+    """CLEAR processors on ``targets`` sharing ``runtime``, and the hook that reads each call's image grid."""
+    for site in targets:
+        module = model.get_submodule(site.module)
+        original = module.processor
+        dedicated = clear_processor_for(family, original)
+        args = (runtime, radius_for(site.module), site.module)
+        runtime.originals[site.module] = original
+        # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
+        processor = (dedicated(*args, down_factor=down_factor) if dedicated else
+                     ClearSDPAProcessor(original, *args, site.order == "text_first", down_factor=down_factor))
+        weight = next(module.parameters(), None)  # the down variant's spatial_weight: the attention's dtype/device
+        module.set_processor(processor.to(weight.device, weight.dtype) if weight is not None else processor)
+    runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
+
+
+def _restore(model, runtime: ClearRuntime) -> None:
+    for name, processor in runtime.originals.items():
+        model.get_submodule(name).set_processor(processor)
+    for hook in runtime.hooks:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def observe_attention(model: torch.nn.Module, observer: Route, *, analysis: AnalysisReport | None = None):
+    """Inside the block every joint attention call of the (dense, unconverted) ``model`` goes to
+    ``observer(call, proceed)``, which answers it (``call`` is an ``AttentionCall``: q, k, v, text length,
+    image grid); the model is not converted and comes back exactly as it was."""
+    if get_clear_state(model) is not None:
+        raise ValueError(f"{type(model).__name__} has CLEAR attention already: observe its dense model")
+    family = family_of(model)
+    report = analysis if analysis is not None else analyze(model, family=family)
+    runtime = ClearRuntime()
+    runtime.add_route("observer", observer)
+    _install_processors(model, family, select_sites(report, ClearConfig(radius=1)), runtime, lambda name: math.inf)
+    try:
+        yield report
+    finally:
+        _restore(model, runtime)
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
@@ -162,10 +194,7 @@ def remove_clear(model: torch.nn.Module) -> None:
     state = get_clear_state(model)
     if state is None:
         raise ValueError("model has no CLEAR attention to remove")
-    for name, processor in state.runtime.originals.items():
-        model.get_submodule(name).set_processor(processor)
-    for hook in state.runtime.hooks:
-        hook.remove()
+    _restore(model, state.runtime)
     detach(model)
 
 

@@ -53,3 +53,108 @@ def test_a_folder_saved_with_a_backend_this_machine_lacks_still_loads(tmp_path):
     state = get_clear_state(loaded)
     assert state.runtime.backend == "auto" and state.config.radius == 2.5
     assert [str(w.message) for w in caught if "some-gpu-kernel" in str(w.message)]
+
+
+# --- the run-time route: tools add steps instead of setting flags ------------------------------------
+
+
+def _tiny_inputs(model, seed=0):
+    from clear_surgery.surgery import example_inputs
+
+    torch.manual_seed(seed)
+    return example_inputs(model)
+
+
+def test_a_route_step_sees_every_call_and_can_change_it():
+    from dataclasses import replace
+
+    model = load_builtin("tiny-flux")
+    apply_clear(model, ClearConfig(radius=2.5))
+    runtime = get_clear_state(model).runtime
+    inputs = _tiny_inputs(model)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        seen = []
+
+        def record(call, proceed):
+            seen.append((call.site, call.height, call.width, call.text_len))
+            return proceed(call)
+
+        with runtime.routed("record", record):
+            assert torch.equal(model(**inputs)[0], plain)  # a step that hands the call on changes nothing
+        assert [s[0] for s in seen] == get_clear_state(model).sites and not runtime.routes
+        with runtime.routed("half-scale", lambda call, proceed: proceed(replace(call, scale=0.5 * call.query.shape[-1] ** -0.5))):
+            assert not torch.allclose(model(**inputs)[0], plain)
+        with runtime.routed("zero", lambda call, proceed: torch.zeros_like(call.query)), \
+                runtime.routed("never", lambda call, proceed: pytest.fail("a step after an answering one ran")):
+            model(**inputs)
+        assert torch.equal(model(**inputs)[0], plain)
+    with pytest.raises(ValueError, match="already"), runtime.routed("x", record), runtime.routed("x", record):
+        pass
+
+
+def test_observe_attention_leaves_the_model_dense_and_unconverted():
+    from clear_surgery.surgery import observe_attention
+
+    model = load_builtin("tiny-flux")
+    processors = {name: type(m.processor) for name, m in model.named_modules() if hasattr(m, "processor")}
+    inputs = _tiny_inputs(model)
+    calls = []
+
+    def dense(call, proceed):
+        calls.append(call.site)
+        assert get_clear_state(model) is None  # observed, not converted
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (call.query, call.key,
+                                                                                               call.value)))
+        return out.transpose(1, 2)
+
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        with observe_attention(model, dense) as report:
+            observed = model(**inputs)[0]
+        after = model(**inputs)[0]
+    assert calls == [s.module for s in report.joint_sites]
+    torch.testing.assert_close(observed, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, before) and get_clear_state(model) is None
+    assert {name: type(m.processor) for name, m in model.named_modules() if hasattr(m, "processor")} == processors
+
+
+def test_tile_layout_and_patch_parallel_share_one_token_boundary():
+    """Both enter and leave the model where the family's TilePlan says, through one set of hooks."""
+    from clear_surgery.surgery.boundary import TokenBoundary
+    from clear_surgery.surgery.patch_parallel import BandRuntime
+    from clear_surgery.surgery.tiling import TileLayout
+
+    assert issubclass(TileLayout, TokenBoundary) and issubclass(BandRuntime, TokenBoundary)
+    model = load_builtin("tiny-flux")
+    entered, left = [], []
+
+    class Watch(TokenBoundary):
+        def start(self, model):
+            entered.clear()
+
+        def enter(self, x):
+            entered.append(tuple(x.shape) if isinstance(x, torch.Tensor) else x)
+            return x
+
+        def enter_ids(self, ids):
+            entered.append(("ids", tuple(ids.shape)))
+            return ids
+
+        def leave(self, x):
+            left.append(tuple(x.shape))
+            return x
+
+    from clear_surgery.surgery import family_of
+
+    watch = Watch(model, family_of(model).tile_plan)
+    inputs = _tiny_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    watch.remove()
+    tokens = inputs["hidden_states"].shape[1]
+    assert entered[0] == tuple(inputs["hidden_states"].shape) and ("ids", tuple(inputs["img_ids"].shape)) in entered
+    assert left == [(1, tokens, inputs["hidden_states"].shape[2])]
+    with torch.no_grad():
+        model(**inputs)
+    assert len(left) == 1  # removed: no hook left behind

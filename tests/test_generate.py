@@ -58,7 +58,7 @@ def test_high_resolution_settings_change_the_image():
     assert generate(pipe, GenerateSettings("a cat", 64, 64, steps=2, proportional_attention=True),
                     progress=False).tobytes() != plain
     assert generate(pipe, base, progress=False).tobytes() == plain  # settings are undone after each call
-    assert pipe.transformer.pos_embed.theta == 10000 and not get_clear_state(pipe.transformer).runtime.proportional_attention
+    assert pipe.transformer.pos_embed.theta == 10000 and not get_clear_state(pipe.transformer).runtime.routes
 
 
 @pytest.mark.parametrize("args,message", [

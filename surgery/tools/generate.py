@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -109,14 +109,18 @@ def _high_resolution(pipe, s: GenerateSettings):
     try:
         if s.ntk_factor:
             pos.theta = theta * s.ntk_factor
-        if runtime is not None:
-            runtime.proportional_attention = s.proportional_attention
-        yield
+        with runtime.routed("proportional-attention", proportional_attention) if s.proportional_attention else \
+                contextlib.nullcontext():
+            yield
     finally:
         if theta is not None:
             pos.theta = theta
-        if runtime is not None:
-            runtime.proportional_attention = False
+
+
+def proportional_attention(call, proceed):
+    """The official high-resolution setting, a step of the attention route: scale = sqrt(log_4608(tokens) /
+    head_dim), tokens of the whole sequence (4608 = the tokens of a 1024² FLUX image with its text)."""
+    return proceed(replace(call, scale=math.sqrt(math.log(call.tokens(), 4608) / call.query.shape[-1])))
 
 
 def _call_kwargs(pipe, s: GenerateSettings, height, width) -> dict:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from clear_surgery.plugins.layout import TokenLayout
-from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
+from clear_surgery.surgery import observe_attention
 
 
 @dataclass
 class LocalityProfiler:
-    """Called by CLEAR processors (runtime.observer) with q, k, v of each attention call."""
+    """A step of the attention route (``observe_attention``): sees q, k, v of each call, answers it densely."""
 
     radii: list[float]
     queries_per_call: int = 256
@@ -35,10 +35,11 @@ class LocalityProfiler:
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def __call__(self, processor, query, key, value, text_len, height, width, images=()):
-        self.observe(processor.name, query, key, TokenLayout(text_len, processor.text_first, height, width,
-                                                             images=tuple(images)))
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    def __call__(self, call, proceed):
+        self.observe(call.site, call.query, call.key, TokenLayout(call.text_len, call.text_first, call.height,
+                                                                  call.width, images=tuple(call.images)))
+        out = F.scaled_dot_product_attention(call.query.transpose(1, 2), call.key.transpose(1, 2),
+                                             call.value.transpose(1, 2), attn_mask=call.attn_mask, scale=call.scale)
         return out.transpose(1, 2)
 
     @torch.no_grad()
@@ -144,17 +145,10 @@ def plot_profile(results: dict, examples: dict, folder: Path) -> list[Path]:
 def profile_pipeline(pipe, prompt: str, height: int, width: int, steps: int, radii, *, keep=0.95,
                      queries_per_call=256, seed=0, out: Path | None = None, **call_kwargs) -> dict:
     """Run ``pipe`` with dense attention while the profiler watches every joint attention site."""
-    model = pipe.transformer
-    if get_clear_state(model) is not None:
-        raise ValueError(f"{type(model).__name__} has CLEAR attention already: profile its dense model")
-    apply_clear(model, ClearConfig(radius=1e9), verify=False)  # processors only; attention stays dense
     profiler = LocalityProfiler(list(radii), queries_per_call, seed)
-    get_clear_state(model).runtime.observer = profiler
-    try:
+    with observe_attention(pipe.transformer, profiler):
         pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
              generator=torch.Generator().manual_seed(seed), output_type="latent", **call_kwargs)
-    finally:
-        remove_clear(model)
     results = profiler.results(keep)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
