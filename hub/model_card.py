@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from clear_surgery.surgery import BUILTIN_PREFIX, family_for_class
+from clear_surgery.surgery import BUILTIN_PREFIX, family_for_class, is_controlnet
 
 logger = logging.getLogger("clear_surgery")
 REPO_PLACEHOLDER = "REPO_ID"  # replaced by the repo id when the card is rendered for an upload
@@ -54,7 +54,7 @@ def _usage(meta: dict, is_layers: bool, repo_id: str) -> str:
     else:
         load = f'model = load_converted("{repo_id}")  # or a local folder\n'
         imports = "from clear_surgery.hub import load_converted"
-    target = "controlnet" if "ControlNet" in cls else "transformer"
+    target = "controlnet" if is_controlnet(cls) else "transformer"
     return (f"```python\nimport torch\nfrom diffusers import {cls}, {pipeline}\n{imports}\n\n{load}"
             f'pipe = {pipeline}.from_pretrained("{base}", {target}=model, torch_dtype=torch.bfloat16)\n```\n')
 

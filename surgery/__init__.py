@@ -9,9 +9,11 @@ from .lazy import lazy_exports
 
 _EXPORTS = {
     "analysis": ["AnalysisReport", "AttentionSite", "analyze"],
-    "builtin": ["BUILTIN_PREFIX", "builtin_class", "builtin_names", "load_builtin", "tiny_pipeline"],
+    "builtin": ["BUILTIN_PREFIX", "build_tiny_model", "builtin_class", "builtin_names", "load_builtin",
+                "tiny_pipeline"],
     "config": ["ClearConfig", "runtime_backend"],
-    "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid"],
+    "families": ["FAMILIES", "ModelFamily", "example_inputs", "family_for_class", "family_of", "image_grid",
+                 "is_controlnet", "tiny_models"],
     "patch_parallel": ["disable_patch_parallel", "enable_patch_parallel"],
     "processors": ["AttentionCall", "ClearRuntime", "ClearSDPAProcessor"],
     "rewrite": ["NoJointAttentionError", "RewriteError", "apply_clear", "dense_attention", "observe_attention",

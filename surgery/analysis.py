@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import clear_surgery.plugins.op  # noqa: F401  registers clear::attention, read below
+
 from .families import (EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS, ModelFamily, example_inputs, family_for_class, family_of,
                        image_grid)
 from .processors import clear_processor_for

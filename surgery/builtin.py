@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny
-from .families import FAMILIES
+from .families import FAMILIES, is_controlnet
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -41,7 +41,7 @@ def load_builtin(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module
 
     def build():
         model = getattr(diffusers, class_name)(**config)
-        if "ControlNet" in class_name:
+        if is_controlnet(class_name):
             tiny.fill_zero_parameters(model)
         return model
 
@@ -56,3 +56,15 @@ def tiny_pipeline(name: str):
     if family.tiny_pipeline is None:
         raise ValueError(f"no built-in pipeline for {name!r} ({family.name} family)")
     return family.tiny_pipeline(key, load_builtin)
+
+
+def build_tiny_model(row: str):
+    """The tiny model of one coverage-table row and its example call: (model, forward kwargs or None for the
+    family's own example call[, text tokens, image tokens]), seeded, in eval mode."""
+    from .families import tiny_models
+
+    build = tiny_models()[row]
+    if isinstance(build, str):
+        return load_builtin(build), None
+    model, *rest = tiny.seeded(build, 0)
+    return model.eval(), *rest

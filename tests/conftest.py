@@ -38,11 +38,9 @@ def perturbed(model, scale: float = 0.05, seed: int = 0):
 
 def coverage_model(family: str):
     """The coverage table's tiny model of ``family`` (perturbed) and its example call."""
-    from clear_surgery.surgery.tools import coverage
+    from clear_surgery.surgery import build_tiny_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, inputs, *_ = coverage.FAMILIES[family]()
+    model, inputs, *_ = build_tiny_model(family)
     return perturbed(model), inputs
 
 

@@ -4,12 +4,12 @@ calls of one eager forward. It must agree with the traced analysis wherever both
 import warnings
 
 import pytest
-import torch
 
 import clear_surgery.surgery.analysis as analysis
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin
 from clear_surgery.surgery.rewrite import RewriteError
-from clear_surgery.surgery.tools.coverage import FAMILIES, GRID, T
+from clear_surgery.surgery import build_tiny_model
+from clear_surgery.surgery.tools.coverage import GRID, T
 
 # joint text-first and image-first, dual attention, ControlNets, masked and packed sequences, cross attention
 COMPARED = ["FLUX.1 (FluxTransformer2DModel)", "FLUX.1 ControlNet (FluxControlNetModel)",
@@ -19,10 +19,9 @@ COMPARED = ["FLUX.1 (FluxTransformer2DModel)", "FLUX.1 ControlNet (FluxControlNe
 
 
 def _build(label):
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        torch.manual_seed(0)
-        model, inputs, *tokens = FAMILIES[label]()
+        model, inputs, *tokens = build_tiny_model(label)
     text, image = (*tokens, T, GRID[0] * GRID[1])[:2]
     return model.eval(), inputs, text, image
 

@@ -421,10 +421,9 @@ def test_help_keeps_bracketed_words(capsys):
 def test_failed_trace_prints_no_graph(capfd):
     """torch.export prints the partial graph of a model it cannot trace; the analysis keeps it quiet."""
     from clear_surgery.surgery import analyze
-    from clear_surgery.surgery.tools.coverage import FAMILIES
+    from clear_surgery.surgery import build_tiny_model, tiny_models
 
-    build = next(b for name, b in FAMILIES.items() if name.startswith("QwenImage 2.1"))
-    model, inputs, text, image = build()
+    model, inputs, text, image = build_tiny_model(next(n for n in tiny_models() if n.startswith("QwenImage 2.1")))
     capfd.readouterr()
     with pytest.raises(Exception):
         analyze(model, inputs, text_tokens=text, image_tokens=image, run_time_fallback=False)

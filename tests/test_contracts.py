@@ -158,3 +158,25 @@ def test_tile_layout_and_patch_parallel_share_one_token_boundary():
     with torch.no_grad():
         model(**inputs)
     assert len(left) == 1  # removed: no hook left behind
+
+
+# --- family facts live in the family modules -----------------------------------------------------------
+
+
+def test_family_facts_come_from_the_registry():
+    from clear_surgery.surgery import FAMILIES, build_tiny_model, family_for_class, is_controlnet, tiny_models
+    from clear_surgery.surgery.tools.bench import FLUX_DEV
+
+    rows = tiny_models()
+    claimed = [row for family in FAMILIES for row in family.tiny_models]
+    assert list(rows)[:len(claimed)] == claimed and len(rows) > len(claimed)  # the unconverted ones come last
+    for family in FAMILIES:
+        assert set(family.controlnets) <= set(family.class_names)
+        for row in family.tiny_models:  # every row a family declares is a model of that family
+            assert family_for_class(type(build_tiny_model(row)[0]).__name__) is family, row
+    assert [c for f in FAMILIES for c in f.controlnets] == [c for f in FAMILIES for c in f.class_names
+                                                             if "ControlNet" in c]
+    assert is_controlnet("FluxControlNetModel") and not is_controlnet("FluxTransformer2DModel")
+    assert not is_controlnet("SomeUnknownControlNetModel")  # unknown classes are not guessed from their name
+    assert FLUX_DEV["num_single_layers"] == 38 and family_for_class("FluxTransformer2DModel").loss_stacks[0] == \
+        "single_transformer_blocks"

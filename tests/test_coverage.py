@@ -6,7 +6,8 @@ import torch
 
 import clear_surgery.surgery.rewrite as rewrite
 from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, get_clear_state, load_builtin, remove_clear
-from clear_surgery.surgery.tools.coverage import FAMILIES, coverage_rows, coverage_table
+from clear_surgery.surgery import build_tiny_model, tiny_models
+from clear_surgery.surgery.tools.coverage import coverage_rows, coverage_table
 from clear_surgery.surgery.families import family_for_class, family_of
 from clear_surgery.surgery.processors import ClearSDPAProcessor
 from conftest import LOADED_TOLERANCE, perturbed, rel_err
@@ -19,7 +20,7 @@ def family_of_row(label: str):
 
 
 # rows a registered family claims: exactly these must convert
-CONVERTIBLE = sorted(label for label in FAMILIES if family_of_row(label) is not None)
+CONVERTIBLE = sorted(label for label in tiny_models() if family_of_row(label) is not None)
 # ... through the generic route (their stock processor's SDPA call goes to CLEAR)
 GENERIC = [label for label in CONVERTIBLE if not family_of_row(label).processors]
 
@@ -63,9 +64,7 @@ def test_generic_route_equals_the_dedicated_processors(name, monkeypatch):
 
 @pytest.mark.parametrize("family", GENERIC)
 def test_generic_families_convert_mask_and_tile(family):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, *_ = FAMILIES[family]()
+    model, *_ = build_tiny_model(family)
     perturbed(model)  # a zero-initialized output layer (ControlNet, Ernie-Image) would hide the attention
     inputs = example_inputs(model, grid=(6, 5))
     dense = _out(model, inputs)
@@ -97,9 +96,7 @@ def test_generic_family_saves_loads_and_copies(tmp_path):
 
     from clear_surgery.hub import load_converted, save_converted
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, _ = FAMILIES["FLUX.2 (Flux2Transformer2DModel)"]()
+    model, _ = build_tiny_model("FLUX.2 (Flux2Transformer2DModel)")
     model.eval()
     inputs = example_inputs(model, grid=(6, 5))
     apply_clear(model, ClearConfig(radius=1.5))

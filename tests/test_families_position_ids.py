@@ -10,12 +10,12 @@ from clear_surgery.surgery.families import GridError, image_grid
 from clear_surgery.surgery.tools import coverage
 from conftest import coverage_model, model_call, rel_err
 
-FAMILIES = {"hidream": "HiDream (HiDreamImageTransformer2DModel, no routed experts)",
+ROWS = {"hidream": "HiDream (HiDreamImageTransformer2DModel, no routed experts)",
             "krea2": "Krea2 (Krea2Transformer2DModel)", "bria-fibo": "Bria FIBO (BriaFiboTransformer2DModel)"}
 
 
 def _model(name):
-    return coverage_model(FAMILIES[name])
+    return coverage_model(ROWS[name])
 
 
 def _twice(inputs):
@@ -36,7 +36,7 @@ def _twice(inputs):
     return out
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(ROWS))
 def test_converted_equals_stock_at_a_covering_radius(name):
     model, inputs = _model(name)
     inputs = _twice(inputs)

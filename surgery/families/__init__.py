@@ -10,17 +10,14 @@ import importlib
 import pkgutil
 
 from .base import ExportPlan, GridError, ModelFamily, TilePlan, image_grid
-
-# Example grid used for analysis: small, non-square, and with token counts that match no
-# channel size, so text and image streams are told apart by length alone.
-EXAMPLE_TEXT_TOKENS = 7
-EXAMPLE_GRID = (3, 5)
+from .examples import GRID as EXAMPLE_GRID
+from .examples import T as EXAMPLE_TEXT_TOKENS
 
 
 def _discover() -> tuple[ModelFamily, ...]:
     found = []
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in ("base", "examples", "unconverted"):
             family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
             if family is not None:
                 found.append(family)
@@ -32,6 +29,20 @@ def _discover() -> tuple[ModelFamily, ...]:
 
 
 FAMILIES: tuple[ModelFamily, ...] = _discover()
+
+
+def tiny_models() -> dict:
+    """Every tiny model the project knows, by coverage-table row: the families' (in registry order), then
+    those of architectures that do not convert. Values: a built-in's name or a builder (see TINY_MODELS)."""
+    from .unconverted import TINY_MODELS as unconverted
+
+    return {**{row: build for family in FAMILIES for row, build in family.tiny_models.items()}, **unconverted}
+
+
+def is_controlnet(class_name: str) -> bool:
+    """Whether ``class_name`` is a ControlNet of a known family (it runs inside a pipeline, beside a transformer)."""
+    family = family_for_class(class_name)
+    return family is not None and class_name in family.controlnets
 
 
 def family_for_class(class_name: str) -> ModelFamily | None:
@@ -56,5 +67,4 @@ def example_inputs(model, text_len=EXAMPLE_TEXT_TOKENS, grid=EXAMPLE_GRID, batch
 
 
 __all__ = ["EXAMPLE_GRID", "EXAMPLE_TEXT_TOKENS", "ExportPlan", "FAMILIES", "GridError", "ModelFamily", "TilePlan",
-           "example_inputs",
-           "family_for_class", "family_of", "image_grid"]
+           "example_inputs", "family_for_class", "family_of", "image_grid", "is_controlnet", "tiny_models"]

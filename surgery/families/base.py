@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
-
 from clear_surgery.surgery.errors import InvalidValueError
 
 _GRID_OVERRIDE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
@@ -55,6 +54,7 @@ def bound_arguments(model, args, kwargs) -> dict:
 
 
 # --- grid readers shared by several families --------------------------------------------------
+
 
 def grid_from_ids(model, bound: dict) -> tuple[int, int]:
     """FLUX-style: rows and columns of the image grid in columns 1 and 2 of ``img_ids``; with several
@@ -205,15 +205,17 @@ class ModelFamily:
     tiny_pipeline: Callable[[str], object] | None = None  # tiny name -> a whole pipeline
     samples: type | None = None  # distillation: cached samples <-> transformer inputs
     export_plan: ExportPlan | None = None  # engines (ONNX, TensorRT, AOTInductor); None: not exportable
+    controlnets: tuple[str, ...] = ()  # which of class_names are ControlNets (run beside a transformer)
+    # distillation's official attention loss: every 4th attention of the first of these block stacks it has
+    loss_stacks: tuple[str, ...] = ("transformer_blocks",)
+    # row of the coverage table -> a built-in's name or a builder of (model, example call[, text, image tokens])
+    tiny_models: Mapping[str, object] = field(default_factory=dict)
+    real_configs: Mapping[str, dict] = field(default_factory=dict)  # full-size configs by name (benchmarks)
     order: int = 100  # position in listings
 
     @property
     def tileable(self) -> bool:
         return self.tile_plan is not None
-
-    def grid(self, model, args, kwargs) -> tuple[int, int]:
-        """The call's image grid, checked against the number of image tokens it carries."""
-        return self.grids(model, args, kwargs)[0]
 
     def grids(self, model, args, kwargs) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
         """The call's first image grid and the grids of further images (none unless the family reads

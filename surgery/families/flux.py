@@ -9,8 +9,17 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from .. import tiny
 from ..processors import ClearProcessorBase
-from .base import (ExportPlan, ModelFamily, TilePlan, flux_like_inputs, grid_from_ids, image_grid, images_from_ids,
-                   packed_tokens, takes_control_image)
+from .base import (
+    ExportPlan,
+    ModelFamily,
+    TilePlan,
+    flux_like_inputs,
+    grid_from_ids,
+    image_grid,
+    images_from_ids,
+    packed_tokens,
+    takes_control_image,
+)
 
 
 class ClearFluxAttnProcessor(ClearProcessorBase):
@@ -174,8 +183,25 @@ def tiny_pipeline(name: str, load_builtin):
     return diffusers.FluxPipeline(transformer=transformer, **parts)
 
 
+# tiny models of this family and their example calls, by coverage-table row: a built-in's name or a builder
+# returning (model, forward kwargs[, text tokens, image tokens])
+# the released model's architecture (FLUX.1-schnell has the same but no guidance embedding)
+REAL_CONFIGS = {"FLUX.1-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))}
+
+TINY_MODELS = {
+    "FLUX.1 (FluxTransformer2DModel)": "tiny-flux",
+    "FLUX.1 ControlNet (FluxControlNetModel)": "tiny-flux-controlnet",
+}
+
+
 FAMILY = ModelFamily(
     name="flux",
+    tiny_models=TINY_MODELS,
+    real_configs=REAL_CONFIGS,
+    controlnets=("FluxControlNetModel",),
+    loss_stacks=("single_transformer_blocks", "transformer_blocks"),
     class_names=("FluxTransformer2DModel", "FluxControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_ids,

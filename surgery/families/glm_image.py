@@ -10,6 +10,7 @@ import functools
 import torch
 
 from .base import ModelFamily, grid_from_latent, latent_tokens
+from .examples import GRID, T, randn
 
 
 def example_inputs(model, text_len, height, width, batch, dtype, device):
@@ -26,8 +27,30 @@ def example_inputs(model, text_len, height, width, batch, dtype, device):
                 crop_coords=torch.zeros(batch, 2, dtype=dtype, device=device), return_dict=False)
 
 
+def _glm_image():
+    from diffusers import GlmImageTransformer2DModel
+
+    model = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+                                       prior_vq_quantizer_codebook_size=32)
+    size = torch.tensor([[GRID[0] * 16.0, GRID[1] * 16.0]])
+    tokens = GRID[0] * GRID[1]
+    return model, dict(hidden_states=randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=randn(1, T, 32),
+                       prior_token_id=torch.zeros(1, tokens, dtype=torch.long),
+                       prior_token_drop=torch.zeros(1, tokens, dtype=torch.bool), timestep=torch.tensor([500]),
+                       target_size=size, crop_coords=torch.zeros(1, 2), return_dict=False)
+
+
+# tiny models of this family and their example calls, by coverage-table row: a built-in's name or a builder
+# returning (model, forward kwargs[, text tokens, image tokens])
+TINY_MODELS = {
+    "GLM-Image (GlmImageTransformer2DModel)": _glm_image,
+}
+
+
 FAMILY = ModelFamily(
     name="glm-image",
+    tiny_models=TINY_MODELS,
     class_names=("GlmImageTransformer2DModel",),
     example_inputs=example_inputs,
     grid_from_call=grid_from_latent,

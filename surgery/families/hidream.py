@@ -11,6 +11,7 @@ import functools
 import torch
 
 from .base import GridError, ModelFamily, grid_from_latent
+from .examples import GRID, T, randn, token_ids
 
 
 def grid(model, bound: dict) -> tuple[int, int]:
@@ -60,8 +61,34 @@ def example_inputs(model, text_len, height, width, batch, dtype, device):
                 pooled_embeds=t(batch, cfg.text_emb_dim), return_dict=False)
 
 
+def _hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4],
+                                           text_emb_dim=8, num_routed_experts=0, num_activated_experts=1,
+                                           axes_dims_rope=(4, 2, 2), max_resolution=(GRID[0] * 2, GRID[1] * 2), llama_layers=[0, 1])
+    # Its text stream is the T5 tokens, the last Llama layer's and the block's Llama layer's: 3 * T
+    # tokens. No routed experts: the MoE routing calls .numpy(), which torch.export cannot trace
+    # (the attention does not depend on it). Image tokens patchified already (the pipeline's 4-D latent
+    # is patchified inside and padded to max_resolution unless square).
+    ids = token_ids(3, {1: lambda i: i // GRID[1], 2: lambda i: i % GRID[1]})[None]
+    return model, dict(hidden_states=randn(1, 15, 16), hidden_states_masks=torch.ones(1, 15),
+                       img_sizes=torch.tensor([GRID]), img_ids=ids, timesteps=torch.tensor([500]),
+                       encoder_hidden_states_t5=randn(1, T, 8), encoder_hidden_states_llama3=randn(2, 1, T, 4),
+                       pooled_embeds=randn(1, 8), return_dict=False), 3 * T
+
+
+# tiny models of this family and their example calls, by coverage-table row: a built-in's name or a builder
+# returning (model, forward kwargs[, text tokens, image tokens])
+TINY_MODELS = {
+    "HiDream (HiDreamImageTransformer2DModel, no routed experts)": _hidream,
+}
+
+
 FAMILY = ModelFamily(
     name="hidream",
+    tiny_models=TINY_MODELS,
     class_names=("HiDreamImageTransformer2DModel",),
     example_inputs=example_inputs,
     grid_from_call=grid,

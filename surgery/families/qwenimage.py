@@ -10,6 +10,7 @@ import functools
 import torch
 
 from .base import GridError, ModelFamily, forward_signature, packed_tokens
+from .examples import GRID, T, padding, randn
 
 
 def _shapes(model, bound: dict) -> tuple[tuple[int, int], ...]:
@@ -46,8 +47,38 @@ def example_inputs(model, text_len, height, width, batch, dtype, device):
     return inputs
 
 
+def _qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=32, in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
+    return model, dict(hidden_states=randn(1, 15, 16), encoder_hidden_states=randn(1, T, 32),
+                       encoder_hidden_states_mask=padding(torch.float32), timestep=torch.tensor([0.5]),
+                       img_shapes=[[(1, *GRID)]], return_dict=False)
+
+
+def _qwenimage_controlnet():
+    from diffusers import QwenImageControlNetModel
+
+    model = QwenImageControlNetModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                     joint_attention_dim=32, in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
+    model, inputs = model, _qwenimage()[1]
+    inputs["controlnet_cond"] = randn(1, 15, 16)
+    return model, inputs
+
+
+# tiny models of this family and their example calls, by coverage-table row: a built-in's name or a builder
+# returning (model, forward kwargs[, text tokens, image tokens])
+TINY_MODELS = {
+    "QwenImage (QwenImageTransformer2DModel)": _qwenimage,
+    "QwenImage ControlNet (QwenImageControlNetModel)": _qwenimage_controlnet,
+}
+
+
 FAMILY = ModelFamily(
     name="qwenimage",
+    tiny_models=TINY_MODELS,
+    controlnets=("QwenImageControlNetModel",),
     class_names=("QwenImageTransformer2DModel", "QwenImageControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_shapes,

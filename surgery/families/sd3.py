@@ -151,8 +151,19 @@ def tiny_pipeline(name: str, load_builtin):
     return diffusers.StableDiffusion3Pipeline(transformer=load_builtin(name), **parts)
 
 
+# tiny models of this family and their example calls, by coverage-table row: a built-in's name or a builder
+# returning (model, forward kwargs[, text tokens, image tokens])
+TINY_MODELS = {
+    "SD3 (SD3Transformer2DModel)": "tiny-sd3",
+    "SD3.5 (SD3Transformer2DModel, dual attention)": "tiny-sd35",
+    "SD3 ControlNet (SD3ControlNetModel)": "tiny-sd3-controlnet",
+}
+
+
 FAMILY = ModelFamily(
     name="sd3",
+    tiny_models=TINY_MODELS,
+    controlnets=("SD3ControlNetModel",),
     class_names=("SD3Transformer2DModel", "SD3ControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_latent,

@@ -17,10 +17,9 @@ from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
 from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
 from clear_surgery.plugins.layout import classify_blocks
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
+from clear_surgery.surgery.families import family_for_class
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
+FLUX_DEV = family_for_class("FluxTransformer2DModel").real_configs["FLUX.1-dev"]
 # FLUX_DEV's architecture at toy width and depth: the --tiny CPU smoke runs of the H200 scripts and tests
 TINY_FLUX_DEV = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                      joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))

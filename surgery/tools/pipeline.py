@@ -10,7 +10,7 @@ from clear_surgery.surgery.errors import InvalidValueError
 from clear_surgery.hub import load_model, resolve_model
 from clear_surgery.hub.checkpoint import read_tensor_specs, stored_dtype, weight_files
 from clear_surgery.hub.resolve import BUILTIN, ModelLoadError, ModelRef
-from clear_surgery.surgery import ClearConfig, apply_clear, tiny_pipeline
+from clear_surgery.surgery import ClearConfig, apply_clear, is_controlnet, tiny_pipeline
 
 
 def _pipeline_dtype(ref: ModelRef, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -45,7 +45,7 @@ def load_pipeline(source: str | ModelRef, radius: float | None = None, dtype: to
     ref = source if isinstance(source, ModelRef) else resolve_model(source)
     if ref.is_clear and dense:
         ref = ref.base()
-    if "ControlNet" in ref.model_class:
+    if is_controlnet(ref.model_class):
         raise ModelLoadError(f"{ref.source} is {ref.describe()}: pipelines here are built around a transformer "
                              f"(ControlNet models run inside their pipeline in Python)")
     if ref.is_clear:

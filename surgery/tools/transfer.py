@@ -21,7 +21,7 @@ from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
 from clear_surgery.hub.clear_layers import (LayersSource, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             layer_shapes, resolve_layers)
-from clear_surgery.surgery import ClearConfig, apply_clear, family_of, family_for_class
+from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, family_of, is_controlnet
 from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
 
 from . import image_metrics
@@ -123,7 +123,7 @@ def _layers_base_tensors(layers: LayersSource | None, base: ModelRef) -> dict:
 
 def _load_controlnet(source: str, transformer):
     ref = resolve_model(source)
-    if "ControlNet" not in ref.model_class:
+    if not is_controlnet(ref.model_class):
         raise TransferError(f"--controlnet {source} is {ref.describe()}, not a ControlNet")
     controlnet, _ = load_model(ref, dtype=transformer.dtype)
     problems = _controlnet_problems(transformer, controlnet)

@@ -23,7 +23,7 @@ def attention_layer_names(model, rule) -> list[str]:
     """Converted attention modules whose outputs the attention loss compares."""
     sites = list(get_clear_state(model).sites)
     if rule == OFFICIAL_ATTENTION_LAYERS:
-        for stack in ("single_transformer_blocks", "transformer_blocks"):  # SD3 has no single-stream blocks
+        for stack in get_clear_state(model).family.loss_stacks:  # the family's, in its order of preference
             chosen = [s for s in sites if (m := re.fullmatch(rf"{stack}\.(\d+)\.attn", s)) and int(m[1]) % 4 == 0]
             if chosen:
                 return chosen
