@@ -95,19 +95,6 @@ class BandRuntime(TokenBoundary):
         self.runtime.remove_route(self.ROUTE)
 
 
-def init_from_torchrun() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1; NCCL with one GPU per process, else
-    gloo); True when this call started it."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def enable_patch_parallel(model: torch.nn.Module, group=None, *, text_merge: str = "exact") -> None:
     """Split every call of a CLEAR ``model`` over the ranks of ``group`` (default: the whole world) by
     rows of the image; call on every rank after ``apply_clear``, with the same inputs on every rank.
@@ -145,4 +132,4 @@ def patch_parallel_of(runtime) -> BandRuntime | None:
     return next((hook for hook in runtime.hooks if isinstance(hook, BandRuntime)), None)
 
 
-__all__ = ["BandRuntime", "disable_patch_parallel", "enable_patch_parallel", "init_from_torchrun"]
+__all__ = ["BandRuntime", "disable_patch_parallel", "enable_patch_parallel"]

@@ -261,7 +261,6 @@ def model_guard(monkeypatch):
     for module, name in ((resolve, "_local"), (resolve, "_hub"), (resolve, "load_builtin"),
                          (resolve, "resolve_model"), (pipeline, "tiny_pipeline")):
         monkeypatch.setattr(module, name, touched)
-    monkeypatch.setattr("clear_surgery.surgery.cli._resolve", touched)
 
 
 def test_the_table_covers_every_command_and_class():

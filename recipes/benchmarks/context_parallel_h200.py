@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
-from clear_surgery.surgery.patch_parallel import init_from_torchrun
+from clear_surgery.surgery.tools.launch import init_from_torchrun
 from clear_surgery.surgery.tools.bench import build_flux_dev, flux_inputs, time_ms
 
 

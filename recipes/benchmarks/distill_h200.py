@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 from clear_surgery.surgery import apply_clear
 from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 from clear_surgery.surgery.tools.distillation import Distiller, RandomSamples, load_recipe
-from clear_surgery.surgery.patch_parallel import init_from_torchrun
+from clear_surgery.surgery.tools.launch import init_from_torchrun
 
 TINY = "--tiny" in sys.argv
 DDP = init_from_torchrun()

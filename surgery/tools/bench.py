@@ -347,3 +347,41 @@ def plot(attention_rows, step_rows, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def attention_table(rows) -> str:
+    lines = [f"{'res':>5} {'r':>4} {'backend':<14} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} {'vs flex-raster':>14}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['res']:>5} {r['radius'] or '-':>4} {r['backend']:<14} error: {r['error'][:60]}")
+            continue
+        tf = r.get("tflops_effective", r.get("tflops", float("nan")))
+        lines.append(f"{r['res']:>5} {r['radius'] or '-':>4} {r['backend']:<14} {r['ms']:>9.3f} {tf:>8.1f} "
+                     f"{r.get('x_floor_dense-cudnn', float('nan')):>8.2f} {r.get('speedup_vs_flex_raster', float('nan')):>14.2f}")
+    return "\n".join(lines)
+
+
+def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int, text: int, device: str,
+              step_sizes, step_radius: float, dense_step_max: int, echo=print) -> None:
+    """The attention table (``attention.json``, printed), the step (``step.json``, when ``step_sizes``) and
+    ``bench.png`` into ``folder``."""
+    meta = {"device": torch_device_name(device), "torch": torch_version()}
+    rows = bench_attention(sizes, radii, backends, heads=heads, head_dim=head_dim, text=text, device=device)
+    (folder / "attention.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    echo(attention_table(rows))
+    step_rows = []
+    if step_sizes:
+        step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device)
+        (folder / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
+    plot(rows, step_rows, folder / "bench.png")

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from clear_surgery.hub import load_model, save_clear_layers, trained_names
 from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state, is_clear_tensor
-from clear_surgery.surgery.patch_parallel import init_from_torchrun
 
+from ..launch import init_from_torchrun
 from .data import SampleCache, collate, generate_samples, samples_family
 from .losses import AttentionCapture, DistillError, attention_layer_names, sample_sigmas
 from .metrics import METRICS_FILE, MetricsLog, plot_metrics
