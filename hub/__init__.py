@@ -2,7 +2,7 @@
 upload, and the one model resolver every command uses. No rewrite logic here: loading a CLEAR
 folder calls the core's public verb ``apply_clear``. Names are imported on first use."""
 
-from clear_surgery.surgery.lazy import lazy_exports
+from clear_surgery.surgery.core.lazy import lazy_exports
 
 _EXPORTS = {
     "atomic": ["atomic_directory", "atomic_file", "write_json"],

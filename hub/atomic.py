@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from clear_surgery.surgery.errors import OutputExistsError, OutputPathError
+from clear_surgery.surgery.core.errors import OutputExistsError, OutputPathError
 
 
 # The record each command writes into its output folder: a folder holding one of these was written by

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clear_surgery.surgery.errors import FileFormatError
+from clear_surgery.surgery.core.errors import FileFormatError
 
 from .atomic import write_json
 from .safetensors_io import DTYPES, Header, SafetensorsError, read_header, write_file

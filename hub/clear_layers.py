@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, remove_clear
-from clear_surgery.surgery.state import is_clear_tensor, require_clear_state
+from clear_surgery.surgery.core.state import is_clear_tensor, require_clear_state
 
 from .atomic import atomic_directory
-from .checkpoint import FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, listed, package_version, portable_record
-from .converted import backend_to_run, finish_folder, read_clear_config
+from .checkpoint import LAYERS_FORMAT, ClearFolderError, listed, portable_record
+from .converted import backend_to_run, finish_folder, folder_meta, read_clear_config
 from .download import looks_like_path, resolve_file, resolve_folder
 from .layer_tensors import ClearLayersError, apply_layer_tensors, check_layer_fit, layer_shapes  # noqa: F401 (re-exported)
 from .safetensors_io import read_header, read_tensor, write_file
@@ -53,10 +53,8 @@ def trained_names(model, patterns=DEFAULT_TRAINED) -> list[str]:
 
 def layers_meta(state, model_class_name: str, trained, base_model: dict | None, tensors: dict) -> dict:
     """The clear_config.json of a CLEAR-layers folder."""
-    return {"format": LAYERS_FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
-            "config": state.config.to_dict(), "base_model": base_model or {}, "model_class": model_class_name,
-            "trained": list(trained), "sites": list(state.sites),
-            "tensors": {n: list(shape) for n, shape in tensors.items()}, "training": state.provenance}
+    return folder_meta(LAYERS_FORMAT, state, model_class_name, base_model, trained=list(trained),
+                       tensors={n: list(shape) for n, shape in tensors.items()})
 
 
 def save_clear_layers(model, out: str | os.PathLike, *, trained=DEFAULT_TRAINED, base_model: dict | None = None,

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state
-from clear_surgery.surgery.config import runtime_backend, saved_runtime_choices
-from clear_surgery.surgery.state import require_clear_state
+from clear_surgery.surgery.core.config import runtime_backend, saved_runtime_choices
+from clear_surgery.surgery.core.state import require_clear_state
 
 from .atomic import atomic_directory, write_json
 from .checkpoint import (CLEAR_CONFIG_NAME, portable_record, FORMAT, FORMAT_VERSION, LAYERS_FORMAT, ClearFolderError, check_specs,
@@ -39,11 +39,16 @@ def model_class(name: str | None, where="config"):
     return cls
 
 
+def folder_meta(folder_format: str, state, model_class_name: str, base_model: dict | None, **extra) -> dict:
+    """The clear_config.json fields every CLEAR folder has (``extra``: the fields of its format)."""
+    return {"format": folder_format, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
+            "config": state.config.to_dict(), "base_model": base_model or {}, "model_class": model_class_name,
+            "sites": list(state.sites), "training": state.provenance, **extra}
+
+
 def clear_meta(state, model_class_name: str, base_model: dict | None, **extra) -> dict:
     """The clear_config.json of a converted model (``extra``: format-specific fields)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "clear_surgery_version": package_version(),
-            "config": state.config.to_dict(), "base_model": base_model or {}, "model_class": model_class_name,
-            "sites": list(state.sites), "analysis": state.analysis.to_dict(), "training": state.provenance, **extra}
+    return folder_meta(FORMAT, state, model_class_name, base_model, analysis=state.analysis.to_dict(), **extra)
 
 
 def finish_folder(tmp: Path, meta: dict) -> None:

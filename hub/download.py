@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clear_surgery.surgery.errors import ClearSurgeryError, NetworkError
+from clear_surgery.surgery.core.errors import ClearSurgeryError, NetworkError
 
 
 class HubError(ClearSurgeryError, ValueError):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from clear_surgery.surgery.errors import MismatchError
-from clear_surgery.surgery.state import is_clear_tensor
+from clear_surgery.surgery.core.errors import MismatchError
+from clear_surgery.surgery.core.state import is_clear_tensor
 
 from .checkpoint import listed, tensor_mismatches
 from .safetensors_io import read_header, read_tensor

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from clear_surgery.surgery import BUILTIN_PREFIX, builtin_class, builtin_names, load_builtin
-from clear_surgery.surgery.dtypes import parse_dtype  # noqa: F401 (re-exported)
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.dtypes import parse_dtype  # noqa: F401 (re-exported)
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 from .checkpoint import (CLEAR_CONFIG_NAME, LAYERS_FORMAT, read_headers, read_json, read_tensor_specs, stored_dtype,
                          weight_files)

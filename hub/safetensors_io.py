@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from clear_surgery.surgery.errors import FileFormatError
+from clear_surgery.surgery.core.errors import FileFormatError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,

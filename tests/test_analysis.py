@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clear_surgery.surgery import AnalysisReport, analyze, apply_clear, ClearConfig, load_builtin
-from clear_surgery.surgery.families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS
+from clear_surgery.surgery.core.families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS
 
 
 @pytest.mark.parametrize("name,joint,other,order", [

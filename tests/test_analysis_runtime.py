@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 
-import clear_surgery.surgery.analysis as analysis
+import clear_surgery.surgery.core.analysis as analysis
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin
-from clear_surgery.surgery.rewrite import RewriteError
+from clear_surgery.surgery.core.rewrite import RewriteError
 from clear_surgery.surgery import build_tiny_model
 from clear_surgery.surgery.tools.coverage import GRID, T
 

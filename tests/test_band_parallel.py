@@ -180,7 +180,7 @@ def test_generate_nproc_2_gives_the_single_process_image(tmp_path):
 def test_patch_parallel_refuses_what_it_cannot_split(tmp_path):
     """SD3.5's dense image-only attention, an unknown text merge, no process group: one clear error each."""
     from clear_surgery.surgery import ClearConfig, apply_clear, enable_patch_parallel, load_builtin
-    from clear_surgery.surgery.errors import InvalidValueError
+    from clear_surgery.surgery.core.errors import InvalidValueError
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:

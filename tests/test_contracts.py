@@ -3,6 +3,7 @@ AOT op derive from; saved settings apart from run-time choices."""
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from clear_surgery.hub import load_converted, save_converted
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin
 
 SIZES = {"min": "32x32", "opt": "48x64", "max": "128x128"}
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-flux-r2.toml"
 
 
 def test_the_op_and_every_engine_form_derive_from_the_schema():
@@ -121,9 +123,9 @@ def test_observe_attention_leaves_the_model_dense_and_unconverted():
 
 def test_tile_layout_and_patch_parallel_share_one_token_boundary():
     """Both enter and leave the model where the family's TilePlan says, through one set of hooks."""
-    from clear_surgery.surgery.boundary import TokenBoundary
-    from clear_surgery.surgery.patch_parallel import BandRuntime
-    from clear_surgery.surgery.tiling import TileLayout
+    from clear_surgery.surgery.core.boundary import TokenBoundary
+    from clear_surgery.surgery.core.patch_parallel import BandRuntime
+    from clear_surgery.surgery.core.tiling import TileLayout
 
     assert issubclass(TileLayout, TokenBoundary) and issubclass(BandRuntime, TokenBoundary)
     model = load_builtin("tiny-flux")
@@ -180,3 +182,29 @@ def test_family_facts_come_from_the_registry():
     assert not is_controlnet("SomeUnknownControlNetModel")  # unknown classes are not guessed from their name
     assert FLUX_DEV["num_single_layers"] == 38 and family_for_class("FluxTransformer2DModel").loss_stacks[0] == \
         "single_transformer_blocks"
+
+
+# --- one validation style ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,message", [
+    (True, "must be a number, got True"), ("3", "must be a number, got '3'"), (0, "must be > 0 and finite, got 0"),
+    (float("inf"), "must be > 0 and finite, got inf"), (float("nan"), "must be > 0 and finite, got nan")])
+def test_every_validator_says_a_bad_number_the_same_way(value, message):
+    """The same fault in the config, the generate and transfer settings, a recipe and an option: one message form."""
+    from clear_surgery.surgery.core.checks import check_number
+    from clear_surgery.surgery.tools.distillation import load_recipe
+    from clear_surgery.surgery.tools.generate import GenerateSettings
+    from clear_surgery.surgery.tools.transfer import TransferSettings
+
+    with pytest.raises(ValueError, match=f"^radius {message}"):
+        ClearConfig(radius=value)
+    with pytest.raises(ValueError, match=f"^ntk-factor {message}"):
+        GenerateSettings("a cat", 64, 64, ntk_factor=value)
+    with pytest.raises(ValueError, match=f"^--radius {message}"):
+        check_number("--radius", value, low=0)
+    toml = {True: "true", "3": '"3"'}.get(value, str(value))  # TOML writes 0, inf, nan as Python prints them
+    with pytest.raises(ValueError, match=f"train.learning_rate {message}"):
+        load_recipe(RECIPE, [f"train.learning_rate={toml}"])
+    with pytest.raises(ValueError, match=r"^steps must be an integer >= 1, got 0"):
+        TransferSettings(prompts=["a"], steps=0)

@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import clear_surgery.surgery.rewrite as rewrite
+import clear_surgery.surgery.core.rewrite as rewrite
 from clear_surgery.surgery import ClearConfig, apply_clear, example_inputs, get_clear_state, load_builtin, remove_clear
 from clear_surgery.surgery import build_tiny_model, tiny_models
 from clear_surgery.surgery.tools.coverage import coverage_rows, coverage_table
-from clear_surgery.surgery.families import family_for_class, family_of
-from clear_surgery.surgery.processors import ClearSDPAProcessor
+from clear_surgery.surgery.core.families import family_for_class, family_of
+from clear_surgery.surgery.core.processors import ClearSDPAProcessor
 from conftest import LOADED_TOLERANCE, perturbed, rel_err
 
 

@@ -20,7 +20,7 @@ from clear_surgery.hub import load_clear_layers
 from clear_surgery.surgery.cli import app
 from conftest import cli_exe
 from clear_surgery.surgery.tools.distillation import Distiller, RecipeError, SampleCache, generate_samples, load_recipe
-from clear_surgery.surgery.families.flux import FluxSamples
+from clear_surgery.surgery.core.families.flux import FluxSamples
 from clear_surgery.surgery.tools.distillation.data import sample_path
 
 ROOT = Path(__file__).resolve().parents[1]

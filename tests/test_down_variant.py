@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from clear_surgery.plugins import attention
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state
-from clear_surgery.surgery.builtin import load_builtin
-from clear_surgery.surgery.families.flux import example_inputs
+from clear_surgery.surgery.core.builtin import load_builtin
+from clear_surgery.surgery.core.families.flux import example_inputs
 from conftest import model_call, rel_err
 
 
@@ -238,7 +238,7 @@ def test_down_file_converts_from_files_and_as_layers(tmp_path):
 
 def test_down_variant_refusals(tmp_path):
     from clear_surgery.hub.clear_layers import ClearLayersError, resolve_layers
-    from clear_surgery.surgery.errors import InvalidValueError
+    from clear_surgery.surgery.core.errors import InvalidValueError
     from clear_surgery.surgery.tools.convert import convert
 
     with pytest.raises(InvalidValueError, match="down_factor must be an int >= 2"):

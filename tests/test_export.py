@@ -138,7 +138,7 @@ def test_bad_exports_fail_with_one_message_and_leave_nothing(tmp_path, args, mes
 def test_aoti_without_a_gpu_is_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    from clear_surgery.surgery.errors import MissingHardwareError
+    from clear_surgery.surgery.core.errors import MissingHardwareError
 
     with pytest.raises(MissingHardwareError, match="needs a CUDA GPU"):
         export_model(str(converted(tmp_path, "tiny-flux")), tmp_path / "out", "aoti", sizes=SIZES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
-from clear_surgery.surgery.families import GridError, image_grid
+from clear_surgery.surgery.core.families import GridError, image_grid
 from clear_surgery.surgery.tools import coverage
 from conftest import coverage_model, model_call, rel_err
 

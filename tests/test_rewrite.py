@@ -3,7 +3,7 @@ import torch
 
 from clear_surgery.surgery import (ClearConfig, RewriteError, analyze, apply_clear, example_inputs, get_clear_state,
                                    image_grid, load_builtin, remove_clear, tiny_pipeline)
-from clear_surgery.surgery.families.flux import ClearFluxAttnProcessor
+from clear_surgery.surgery.core.families.flux import ClearFluxAttnProcessor
 from conftest import LOADED_TOLERANCE, model_call, rel_err
 
 ALL = ["tiny-flux", "tiny-flux-schnell", "tiny-sd3", "tiny-sd35", "tiny-flux-controlnet", "tiny-sd3-controlnet"]
@@ -103,7 +103,7 @@ def test_unsupported_site_is_reported_not_skipped():
 def test_processor_without_dedicated_version_takes_the_generic_route():
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    from clear_surgery.surgery.processors import ClearSDPAProcessor
+    from clear_surgery.surgery.core.processors import ClearSDPAProcessor
 
     class CustomProcessor(JointAttnProcessor2_0):  # a subclass may change the math: not the dedicated one
         pass
@@ -122,10 +122,10 @@ def test_processor_without_dedicated_version_takes_the_generic_route():
 
 
 def test_generic_route_is_undone_when_the_retrace_finds_other_changes(monkeypatch):
-    from clear_surgery.surgery.processors import ClearSDPAProcessor
+    from clear_surgery.surgery.core.processors import ClearSDPAProcessor
 
     model = load_builtin("tiny-flux")
-    monkeypatch.setattr("clear_surgery.surgery.rewrite.clear_processor_for", lambda family, processor: None)
+    monkeypatch.setattr("clear_surgery.surgery.core.rewrite.clear_processor_for", lambda family, processor: None)
     original = ClearSDPAProcessor._attend
     monkeypatch.setattr(ClearSDPAProcessor, "_attend", lambda self, q, *a, **k: original(self, q * 1.0001, *a, **k))
     with pytest.raises(RewriteError, match="compute ops besides attention changed"):

@@ -9,8 +9,8 @@ import torch
 
 from clear_surgery.plugins import TokenLayout, attention, dense_mask, reference_attention
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
-from clear_surgery.surgery.builtin import load_builtin
-from clear_surgery.surgery.families import GridError
+from clear_surgery.surgery.core.builtin import load_builtin
+from clear_surgery.surgery.core.families import GridError
 from conftest import coverage_model, model_call, perturbed, rel_err
 
 
@@ -107,7 +107,7 @@ def test_kontext_pipeline_equals_dense_at_a_covering_radius():
     import diffusers
     from PIL import Image
 
-    from clear_surgery.surgery.builtin import tiny_pipeline
+    from clear_surgery.surgery.core.builtin import tiny_pipeline
 
     pipe = tiny_pipeline("tiny-flux")
     kontext = diffusers.FluxKontextPipeline(**pipe.components)

@@ -22,7 +22,7 @@ from pathlib import Path
 STEP = """
 import sys, time, torch
 from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin
-from clear_surgery.surgery.builtin import tiny_pipeline
+from clear_surgery.surgery.core.builtin import tiny_pipeline
 size, mode = int(sys.argv[1]), sys.argv[2]
 pipe = tiny_pipeline("builtin:tiny-flux")
 model = pipe.transformer.eval()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from clear_surgery.surgery import ClearConfig, apply_clear, enable_patch_parallel, remove_clear
-from clear_surgery.surgery.patch_parallel import disable_patch_parallel
+from clear_surgery.surgery.core.patch_parallel import disable_patch_parallel
 from clear_surgery.surgery.tools.launch import init_from_torchrun
 from clear_surgery.surgery.tools.bench import analyze_flux_dev, build_flux_dev, flux_inputs, time_ms
 

@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from clear_surgery.surgery.errors import ClearSurgeryError, InvalidValueError
+from clear_surgery.surgery.core.errors import ClearSurgeryError, InvalidValueError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Linearize diffusion transformers with CLEAR local attention.")

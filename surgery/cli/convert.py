@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import check, check_layers_mode, in_range, output_folder, size_in_bytes
 
 from .app import MODEL_HELP, app, check_sources, resolve, stages, user_errors

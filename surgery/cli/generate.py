@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.errors import MismatchError
+from clear_surgery.surgery.core.errors import MismatchError
 from clear_surgery.surgery.tools.arguments import IMAGE_SUFFIXES, check, image_format, in_range, output_file
 
 from .app import INVOCATION, MODEL_HELP, app, check_sources, resolve, user_errors

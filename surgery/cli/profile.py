@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import check, in_range, numbers, output_folder
 
 from .app import MODEL_HELP, app, check_sources, resolve, user_errors

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.errors import ClearSurgeryError, InvalidValueError
+from clear_surgery.surgery.core.errors import ClearSurgeryError, InvalidValueError
 
 from .app import app, check_sources, fail, model_argument, one_line, resolve, user_errors
 

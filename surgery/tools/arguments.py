@@ -3,10 +3,10 @@ devices. Light to import (no torch, no diffusers at module level): bad input fai
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError, OutputExistsError, OutputPathError
+from clear_surgery.surgery.core.checks import check_number
+from clear_surgery.surgery.core.errors import InvalidValueError, MissingHardwareError, OutputExistsError, OutputPathError
 
 # Pillow's formats by extension, for checking an image path before the work that makes the image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -41,16 +41,7 @@ def check(ok: bool, message: str) -> None:
 
 def in_range(option: str, value, low=None, high=None, *, low_open=True, high_open=False) -> None:
     """``value`` finite and within (low, high] (or as the flags say); None passes (not given)."""
-    if value is None:
-        return
-    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
-        and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        if high is None:
-            wanted = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        check(False, f"{option} must be {wanted} and finite, got {value:g}")
+    check_number(option, value, low=low, strict=low_open, high=high, high_strict=high_open, optional=True)
 
 
 def numbers(option: str, text: str, cast=int, low: float = 0) -> list:

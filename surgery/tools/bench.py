@@ -17,7 +17,7 @@ from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
 from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
 from clear_surgery.plugins.layout import classify_blocks
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
-from clear_surgery.surgery.families import family_for_class
+from clear_surgery.surgery.core.families import family_for_class
 
 FLUX_DEV = family_for_class("FluxTransformer2DModel").real_configs["FLUX.1-dev"]
 # FLUX_DEV's architecture at toy width and depth: the --tiny CPU smoke runs of the H200 scripts and tests

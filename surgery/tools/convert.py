@@ -31,7 +31,7 @@ from clear_surgery.hub.resolve import BUILTIN, LAYERS, ModelLoadError, ModelRef,
 from clear_surgery.hub.safetensors_io import read_header, read_tensor
 from clear_surgery.hub.streaming import changes_shard, link_or_copy, rewrite_shard, write_tensors
 from clear_surgery.surgery import AnalysisReport, ClearConfig, apply_clear, clear_tensors, get_clear_state, is_clear_tensor
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 from .arguments import check_layers_mode
 

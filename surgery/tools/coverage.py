@@ -14,7 +14,7 @@ import torch
 
 from clear_surgery.surgery import (ClearConfig, analyze, apply_clear, build_tiny_model, example_inputs, remove_clear,
                                    tiny_models)
-from clear_surgery.surgery.families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS
+from clear_surgery.surgery.core.families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS
 
 T, GRID = EXAMPLE_TEXT_TOKENS, EXAMPLE_GRID  # the example call's text tokens and image grid
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from clear_surgery.surgery import family_of, get_clear_state
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.checks import check_number
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 from .arguments import read_toml
 
@@ -49,20 +50,11 @@ class GenerateSettings:
         for name, low, integer in (("height", 1, True), ("width", 1, True), ("steps", 1, True), ("seed", 0, True),
                                    ("from_size", 1, True), ("base_steps", 1, True), ("guidance", 0, False),
                                    ("base_guidance", 0, False)):
-            value = getattr(self, name)
-            if value is None and name not in ("height", "width", "steps", "seed"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-                    or not math.isfinite(value) or value < low:
-                kind = "an integer" if integer else "a finite number"
-                raise GenerateError(f"{name.replace('_', '-')} must be {kind} >= {low}, got {value!r}")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
-                or not 0 < self.strength <= 1:
-            raise GenerateError(f"strength must be in (0, 1], got {self.strength!r}")
-        for name, value in (("ntk-factor", self.ntk_factor), ("refine-shift", self.refine_shift)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise GenerateError(f"{name} must be a finite number > 0, got {value!r}")
+            check_number(name.replace("_", "-"), getattr(self, name), integer=integer, low=low, strict=False,
+                         optional=name not in ("height", "width", "steps", "seed"), error=GenerateError)
+        check_number("strength", self.strength, low=0, high=1, error=GenerateError)
+        for name in ("ntk_factor", "refine_shift"):
+            check_number(name.replace("_", "-"), getattr(self, name), low=0, optional=True, error=GenerateError)
 
     @classmethod
     def from_recipe(cls, path, **overrides) -> "GenerateSettings":

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from clear_surgery.surgery import enable_patch_parallel, get_clear_state
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 
 def relaunch_under_torchrun(nproc: int, option: str, argv: list[str], module: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 from clear_surgery.hub import load_model, resolve_model
 from clear_surgery.hub.checkpoint import read_tensor_specs, stored_dtype, weight_files

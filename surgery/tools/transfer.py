@@ -22,7 +22,8 @@ from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
 from clear_surgery.hub.clear_layers import (LayersSource, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             layer_shapes, resolve_layers)
 from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, family_of, is_controlnet
-from clear_surgery.surgery.errors import FileFormatError, InvalidValueError, MismatchError
+from clear_surgery.surgery.core.checks import check_number
+from clear_surgery.surgery.core.errors import FileFormatError, InvalidValueError, MismatchError
 
 from . import image_metrics
 from .arguments import check_layers_mode
@@ -56,15 +57,12 @@ class TransferSettings:
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise InvalidValueError("the prompt list is empty or holds an empty prompt")
         for name in ("num_images", "steps", "height", "width"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InvalidValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            check_number(name.replace("_", "-"), getattr(self, name), integer=True, low=1, strict=False,
+                         optional=name != "num_images")
+        check_number("seed", self.seed, integer=True, low=0, strict=False)
         for name in ("guidance", "controlnet_scale"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-                raise InvalidValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+            check_number(name.replace("_", "-"), getattr(self, name), low=0, strict=False,
+                         optional=name == "guidance")
         if self.condition not in image_metrics.CONDITIONS:
             raise InvalidValueError(f"condition must be one of {image_metrics.CONDITIONS}, got {self.condition!r}")
 

@@ -10,7 +10,7 @@ import re
 import torch
 
 from clear_surgery.surgery import get_clear_state
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 from .recipe import OFFICIAL_ATTENTION_LAYERS
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from clear_surgery.hub import DEFAULT_TRAINED, resolve_model
 from clear_surgery.hub.download import looks_like_path
 from clear_surgery.surgery import BUILTIN_PREFIX, ClearConfig, runtime_backend
-from clear_surgery.surgery.dtypes import parse_dtype
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.dtypes import parse_dtype
+from clear_surgery.surgery.core.checks import number_problem
+from clear_surgery.surgery.core.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import read_toml
 
 RECIPE_VERSION = 1
@@ -193,12 +194,10 @@ def _build(raw: dict, source: str, problems: list[str]) -> DistillRecipe | None:
 
 
 def _check(r: DistillRecipe, problems: list[str]) -> None:
-    def number(where, value, *, positive=True, integer=False, allow_zero=False):
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (not integer or isinstance(value, int))
-        if not ok:
-            problems.append(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
-        elif positive and not (value > 0 or (allow_zero and value == 0)):
-            problems.append(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    def number(where, value, *, integer=False, allow_zero=False):
+        problem = number_problem(where, value, integer=integer, low=0, strict=not allow_zero)
+        if problem:
+            problems.append(problem)
 
     if r.version != RECIPE_VERSION:
         problems.append(f"recipe version {r.version} is not supported (this is {RECIPE_VERSION})")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
-from clear_surgery.surgery.errors import InvalidValueError
+from clear_surgery.surgery.core.errors import InvalidValueError
 
 _GRID_OVERRIDE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "clear_grid", default=None)

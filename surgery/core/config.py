@@ -6,10 +6,9 @@ any machine (``apply_clear(..., backend=...)``, ``set_backend``)."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass, field, fields
 
+from .checks import check_number
 from .errors import InvalidValueError
 
 CONFIG_VERSION = 2
@@ -38,10 +37,7 @@ class ClearConfig:
     def __post_init__(self):
         for where, value in [("radius", self.radius), *((f"radius for {k!r}", v) for k, v in
                                                          dict(self.radius_overrides).items())]:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InvalidValueError(f"{where} must be a number, got {value!r}")
-            if not value > 0 or not math.isfinite(value):  # inf: dense attention, and not valid JSON
-                raise InvalidValueError(f"{where} must be > 0 and finite, got {value}")
+            check_number(where, value, low=0)  # inf would be dense attention, and is not valid JSON
         if not all(isinstance(k, str) and k for k in self.radius_overrides):
             raise InvalidValueError(f"radius_overrides keys must be module-name patterns, got {list(self.radius_overrides)}")
         self.radius_overrides = dict(self.radius_overrides)
@@ -61,9 +57,8 @@ class ClearConfig:
             if len(self.tile_shape) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile_shape):
                 raise InvalidValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
             self.tile_shape = list(self.tile_shape)
-        if self.down_factor is not None and (isinstance(self.down_factor, bool) or not isinstance(self.down_factor, int)
-                                             or self.down_factor < 2):
-            raise InvalidValueError(f"down_factor must be an int >= 2 (None: plain CLEAR), got {self.down_factor!r}")
+        check_number("down_factor (None: plain CLEAR)", self.down_factor, integer=True, low=2, strict=False,
+                     optional=True)
         if self.version != CONFIG_VERSION:
             raise InvalidValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
 
