@@ -132,3 +132,19 @@ def test_per_layer_radii_are_in_the_summary_and_a_plain_card_lists_only_what_it_
     assert "(r=4; r=2 for single_transformer_blocks.*)" in result.output
     card = (tmp_path / "layers" / "README.md").read_text()
     assert "selected by" in card and "spatial_weight" not in card  # plain CLEAR stores no pooled-key weights
+
+
+@pytest.mark.parametrize("command", ["analyze", "convert", "profile", "generate", "check-transfer", "coverage",
+                                     "distill", "push-to-hub", "export", "bench"])
+def test_help_shows_what_to_type_not_python_types(command, capsys, monkeypatch):
+    from clear_surgery.surgery.cli import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert not [t for t in ("<str>", "<bool>", "<int>", "<float>", "<path>", "<list", "{model}") if t in text], text
+    if command == "export":
+        assert "FORMAT" in text and "OUT_FORMAT" not in text  # the flag's name, not the Python parameter's
+    if command == "bench":  # the default list in full, not cut off
+        flat = " ".join(text.replace("│", " ").split())
+        assert "dense-cudnn, dense-flash, flex-raster, flex-tiled, triton-tiled, gluon-tiled" in flat

@@ -241,7 +241,7 @@ def test_down_variant_refusals(tmp_path):
     from clear_surgery.surgery.core.errors import InvalidValueError
     from clear_surgery.surgery.tools.convert import convert
 
-    with pytest.raises(InvalidValueError, match="down_factor must be an int >= 2"):
+    with pytest.raises(InvalidValueError, match="down_factor must be an integer >= 2"):
         ClearConfig(radius=4, down_factor=1)
     model = load_builtin("tiny-flux")
     apply_clear(model, ClearConfig(radius=4, down_factor=4))

@@ -4,6 +4,7 @@ package of a FLUX.1-dev-shaped CLEAR model (random bf16 weights, r = 16, tile la
     python recipes/benchmarks/export_h200.py kernel --out OUT     # AOT launch vs the triton backend
     python recipes/benchmarks/export_h200.py aoti --out OUT       # .pt2 vs eager vs torch.compile
     python recipes/benchmarks/export_h200.py aoti --tiny --out OUT  # the same on a toy model (smoke run)
+    python recipes/benchmarks/export_h200.py aoti --layers 2,4 --out OUT  # FLUX.1-dev's widths, 2 + 4 blocks
 
 kernel: FLUX shapes (24 heads x 128, 512 text tokens) at 4096 px (256 x 256 tokens) and 8192 px, r = 16,
 text first and last: the PTX, grid and arguments of ``tensorrt_plugin.aot_launch`` for every tactic,
@@ -110,15 +111,19 @@ print(json.dumps(results))
 """
 
 
-def aoti_rows(out: Path, tiny: bool) -> dict:
+def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
     from clear_surgery.export.aoti import export_aoti
     from clear_surgery.export.common import prepare
     from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state
     from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 
     config = TINY_FLUX_DEV if tiny else FLUX_DEV
+    if layers:  # FLUX.1-dev's widths at another depth: double-stream,single-stream blocks
+        double, single = (int(n) for n in layers.split(","))
+        config = dict(config, num_layers=double, num_single_layers=single)
     sizes = {"min": "2048x2048", "opt": "4096x4096", "max": "4096x4096"}
-    report = {"model": "tiny FLUX.1-dev architecture" if tiny else "FLUX.1-dev-shaped, random bf16 weights"}
+    report = {"model": "tiny FLUX.1-dev architecture" if tiny else "FLUX.1-dev-shaped, random bf16 weights",
+              "blocks": [config["num_layers"], config["num_single_layers"]]}
     started = time.perf_counter()
     model = build_flux_dev("cuda", torch.bfloat16, config)
     apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), backend="triton", analysis=analyze_flux_dev(config),
@@ -171,13 +176,14 @@ def main():
     parser.add_argument("what", choices=["kernel", "aoti"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--layers", help="aoti: DOUBLE,SINGLE blocks instead of FLUX.1-dev's 19,38 (same widths)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.what == "kernel":
         result = {**meta, "rows": kernel_rows(args.out)}
     else:
-        result = {**meta, **aoti_rows(args.out, args.tiny)}
+        result = {**meta, **aoti_rows(args.out, args.tiny, args.layers)}
     (args.out / f"{args.what}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

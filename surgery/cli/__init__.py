@@ -9,7 +9,7 @@ import typer
 
 # each module registers its command on ``app``; --help lists them in this order
 from . import analyze, convert, profile, generate, check_transfer, coverage, distill, push_to_hub, export, bench  # noqa: F401, I001
-from .app import INVOCATION, app, quiet_libraries
+from .app import INVOCATION, app, command_line, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     INVOCATION[:] = args
     try:
-        code = app(args, prog_name="clear-surgery", standalone_mode=False)
+        code = command_line()(args, prog_name="clear-surgery", standalone_mode=False)
     except typer.TyperException as err:  # unknown option, missing or unparsable value: one line
         ctx = getattr(err, "ctx", None)
         if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as a question

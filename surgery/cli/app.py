@@ -21,6 +21,32 @@ MODEL_HELP = ("builtin:NAME, a local diffusers model or pipeline folder, a conve
 INVOCATION: list[str] = []  # the arguments main() was called with (to relaunch a command under torchrun)
 
 
+def command_line():
+    """The command group of ``app`` with help that shows what to type, not Python types: an option that takes
+    a value shows its flag in capitals (``--model MODEL``), a flag, ``--help`` and a positional argument
+    nothing more."""
+    group = typer.main.get_command(app)
+    for command in [group, *group.commands.values()]:
+        for param in command.params:
+            if param.param_type_name == "argument":
+                param.display_type_rich = lambda ctx: None  # its name is already shown (``[MODEL]``)
+            elif param.metavar is None:
+                flag = next((o for o in param.opts if o.startswith("--")), param.name)
+                param.metavar = "" if param.is_flag else flag.lstrip("-").upper().replace("-", "_")
+        command.get_help_option = _plain_help(command.get_help_option)
+    return group
+
+
+def _plain_help(get_help_option):
+    def plain(ctx):
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return plain
+
+
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

@@ -11,14 +11,19 @@ from clear_surgery.surgery.tools.arguments import check, check_device, in_range,
 from .app import app, user_errors
 
 
+# the layer backends timed unless --backends says otherwise (of tools/bench.py's LAYER_BACKENDS)
+DEFAULT_BACKENDS = ("dense-cudnn", "dense-flash", "flex-raster", "flex-tiled", "triton-tiled", "gluon-tiled")
+
+
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="folder for JSON and PNG (written "
                                                                         "atomically)"),
     sizes: str = typer.Option("1024,2048,4096,8192", help="image sides in pixels (16 px per token)"),
     radii: str = typer.Option("8,16,32", help="CLEAR radii"),
-    backends: str = typer.Option("dense-cudnn,dense-flash,flex-raster,flex-tiled,triton-tiled,gluon-tiled",
-                                 help="attention backends to time"),
+    backends: str = typer.Option(",".join(DEFAULT_BACKENDS), show_default=False,
+                                 help="attention backends to time, comma-separated (default: "
+                                      + ", ".join(DEFAULT_BACKENDS) + ")"),
     step: bool = typer.Option(True, help="also time a FLUX.1-dev-shaped transformer step"),
     step_sizes: str = typer.Option("1024,2048,4096,8192", help="image sides for the step"),
     step_radius: float = typer.Option(16, help="radius for the step"),

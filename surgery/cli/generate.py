@@ -73,5 +73,5 @@ def generate(
                 image.save(tmp, format=image_format(out))
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        typer.echo(f"wrote {out} ({image.width}x{image.height})" + (f"; patch parallel over {world} processes"
+        typer.echo(f"wrote {out} ({image.height}x{image.width}, height x width)" + (f"; patch parallel over {world} processes"
                                                                       if world > 1 else ""))

@@ -57,7 +57,7 @@ class ClearConfig:
             if len(self.tile_shape) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile_shape):
                 raise InvalidValueError(f"tile_shape must be two positive ints, got {self.tile_shape!r}")
             self.tile_shape = list(self.tile_shape)
-        check_number("down_factor (None: plain CLEAR)", self.down_factor, integer=True, low=2, strict=False,
+        check_number("down_factor", self.down_factor, integer=True, low=2, strict=False,  # None: plain CLEAR
                      optional=True)
         if self.version != CONFIG_VERSION:
             raise InvalidValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")

@@ -145,12 +145,12 @@ def generate(pipe, s: GenerateSettings, *, progress=None):
             import diffusers
 
             height, width = _base_size(s, size_multiple(pipe))
-            stages.set_postfix_str(f"base {width}x{height}")
+            stages.set_postfix_str(f"base {height}x{width}")
             base_settings = dataclasses.replace(s, steps=s.base_steps or s.steps,
                                                 guidance=s.guidance if s.base_guidance is None else s.base_guidance)
             base = pipe(**_call_kwargs(pipe, base_settings, height, width)).images[0]
             stages.update()
-            stages.set_postfix_str(f"SDEdit {s.width}x{s.height}, strength {s.strength:g}")
+            stages.set_postfix_str(f"SDEdit {s.height}x{s.width}, strength {s.strength:g}")
             refine = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
             if s.refine_shift is not None:
                 refine.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=False,
