@@ -14,8 +14,8 @@ from clear_surgery.hub.checkpoint import package_version
 from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.plugins import schema
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
-from clear_surgery.surgery.dtypes import DTYPES, parse_dtype  # noqa: F401 (DTYPES re-exported)
-from clear_surgery.surgery.errors import InvalidValueError, MissingHardwareError
+from clear_surgery.surgery.core.dtypes import DTYPES, parse_dtype  # noqa: F401 (DTYPES re-exported)
+from clear_surgery.surgery.core.errors import InvalidValueError, MissingHardwareError
 
 FORMATS = ("onnx", "tensorrt", "aoti")
 MANIFEST_FILE = "manifest.json"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from clear_surgery.surgery.errors import InvalidValueError, MissingDependencyError
+from clear_surgery.surgery.core.errors import InvalidValueError, MissingDependencyError
 
 class ExportLayoutError(InvalidValueError):
     """An ONNX file or timing cache an engine cannot be built from."""
