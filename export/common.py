@@ -126,6 +126,9 @@ def check_exportable(what: str, model_class: str, config: dict | None, sizes: di
     if plan is None:
         raise ExportError(f"{model_class} ({family.name if family else 'unknown'} family) cannot be exported yet")
     problems = schema.engine_refusals({"pool_weight": config.get("down_factor")})
+    if config.get("image_attention", "dense") != "dense":
+        problems.append("image_attention='local': engines of image-only CLEAR attention (no text segment) are not "
+                        "built yet")
     if problems:
         raise ExportError(f"{what}: an exported engine cannot serve its CLEAR attention: " + "; ".join(problems))
     profile = SizeProfile(*(parse_size(sizes[k], f"--{k}-size") if isinstance(sizes[k], str) else tuple(sizes[k])

@@ -33,7 +33,8 @@ SEVERAL_IMAGES = "several_images"  # further images' grids after the first (FLUX
 LSE = "lse"  # the log-sum-exp of each query row (return_lse)
 QUERY_RANGE = "query_range"  # only the image queries of a range of image tokens (image_queries=(start, stop))
 BACKWARD = "backward"  # gradients (the op's autograd)
-FEATURES = (POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, QUERY_RANGE, BACKWARD)
+IMAGE_ONLY = "image_only"  # no text segment: image-only self-attention (image_attention='local')
+FEATURES = (POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, QUERY_RANGE, BACKWARD, IMAGE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def call_needs(layout: TokenLayout, *, extra=None, text_bias=None, return_lse=Fa
     """The features a call with these options needs."""
     wanted = {POOLED_KEYS: extra is not None or layout.extra_keys > 0, TEXT_BIAS: text_bias is not None,
               SEVERAL_IMAGES: bool(layout.images), LSE: return_lse, QUERY_RANGE: image_queries is not None,
-              BACKWARD: backward}
+              BACKWARD: backward, IMAGE_ONLY: layout.text_len == 0}
     return frozenset(name for name, yes in wanted.items() if yes)
 
 
@@ -121,11 +122,11 @@ _DENSE_MATH = frozenset({POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, BACKWARD})
 # CPU path is unfused (N x N scores) and comes last. On a GPU the fast kernels come first (the warp-specialized
 # Hopper kernel: 18.3 against 23.8 ms for the Triton kernel at 8192² r16, recipes/benchmarks/h200-run14-distill-pingpong).
 register_backend(Backend("reference", reference_attention, reference_reason, recompute_backward(reference_attention),
-                         _DENSE_MATH, {"cpu": 20, "cuda": 0}, auto_max_tokens={"cpu": 1024}))
+                         _DENSE_MATH | {IMAGE_ONLY}, {"cpu": 20, "cuda": 0}, auto_max_tokens={"cpu": 1024}))
 register_backend(Backend("chunked", chunked_attention, chunked_reason, recompute_backward(chunked_attention),
-                         _DENSE_MATH, {"cpu": 15, "mps": 15, "cuda": 5}))
+                         _DENSE_MATH | {IMAGE_ONLY}, {"cpu": 15, "mps": 15, "cuda": 5}))
 register_backend(Backend("flex", flex_clear_attention, flex_reason, recompute_backward(flex_clear_attention),
-                         _DENSE_MATH, {"cpu": 5, "cuda": 20}))
+                         _DENSE_MATH | {IMAGE_ONLY}, {"cpu": 5, "cuda": 20}))
 if triton is not None:
     # Inference kernel; training uses FlexAttention's backward (same math, same mask).
     register_backend(Backend("triton", triton_clear_attention, triton_reason, recompute_backward(flex_clear_attention),

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from clear_surgery.plugins import BACKENDS, TokenLayout, choose_backend, pool_image_tokens, reference_attention
-from clear_surgery.plugins.backends import (BACKWARD, FEATURES, LSE, POOLED_KEYS, QUERY_RANGE, SEVERAL_IMAGES,
+from clear_surgery.plugins.backends import (BACKWARD, FEATURES, IMAGE_ONLY, LSE, POOLED_KEYS, QUERY_RANGE, SEVERAL_IMAGES,
                                             TEXT_BIAS)
 from clear_surgery.plugins.triton_backend import kernel_config
 
@@ -42,6 +42,8 @@ def feature_call(feature: str | None, head_dim, layout, radius, dtype, device):
     """(q, k, v, layout, radius, keywords) of a call that needs ``feature`` (None: the plain call)."""
     if feature == SEVERAL_IMAGES:
         layout = dataclasses.replace(layout, tile=None, images=((3, 4),))
+    if feature == IMAGE_ONLY:
+        layout = dataclasses.replace(layout, text_len=0)
     q, k, v = tensors(layout, head_dim, dtype, device, seed=FEATURES.index(feature) + 1 if feature else 0)
     options = {}
     if feature == POOLED_KEYS:

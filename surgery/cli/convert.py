@@ -43,6 +43,8 @@ def convert(
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: as stored)"),
     backend: Optional[str] = typer.Option(None, hidden=True, help="no longer recorded (a run-time choice)"),
     token_layout: str = typer.Option("raster", help="raster | tiled (image tokens permuted into tiles)"),
+    image_attention: str = typer.Option("dense", help="dense | local: image-only self-attention sites (SD3.5's "
+                                        "attn2) stay dense, or become CLEAR with no text segment"),
     target: list[str] = typer.Option([], "--target", help="convert only modules matching this pattern"),
     exclude: list[str] = typer.Option([], "--exclude", help="leave modules matching this pattern dense"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
@@ -73,7 +75,7 @@ def convert(
             typer.echo("warning: --backend is a run-time choice and is no longer recorded in the folder; choose it "
                        "where the model runs (load_converted(..., backend=...), set_backend)", err=True)
         settings = dict(target_modules=target or None, exclude_modules=exclude,
-                        token_layout=token_layout, radius_overrides=rules)
+                        token_layout=token_layout, radius_overrides=rules, image_attention=image_attention)
         ClearConfig(radius=radius or 1, down_factor=down_factor, **settings)  # checked before the model is read
         with stages("convert", total=1 + len(CONVERT_STAGES)) as step:
             step(f"resolving {model}", 0)
@@ -94,7 +96,12 @@ def convert(
            if result.streamed and out_format == "full" else "")
     variant = f", pooled keys {down_factor}x{down_factor}" if down_factor else ""
     variant += "".join(f"; r={r:g} for {pattern}" for pattern, r in rules.items())
-    typer.echo(f"converted {len(result.sites)} joint attention site{'' if len(result.sites) == 1 else 's'} to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
+    kinds = {site.module: site.kind for site in result.analysis.sites}
+    image_only = sum(kinds.get(name) == "image" for name in result.sites)
+    joint = len(result.sites) - image_only
+    what = f"{joint} joint attention site{'' if joint == 1 else 's'}" + (
+        f" and {image_only} image-only one{'' if image_only == 1 else 's'}" if image_only else "")
+    typer.echo(f"converted {what} to CLEAR (r={radius:g}{variant}); wrote {out}{how}")
 
 
 def _radius_rules(rules: list[str]) -> dict[str, float]:

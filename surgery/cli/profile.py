@@ -25,6 +25,8 @@ def profile(
     out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs (written "
                                                                    "atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    image_attention: str = typer.Option("dense", help="dense | local: also measure image-only self-attention sites "
+                                        "(what --image-attention local in convert would keep)"),
     reference_image: Optional[Path] = typer.Option(None, help="an image file: run FLUX.1 Kontext with it as the "
                                                    "reference image (its tokens follow the target's on a grid of "
                                                    "their own) and also measure what each rule for the other image "
@@ -34,6 +36,7 @@ def profile(
     A CLEAR folder is measured with its weights and dense attention."""
     with user_errors():
         radius_list = numbers("--radii", radii, float)
+        check(image_attention in ("dense", "local"), f"--image-attention must be dense or local, got {image_attention!r}")
         in_range("--keep", keep, 0, 1)
         output_folder("--out", out, overwrite)
         check_sources(model)
@@ -56,7 +59,7 @@ def profile(
         pipe.set_progress_bar_config(desc="denoising")
         with atomic_directory(out, overwrite) as tmp:
             results = profile_pipeline(pipe, prompt, resolution, resolution, steps, radius_list, keep=keep,
-                                       queries_per_call=queries, out=tmp, **extra)
+                                       queries_per_call=queries, out=tmp, image_attention=image_attention, **extra)
     for r, kept in zip(results["radii"], results["kept_share_mean"]):
         typer.echo(f"r = {r:>5g}: mean attention mass kept (text + window) {kept:.3f}")
     for rule, kept in results.get("several_images_kept_share_mean", {}).items():

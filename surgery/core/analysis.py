@@ -200,7 +200,7 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
         reason = ("image queries over text+image keys (no text queries): not the CLEAR layout"
                   if kind == "cross" and q_len == image and k_len == text + image else None) or {
                   "cross": "cross-attention (queries and keys are different streams)",
-                  "image": "image-only self-attention: no text segment, CLEAR targets joint attention",
+                  "image": "image-only self-attention (dense unless --image-attention local)",
                   "text": "text-only attention"}.get(kind, "text and image arrive as one packed sequence (no "
                                                            "concatenation of two streams before attention)"
                                                      if q_len == text + image else

@@ -14,6 +14,7 @@ from .errors import InvalidValueError
 CONFIG_VERSION = 2
 # version 1 also recorded the backend, a run-time choice: read as the default backend of a loaded model
 LEGACY_RUNTIME_KEYS = {1: ("backend",)}
+IMAGE_ATTENTION = ("dense", "local")
 
 
 @dataclass
@@ -23,6 +24,9 @@ class ClearConfig:
     radius: image keys within this Euclidean distance (strict) on the token grid stay visible.
     target_modules: fnmatch patterns of attention-module names to convert (default: every
         joint text-image attention site). exclude_modules: patterns to leave dense.
+    image_attention: "dense" (default, as the paper: only joint attention converts) or "local": image-only
+        self-attention sites (SD3.5's attn2) become CLEAR too, with no text segment (each image query sees
+        the image tokens within its radius; ``radius_overrides`` apply to them as to any site).
     """
 
     radius: float
@@ -32,6 +36,7 @@ class ClearConfig:
     token_layout: str = "raster"
     tile_shape: list[int] | None = None
     down_factor: int | None = None
+    image_attention: str = "dense"
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -59,6 +64,9 @@ class ClearConfig:
             self.tile_shape = list(self.tile_shape)
         check_number("down_factor", self.down_factor, integer=True, low=2, strict=False,  # None: plain CLEAR
                      optional=True)
+        if self.image_attention not in IMAGE_ATTENTION:
+            raise InvalidValueError(f"image_attention (--image-attention) must be one of {', '.join(IMAGE_ATTENTION)}, "
+                                    f"got {self.image_attention!r}")
         if self.version != CONFIG_VERSION:
             raise InvalidValueError(f"ClearConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
 
@@ -71,7 +79,10 @@ class ClearConfig:
         return self.radius
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["image_attention"] == "dense":  # the default, left out: folders stay readable by earlier releases
+            del data["image_attention"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClearConfig":

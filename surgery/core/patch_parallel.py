@@ -105,6 +105,8 @@ def enable_patch_parallel(model: torch.nn.Module, group=None, *, text_merge: str
     if text_merge not in TEXT_MERGES:
         raise InvalidValueError(f"text_merge must be one of {TEXT_MERGES}, got {text_merge!r}")
     state = require_clear_state(model, "run patch parallel")
+    if state.config.image_attention != "dense":
+        raise InvalidValueError("patch parallel with image_attention='local' (image-only CLEAR sites) is not built yet")
     if not dist.is_initialized():
         raise InvalidValueError("patch parallel needs torch.distributed initialized (launch with torchrun)")
     if state.family.tile_plan is None:

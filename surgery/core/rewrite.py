@@ -29,9 +29,17 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def convertible(site: AttentionSite, config: ClearConfig) -> bool:
+    """Whether ``config`` can turn ``site`` into CLEAR: a supported joint site, or, with
+    image_attention='local', an image-only self-attention call of a diffusers attention module."""
+    return site.supported or (config.image_attention == "local" and site.kind == "image" and site.op == "sdpa"
+                              and site.processor is not None)
+
+
 def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionSite]:
     """The sites ``config`` asks to convert; every problem is reported together, before any change."""
-    if not report.joint_sites:
+    local = [s for s in report.sites if s.kind == "image" and convertible(s, config)]
+    if not report.joint_sites and not local:
         found = "; ".join(f"{s.module}: {s.reason}" for s in report.sites[:8])
         raise NoJointAttentionError(f"{report.model_class} has no joint text-image attention to convert: found "
                                     f"{report.describe()}{': ' + found if found else ''}")
@@ -42,17 +50,17 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
             if not any(fnmatch.fnmatchcase(s.module, pattern) for s in report.sites):
                 problems.append(f"{option} pattern {pattern!r} matches no attention module")
     if config.target_modules is None:
-        chosen = report.joint_sites
+        chosen = [s for s in report.sites if s.kind == "joint" or s in local]
     else:
         chosen = [s for s in report.sites if _matches(s.module, config.target_modules)]
     chosen = [s for s in chosen if not _matches(s.module, config.exclude_modules)]
-    problems += [f"{s.module}: {s.reason}" for s in chosen if not s.supported]
+    problems += [f"{s.module}: {s.reason}" for s in chosen if not convertible(s, config)]
     for pattern in config.radius_overrides:
         if not any(fnmatch.fnmatchcase(s.module, pattern) for s in chosen):
             problems.append(f"radius_overrides / --radius-for pattern {pattern!r} matches no converted attention "
                             "module")
     if problems:
-        unsupported = any(not s.supported for s in chosen)
+        unsupported = any(not convertible(s, config) for s in chosen)
         hint = (" (leave unsupported sites dense: exclude_modules in ClearConfig, --exclude on the command line)"
                 if unsupported else "")
         raise InvalidValueError(f"cannot convert to CLEAR{hint}:\n  " + "\n  ".join(problems))
@@ -118,7 +126,8 @@ def _install_processors(model, family: ModelFamily, targets: list[AttentionSite]
     for site in targets:
         module = model.get_submodule(site.module)
         original = module.processor
-        dedicated = clear_processor_for(family, original)
+        # image-only sites take the generic route: a family's dedicated processor builds joint attention
+        dedicated = clear_processor_for(family, original) if site.kind == "joint" else None
         args = (runtime, radius_for(site.module), site.module)
         runtime.originals[site.module] = original
         # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
@@ -137,17 +146,20 @@ def _restore(model, runtime: ClearRuntime) -> None:
 
 
 @contextlib.contextmanager
-def observe_attention(model: torch.nn.Module, observer: Route, *, analysis: AnalysisReport | None = None):
+def observe_attention(model: torch.nn.Module, observer: Route, *, analysis: AnalysisReport | None = None,
+                      image_attention: str = "dense"):
     """Inside the block every joint attention call of the (dense, unconverted) ``model`` goes to
     ``observer(call, proceed)``, which answers it (``call`` is an ``AttentionCall``: q, k, v, text length,
-    image grid); the model is not converted and comes back exactly as it was."""
+    image grid); with ``image_attention='local'`` its image-only self-attention calls too (text length 0).
+    The model is not converted and comes back exactly as it was."""
     if get_clear_state(model) is not None:
         raise ValueError(f"{type(model).__name__} has CLEAR attention already: observe its dense model")
     family = family_of(model)
     report = analysis if analysis is not None else analyze(model, family=family)
     runtime = ClearRuntime()
     runtime.add_route("observer", observer)
-    _install_processors(model, family, select_sites(report, ClearConfig(radius=1)), runtime, lambda name: math.inf)
+    targets = select_sites(report, ClearConfig(radius=1, image_attention=image_attention))
+    _install_processors(model, family, targets, runtime, lambda name: math.inf)
     try:
         yield report
     finally:

@@ -143,10 +143,12 @@ def plot_profile(results: dict, examples: dict, folder: Path) -> list[Path]:
 
 
 def profile_pipeline(pipe, prompt: str, height: int, width: int, steps: int, radii, *, keep=0.95,
-                     queries_per_call=256, seed=0, out: Path | None = None, **call_kwargs) -> dict:
-    """Run ``pipe`` with dense attention while the profiler watches every joint attention site."""
+                     queries_per_call=256, seed=0, out: Path | None = None, image_attention: str = "dense",
+                     **call_kwargs) -> dict:
+    """Run ``pipe`` with dense attention while the profiler watches every joint attention site (and with
+    ``image_attention='local'`` every image-only self-attention site: no text, the window share alone)."""
     profiler = LocalityProfiler(list(radii), queries_per_call, seed)
-    with observe_attention(pipe.transformer, profiler):
+    with observe_attention(pipe.transformer, profiler, image_attention=image_attention):
         pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
              generator=torch.Generator().manual_seed(seed), output_type="latent", **call_kwargs)
     results = profiler.results(keep)
