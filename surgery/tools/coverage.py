@@ -20,8 +20,8 @@ T, GRID = EXAMPLE_TEXT_TOKENS, EXAMPLE_GRID  # the example call's text tokens an
 
 
 def _rewrite_check(model, inputs, report) -> str:
-    """'yes' when the rewrite (with its re-trace check) succeeds and, with a radius covering the
-    grid, the converted model's output equals the original's; else the reason."""
+    """'converts' when the rewrite (with its re-trace check) succeeds and, with a radius covering the
+    grid, the converted model's output equals the original's; else 'cannot: ' and the reason."""
     inputs = inputs if inputs is not None else example_inputs(model)
 
     def output():
@@ -34,14 +34,14 @@ def _rewrite_check(model, inputs, report) -> str:
     try:
         apply_clear(model, ClearConfig(radius=1000), analysis=report)
     except Exception as err:
-        return f"no: rewrite failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"
+        return f"cannot: rewrite failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"
     try:
         got = output()
     finally:
         remove_clear(model)
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-        return f"no: converted output differs from the original (max abs diff {(got - expected).abs().max():.2e})"
-    return "yes"
+        return f"cannot: converted output differs from the original (max abs diff {(got - expected).abs().max():.2e})"
+    return CONVERTS
 
 
 def coverage_rows(progress: bool = False) -> list[dict]:
@@ -74,16 +74,22 @@ def coverage_rows(progress: bool = False) -> list[dict]:
         if report.joint_sites and not reasons:
             row["rewrite"] = _rewrite_check(model, inputs, report)
         elif reasons:
-            row["rewrite"] = "no: " + "; ".join(reasons)
+            row["rewrite"] = "cannot: " + "; ".join(reasons)
+        elif all(s.kind == "cross" and s.key_tokens == report.text_tokens or s.kind == "text" for s in report.sites):
+            row["rewrite"] = ("not applicable: no scaled-dot-product attention over image keys (only cross-attention "
+                              "to the text; other attention is not an SDPA call, e.g. linear attention)")
         else:
             others = sorted({s.reason for s in report.sites if s.kind in ("other", "cross") and s.reason})
-            row["rewrite"] = "no: no joint text-image attention" + (f" ({'; '.join(others)})" if others else "")
+            row["rewrite"] = "cannot: no joint text-image attention" + (f" ({'; '.join(others)})" if others else "")
         rows.append(row)
     return rows
 
 
+CONVERTS = "converts"
+
+
 def coverage_table(rows=None, progress: bool = False) -> str:
     rows = rows or coverage_rows(progress)
-    lines = ["| family | attention sites (tiny config) | segment order | CLEAR rewrite |", "|---|---|---|---|"]
+    lines = ["| family | attention sites (tiny config) | segment order | CLEAR |", "|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['sites']} | {r['layout']} | {r['rewrite']} |" for r in rows]
     return "\n".join(lines)
