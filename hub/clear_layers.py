@@ -76,7 +76,8 @@ def save_clear_layers(model, out: str | os.PathLike, *, trained=DEFAULT_TRAINED,
 def add_layer_change(target: torch.Tensor, layer: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``target + (layer - base)`` in float64, back in the target's dtype: what a layer tensor changed in
     its base model, carried to another model's tensor."""
-    return (target.double() + layer.double() - base.double()).to(target.dtype)
+    wide = dict(device=target.device, dtype=torch.float64)  # files are read on the CPU; the model may be on a GPU
+    return (target.double() + layer.to(**wide) - base.to(**wide)).to(target.dtype)
 
 
 def apply_layer_deltas(model, path: str | os.PathLike, base_tensors: dict[str, torch.Tensor], *,

@@ -1,6 +1,7 @@
 import hashlib
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -96,3 +97,28 @@ def test_highres_recipe_parses_and_runs_scaled_down(tmp_path):
     bad.write_text("[generate]\nheight = 64\nwidht = 64\n")
     with pytest.raises(GenerateError, match=r"unknown \[generate\] keys \['widht'\]"):
         GenerateSettings.from_recipe(bad, prompt="x")
+
+
+@pytest.mark.parametrize("command", ["generate", "profile"])
+def test_the_pipeline_runs_on_the_device_asked(command, tmp_path, monkeypatch):
+    """--device moves the whole pipeline there (default: the GPU when there is one)."""
+    import diffusers
+
+    from clear_surgery.surgery.cli import main
+    from clear_surgery.surgery.tools.arguments import run_device
+
+    moved = []
+    real_to = diffusers.DiffusionPipeline.to
+
+    def to(self, *args, **kwargs):
+        moved.append(str(args[0]) if args else str(kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to", to)
+    argv = {"generate": ["generate", "-m", "builtin:tiny-flux", "--radius", "2", "-p", "a cat", "--height", "64",
+                         "--width", "64", "--steps", "1", "-o", str(tmp_path / "i.png")],
+            "profile": ["profile", "-m", "builtin:tiny-flux", "--resolution", "64", "--steps", "1", "--radii", "2",
+                        "-o", str(tmp_path / "p")]}[command]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert moved == ["cpu"]
+    assert run_device("--device", None) == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.tools.arguments import check, check_layers_mode, in_range, output_folder
+from clear_surgery.surgery.tools.arguments import run_device, check, check_layers_mode, in_range, output_folder
 
 from .app import MODEL_HELP, app, check_sources, user_errors
 
@@ -40,6 +40,8 @@ def check_transfer(
     height: Optional[int] = typer.Option(None, min=1, help="default: the pipeline's"),
     width: Optional[int] = typer.Option(None, min=1, help="default: the pipeline's"),
     allow_radius_change: bool = typer.Option(False, help="use layers made for another radius at --radius"),
+    device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
+                                         "cuda when there is a GPU, else cpu"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder (written atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing report folder"),
 ):
@@ -56,6 +58,7 @@ def check_transfer(
         check(controlnet_attention != "layers" or clear_layers is not None,
               "--controlnet-attention layers needs --clear-layers")
         check_layers_mode(layers_mode, clear_layers)
+        device = run_device("--device", device)
         output_folder("--out", out, overwrite)
         from clear_surgery.surgery.tools.transfer import TransferSettings, read_prompts
 
@@ -69,7 +72,7 @@ def check_transfer(
         metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
                       control_images=control_images, layers_mode=layers_mode, layers_base=layers_base,
                       controlnet_attention=controlnet_attention,
-                      allow_radius_change=allow_radius_change, overwrite=overwrite)
+                      allow_radius_change=allow_radius_change, overwrite=overwrite, device=device)
     s = metrics["summary"]
     typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "
                f"SSIM {s['ssim']:.4f}, latent MSE {s['latent_mse']:.4g}"

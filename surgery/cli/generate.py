@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from clear_surgery.surgery.core.errors import MismatchError
-from clear_surgery.surgery.tools.arguments import IMAGE_SUFFIXES, check, image_format, in_range, output_file
+from clear_surgery.surgery.tools.arguments import run_device, IMAGE_SUFFIXES, check, image_format, in_range, output_file
 
 from .app import INVOCATION, MODEL_HELP, app, check_sources, resolve, user_errors
 
@@ -32,12 +32,15 @@ def generate(
     recipe: Optional[Path] = typer.Option(None, help=r"TOML recipe with a \[generate] table (flags override it)"),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="image file (.png, .jpg, .webp, ...)"),
     overwrite: bool = typer.Option(False, help="replace an existing image"),
+    device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
+                                         "cuda when there is a GPU, else cpu"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
     """Generate an image with a CLEAR model in the stock diffusers pipeline (optionally SDEdit from a base size)."""
     with user_errors():
         output_file("--out", out, IMAGE_SUFFIXES, overwrite=overwrite)
+        device = run_device("--device", device)
         in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
@@ -66,6 +69,8 @@ def generate(
         pipe = load_pipeline(ref, radius)
         from clear_surgery.surgery.tools.launch import join_patch_parallel
 
+        if "WORLD_SIZE" not in os.environ:  # under torchrun each process takes its own GPU
+            pipe.to(device)
         rank = join_patch_parallel(pipe)
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:

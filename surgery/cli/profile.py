@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from clear_surgery.surgery.core.errors import InvalidValueError
-from clear_surgery.surgery.tools.arguments import check, in_range, numbers, output_folder
+from clear_surgery.surgery.tools.arguments import run_device, check, in_range, numbers, output_folder
 
 from .app import MODEL_HELP, app, check_sources, resolve, user_errors
 
@@ -25,6 +25,8 @@ def profile(
     out: Path = typer.Option(Path("locality"), "--out", "-o", help="folder for locality.json and PNGs (written "
                                                                    "atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
+                                         "cuda when there is a GPU, else cpu"),
     image_attention: str = typer.Option("dense", help="dense | local: also measure image-only self-attention sites "
                                         "(what --image-attention local in convert would keep)"),
     reference_image: Optional[Path] = typer.Option(None, help="an image file: run FLUX.1 Kontext with it as the "
@@ -36,6 +38,7 @@ def profile(
     A CLEAR folder is measured with its weights and dense attention."""
     with user_errors():
         radius_list = numbers("--radii", radii, float)
+        device = run_device("--device", device)
         check(image_attention in ("dense", "local"), f"--image-attention must be dense or local, got {image_attention!r}")
         in_range("--keep", keep, 0, 1)
         output_folder("--out", out, overwrite)
@@ -56,6 +59,7 @@ def profile(
 
             pipe = with_reference_image(pipe)  # the reference at its own size (a multiple of the size step)
             extra.update(image=reference, _auto_resize=False, max_area=resolution * resolution)
+        pipe.to(device)
         pipe.set_progress_bar_config(desc="denoising")
         with atomic_directory(out, overwrite) as tmp:
             results = profile_pipeline(pipe, prompt, resolution, resolution, steps, radius_list, keep=keep,

@@ -107,3 +107,13 @@ def check_device(option: str, device: str) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         raise MissingHardwareError(f"{option} {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
                                    "use --device cpu")
+
+
+def run_device(option: str, device: str | None) -> str:
+    """The device a pipeline runs on: ``device`` (checked), or the GPU when there is one, else the CPU."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(option, device)
+    return device

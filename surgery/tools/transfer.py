@@ -191,14 +191,15 @@ def _mean(values) -> float:
 def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, clear_layers: str | Path | None = None,
                    radius: float | None = None, controlnet: str | None = None, control_images=None,
                    layers_mode: str = "replace", layers_base: str | None = None, controlnet_attention: str = "clear",
-                   allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+                   allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True,
+                   device: str = "cpu") -> dict:
     """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
     ``radius``), compare, and write the report folder ``out``. Returns the metrics.
 
     ``layers_mode`` replace: the target's attention tensors become the layers' (right for the model
     the layers were made from); delta: the target's own tensors plus what the layers changed in
     their base model (``layers_base``, default the base their folder records) -- for a relative
-    whose attention weights moved in its own training (schnell from dev)."""
+    whose attention weights moved in its own training (schnell from dev). ``device``: where the pipelines run."""
     if clear_layers is None and radius is None:
         raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
     check_layers_mode(layers_mode, clear_layers)
@@ -238,6 +239,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                 n in cn_state and tuple(cn_state[n].shape) == shape for n, shape in layer_shapes(layers.file).items()):
             raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}: use "
                                 "--controlnet-attention clear or dense")
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
     with atomic_directory(out, overwrite) as tmp:
