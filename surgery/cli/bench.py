@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -29,6 +30,8 @@ def bench(
     step_radius: float = typer.Option(16, help="radius for the step"),
     dense_step_max: int = typer.Option(8192, min=16, help="largest size at which the dense step is timed"),
     device: str = typer.Option("cuda", help="cuda (cpu only for smoke tests at tiny sizes)"),
+    quantize: Optional[str] = typer.Option(None, help="fp8: the step's linear layers in FP8 (torchao; a GPU with FP8 tensor "
+                                           "cores, compute capability >= 8.9)"),
     heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
@@ -46,11 +49,14 @@ def bench(
         unknown = [name for name in chosen if name not in b.LAYER_BACKENDS]
         check(not unknown, f"--backends: unknown {unknown}; choose from {', '.join(b.LAYER_BACKENDS)}")
         check_device("--device", device)
+        from clear_surgery.surgery.tools.quantize import check_quantize
+
+        check_quantize("--quantize", quantize, device)
         from clear_surgery.hub.atomic import atomic_directory
 
         with atomic_directory(out, overwrite) as tmp:
             b.run_bench(tmp, size_list, radius_list, chosen, heads=heads, head_dim=head_dim, text=text, device=device,
                         step_sizes=step_size_list, step_radius=step_radius, dense_step_max=dense_step_max,
-                        echo=typer.echo)
+                        quantize=quantize, echo=typer.echo)
     typer.echo(f"wrote {out}/attention.json{', step.json' if step else ''}, bench.png")
 

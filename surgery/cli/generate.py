@@ -34,6 +34,8 @@ def generate(
     overwrite: bool = typer.Option(False, help="replace an existing image"),
     device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
                                          "cuda when there is a GPU, else cpu"),
+    quantize: Optional[str] = typer.Option(None, help="fp8: FP8 linear layers (torchao; a GPU with FP8 tensor "
+                                           "cores, compute capability >= 8.9)"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
@@ -41,6 +43,9 @@ def generate(
     with user_errors():
         output_file("--out", out, IMAGE_SUFFIXES, overwrite=overwrite)
         device = run_device("--device", device)
+        from clear_surgery.surgery.tools.quantize import check_quantize, quantize_pipeline
+
+        check_quantize("--quantize", quantize, device)
         in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
@@ -72,6 +77,7 @@ def generate(
         if "WORLD_SIZE" not in os.environ:  # under torchrun each process takes its own GPU
             pipe.to(device)
         rank = join_patch_parallel(pipe)
+        quantize_pipeline(pipe, quantize)
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:
             with atomic_file(out) as tmp:

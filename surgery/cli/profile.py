@@ -27,6 +27,8 @@ def profile(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
                                          "cuda when there is a GPU, else cpu"),
+    quantize: Optional[str] = typer.Option(None, help="fp8: FP8 linear layers (torchao; a GPU with FP8 tensor "
+                                           "cores, compute capability >= 8.9)"),
     image_attention: str = typer.Option("dense", help="dense | local: also measure image-only self-attention sites "
                                         "(what --image-attention local in convert would keep)"),
     reference_image: Optional[Path] = typer.Option(None, help="an image file: run FLUX.1 Kontext with it as the "
@@ -39,6 +41,9 @@ def profile(
     with user_errors():
         radius_list = numbers("--radii", radii, float)
         device = run_device("--device", device)
+        from clear_surgery.surgery.tools.quantize import check_quantize, quantize_pipeline
+
+        check_quantize("--quantize", quantize, device)
         check(image_attention in ("dense", "local"), f"--image-attention must be dense or local, got {image_attention!r}")
         in_range("--keep", keep, 0, 1)
         output_folder("--out", out, overwrite)
@@ -60,6 +65,7 @@ def profile(
             pipe = with_reference_image(pipe)  # the reference at its own size (a multiple of the size step)
             extra.update(image=reference, _auto_resize=False, max_area=resolution * resolution)
         pipe.to(device)
+        quantize_pipeline(pipe, quantize)
         pipe.set_progress_bar_config(desc="denoising")
         with atomic_directory(out, overwrite) as tmp:
             results = profile_pipeline(pipe, prompt, resolution, resolution, steps, radius_list, keep=keep,

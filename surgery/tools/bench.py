@@ -282,18 +282,22 @@ def flux_inputs(model, size, text=512, batch=1):
 
 
 def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_max=8192, device="cuda",
-               config=None) -> list[dict]:
+               config=None, quantize: str | None = None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
 
     report = analyze_flux_dev(config)
     model = build_flux_dev(device, config=config)
+    if quantize is not None:  # dense and CLEAR alike: linear layers in FP8, attention as it is
+        from .quantize import quantize_linear_layers
+
+        quantize_linear_layers(model, quantize)
     rows = []
     for size in tqdm(sizes, desc="flux step", unit="size"):
         inputs = flux_inputs(model, size)
         row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius, backend=backend,
-                   token_layout=token_layout)
+                   token_layout=token_layout, quantize=quantize)
         with torch.no_grad():
             if size <= dense_max:
                 # ~95 s per dense step at 8192² on an H200: one cold run there (at 4096² cold read
@@ -373,7 +377,7 @@ def attention_table(rows) -> str:
 
 
 def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int, text: int, device: str,
-              step_sizes, step_radius: float, dense_step_max: int, echo=print) -> None:
+              step_sizes, step_radius: float, dense_step_max: int, quantize: str | None = None, echo=print) -> None:
     """The attention table (``attention.json``, printed), the step (``step.json``, when ``step_sizes``) and
     ``bench.png`` into ``folder``."""
     meta = {"device": torch_device_name(device), "torch": torch_version()}
@@ -382,6 +386,6 @@ def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int
     echo(attention_table(rows))
     step_rows = []
     if step_sizes:
-        step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device)
+        step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device, quantize=quantize)
         (folder / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
     plot(rows, step_rows, folder / "bench.png")

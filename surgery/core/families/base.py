@@ -211,6 +211,9 @@ class ModelFamily:
     # row of the coverage table -> a built-in's name or a builder of (model, example call[, text, image tokens])
     tiny_models: Mapping[str, object] = field(default_factory=dict)
     real_configs: Mapping[str, dict] = field(default_factory=dict)  # full-size configs by name (benchmarks)
+    # FP8 linear layers: fnmatch patterns of the linear layers kept in high precision (embedders, final
+    # projection); None: no rule yet, FP8 refused
+    keep_high_precision: tuple[str, ...] | None = None
     order: int = 100  # position in listings
 
     @property

@@ -202,6 +202,9 @@ FAMILY = ModelFamily(
     real_configs=REAL_CONFIGS,
     controlnets=("FluxControlNetModel",),
     loss_stacks=("single_transformer_blocks", "transformer_blocks"),
+    # embedders, the final modulation and projection, and a ControlNet's input and zero-initialized outputs
+    keep_high_precision=("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out",
+                         "controlnet_x_embedder", "controlnet_blocks.*", "controlnet_single_blocks.*"),
     class_names=("FluxTransformer2DModel", "FluxControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_ids,

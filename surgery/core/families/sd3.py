@@ -164,6 +164,9 @@ FAMILY = ModelFamily(
     name="sd3",
     tiny_models=TINY_MODELS,
     controlnets=("SD3ControlNetModel",),
+    # embedders, the final modulation and projection, and a ControlNet's zero-initialized outputs
+    keep_high_precision=("context_embedder", "time_text_embed.*", "norm_out.*", "proj_out", "controlnet_blocks.*",
+                         "pos_embed_input.*"),
     class_names=("SD3Transformer2DModel", "SD3ControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_latent,
