@@ -207,3 +207,12 @@ def classify_blocks(layout: TokenLayout, radius: float, q_block: int, kv_block: 
     any_true = k_txt[None, :] | (q_txt[:, None] & k_img[None, :]) | (img_pair & near) | (q_img[:, None] & k_ext[None, :])
     all_true = ~(img_pair & far) & ~(q_txt[:, None] & k_ext[None, :])
     return any_true, all_true & any_true
+
+
+def with_text_queries(q: torch.Tensor, text_len: int, text_first: bool) -> tuple[torch.Tensor, slice]:
+    """The image's queries alone (an image-query-only call) as a whole sequence: the text rows filled with
+    zeros where the layout puts them; and the rows of the image queries in it."""
+    zeros = q.new_zeros((q.shape[0], text_len, *q.shape[2:]))
+    if text_first:
+        return torch.cat([zeros, q], 1), slice(text_len, None)
+    return torch.cat([q, zeros], 1), slice(0, q.shape[1])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import call_needs, choose_backend
-from .layout import TokenLayout, validate_call
+from .layout import TokenLayout, validate_call, with_text_queries
 from .masking import UNBIASED, VALID, ZEROED, text_padding
 from .pooling import check_poolable, pool_image_tokens
 from .schema import NAMES, bind, check_engine_call, engine_arguments, implements, torch_schema
@@ -29,10 +29,22 @@ from .schema import NAMES, bind, check_engine_call, engine_arguments, implements
 def clear_attention(*args) -> torch.Tensor:
     """The op; its arguments are ``schema.ARGUMENTS`` (positional, as the dispatcher passes them)."""
     call = bind(args)
-    q, k, v = call["q"], call["k"], call["v"]
-    chosen, layout_args, options, rule = _prepared(call)
-    out = chosen.forward(q, k, v, *layout_args, **options)
-    return _apply_rule(out, rule, q, k, v, layout_args[0], call["scale"]).contiguous()
+    q, rows = _all_queries(call)
+    k, v = call["k"], call["v"]
+    chosen, layout_args, options, rule = _prepared({**call, "q": q})
+    out = _apply_rule(chosen.forward(q, k, v, *layout_args, **options), rule, q, k, v, layout_args[0], call["scale"])
+    return (out if rows is None else out[:, rows]).contiguous()
+
+
+def _all_queries(call: dict):
+    """(queries of every token, the rows to keep or None). A call may bring the image's queries alone (an
+    image-query-only call: image queries over the joined text and image keys); the text rows are filled
+    with zeros for the backends, which compute whole sequences, and dropped from the result. An image row
+    never depends on another query, so the image rows are exactly CLEAR's."""
+    q, k = call["q"], call["k"]
+    if q.shape[1] == k.shape[1]:
+        return q, None
+    return with_text_queries(q, call["text_len"], call["text_first"])
 
 
 def _prepared(call: dict, *, return_lse: bool = False, backward: bool = False):
@@ -113,8 +125,8 @@ def _(*args):
     images = call["images"] or []
     others = sum(h * w for h, w in zip(images[::2], images[1::2]))
     q, v = call["q"], call["v"]
-    torch._check(call["text_len"] + call["height"] * call["width"] + others == q.shape[1],
-                 lambda: "clear::attention: text_len + the images' tokens must equal the token count")
+    torch._check(call["text_len"] + call["height"] * call["width"] + others == call["k"].shape[1],
+                 lambda: "clear::attention: text_len + the images' tokens must equal the keys' token count")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -129,7 +141,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     call = {**ctx.call, **dict(zip(_SAVED, ctx.saved_tensors))}
-    q, k, v, pool_weight = call["q"], call["k"], call["v"], call["pool_weight"]
+    q, rows = _all_queries(call)
+    if rows is not None:  # image queries alone: the text rows' gradient is zero
+        full = grad_out.new_zeros((*q.shape[:-1], grad_out.shape[-1]))
+        full[:, rows] = grad_out
+        grad_out = full
+    call["q"] = q
+    k, v, pool_weight = call["k"], call["v"], call["pool_weight"]
     with torch.enable_grad():  # the pooling again, to carry the pooled keys' gradients to k, v and the weights
         leaves = [t.detach().requires_grad_(True) for t in (k, v, pool_weight)] if pool_weight is not None else []
         if leaves:
@@ -147,7 +165,7 @@ def _backward(ctx, grad_out):
             weight = (rule[:, rows] == UNBIASED)[:, :, None, None].to(grad_out.dtype)
             grads = torch.autograd.grad(_unbiased_text(*plain, layout, scale), plain, grad_out[:, rows] * weight)
         dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
-    grads = {"q": dq, "k": dk, "v": dv}
+    grads = {"q": dq if rows is None else dq[:, rows], "k": dk, "v": dv}
     if pooled is not None:
         via_k, via_v, grads["pool_weight"] = torch.autograd.grad(pooled, leaves, (dek, dev))
         grads["k"], grads["v"] = dk + via_k, dv + via_v
@@ -190,14 +208,23 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
     from the chosen backend directly (reference, flex, triton; differentiable where the backend is:
     reference and flex), for merging partial results exactly (``merge_partials``)."""
     flat = [int(v) for grid in images for v in grid] or None
+    image_queries_only = q.shape[1] != k.shape[1]
     if not isinstance(height, torch.SymInt):
-        validate_call(q, k, v, TokenLayout(text_len, text_first, height, width, tile, images=tuple(images)), radius)
+        layout = TokenLayout(text_len, text_first, height, width, tile, images=tuple(images))
+        validate_call(k if image_queries_only else q, k, v, layout, radius)  # the keys hold every token
+        if image_queries_only and (q.shape[0], q.shape[1], *q.shape[2:]) != (k.shape[0], layout.image_tokens,
+                                                                             *k.shape[2:]):
+            raise ValueError(f"q of {q.shape[1]} tokens against k of {k.shape[1]}: queries are every token, or the "
+                             f"{layout.image_tokens} image tokens alone; got q {tuple(q.shape)}, k {tuple(k.shape)}")
         if pool_weight is not None:
             check_poolable(height, width, pool_factor(pool_weight))
     tile_h, tile_w = tile or (0, 0)
     call = bind((q, k, v), dict(text_len=text_len, text_first=text_first, height=height, width=width,
                                 radius=float(radius), scale=scale, backend=backend, tile_h=tile_h, tile_w=tile_w,
                                 pool_weight=pool_weight, attn_mask=attn_mask, images=flat))
+    if image_queries_only and (return_lse or _Route.self_contained):
+        raise ValueError("calls with the image's queries alone run through clear::attention only (no log-sum-exp, "
+                         "no engines yet)")
     if return_lse:
         chosen, args, options, rule = _prepared(call, return_lse=True)
         out, lse = chosen.forward(q, k, v, *args, **options, return_lse=True)

@@ -32,12 +32,15 @@ SDPA_OPS = {
 }
 CLEAR_OP = torch.ops.clear.attention.default
 CAT_OPS = {aten.cat.default, aten.concat.default}
+# sites CLEAR converts by default: joint attention (text and image queries over text and image keys) and its
+# image rows alone (image queries over the joined keys, no text queries: QwenImage 2.1, PRX, NucleusMoE)
+JOINT_KINDS = ("joint", "image_query")
 
 
 @dataclass
 class AttentionSite:
     module: str  # fqn of the owning attention module
-    kind: str  # joint | image | text | cross | other
+    kind: str  # joint | image_query | image | text | cross | other
     op: str  # sdpa | clear
     order: str | None  # text_first | image_first (joint sites)
     query_tokens: int
@@ -62,7 +65,7 @@ class AnalysisReport:
 
     @property
     def joint_sites(self) -> list[AttentionSite]:
-        return [s for s in self.sites if s.kind == "joint"]
+        return [s for s in self.sites if s.kind in JOINT_KINDS]
 
     def site(self, module: str) -> AttentionSite:
         matches = [s for s in self.sites if s.module == module]
@@ -162,16 +165,18 @@ class AttentionCall:
     k_shape: tuple[int, ...]
     module: str
     find_order: object  # () -> "text_first" | "image_first" | None: how text and image were joined
+    find_key_order: object = lambda: None  # the same for the keys (calls whose queries are the image alone)
 
 
 def _graph_call(node, text: int, image: int) -> AttentionCall:
     is_clear = node.target == CLEAR_OP
     q = node.args[0]
     if is_clear:
-        order = (lambda: "text_first" if node.args[4] else "image_first")
+        order = key_order = (lambda: "text_first" if node.args[4] else "image_first")
     else:
         order = (lambda: _find_order(q, text, image))
-    return AttentionCall(is_clear, _shape(q), _shape(node.args[1]), _owner(node), order)
+        key_order = (lambda: _find_order(node.args[1], text, image))
+    return AttentionCall(is_clear, _shape(q), _shape(node.args[1]), _owner(node), order, key_order)
 
 
 def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int, image: int) -> AttentionSite:
@@ -182,7 +187,9 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
     except AttributeError:
         processor = None
     order, reason = None, None
-    if q_len != k_len:
+    if q_len == image and k_len == text + image and (order := call.find_key_order()):
+        kind = "image_query"  # image queries over the joined text and image keys: CLEAR's image rows alone
+    elif q_len != k_len:
         kind = "cross"
     elif q_len == text + image:
         order = call.find_order()
@@ -196,7 +203,7 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
 
     if is_clear:
         reason = "already CLEAR"
-    elif kind != "joint":
+    elif kind not in JOINT_KINDS:
         reason = ("image queries over text+image keys (no text queries): not the CLEAR layout"
                   if kind == "cross" and q_len == image and k_len == text + image else None) or {
                   "cross": "cross-attention (queries and keys are different streams)",
@@ -207,6 +214,9 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
                                                      f"sequence of {q_len} tokens is not text+image")
     elif processor is None:
         reason = "no diffusers attention module owns this call"
+    elif kind == "image_query":
+        if family is None:  # the generic route needs the family to read each call's image grid
+            reason = f"clear-surgery cannot read {type(model).__name__}'s image grid for the generic route"
     else:
         clear_cls = clear_processor_for(family, processor)
         if clear_cls is None and family is None:
@@ -288,7 +298,9 @@ class _CallRecorder(torch.overrides.TorchFunctionMode):
             q = args[0] if args else kwargs["query"]
             k = args[1] if len(args) > 1 else kwargs["key"]
             order = self.order.get(module, self.order.get(None))
-            self.calls.append(AttentionCall(False, tuple(q.shape), tuple(k.shape), module, lambda order=order: order))
+            # the same join serves the queries and the keys (eager tensors carry no lineage to tell them apart)
+            self.calls.append(AttentionCall(False, tuple(q.shape), tuple(k.shape), module, lambda order=order: order,
+                                            lambda order=order: order))
         return func(*args, **kwargs)
 
 
@@ -321,10 +333,23 @@ def _export_quietly(model, inputs):
     """torch.export, without the partial graph it prints to stderr when it fails (a hundred lines of
     code per model; the exception says what failed). Whatever it writes on success passes through."""
     written = io.StringIO()
-    with contextlib.redirect_stderr(written):
-        program = torch.export.export(model, (), dict(inputs), strict=False)
+    try:
+        with contextlib.redirect_stderr(written):
+            program = torch.export.export(model, (), dict(inputs), strict=False)
+    finally:
+        _clear_method_caches(model)
     sys.stderr.write(written.getvalue())
     return program
+
+
+def _clear_method_caches(model) -> None:
+    """Empty the functools.lru_cache of every method of the model's module classes: torch.export runs the model
+    on fake tensors, and a cached method (NucleusMoE-Image's RoPE frequencies) would hand those to the next
+    eager call."""
+    for cls in {type(module) for module in model.modules()}:
+        for attribute in vars(cls).values():
+            if callable(getattr(attribute, "cache_clear", None)):
+                attribute.cache_clear()
 
 
 def _mark_duplicate_owners(report: AnalysisReport) -> None:

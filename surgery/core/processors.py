@@ -136,7 +136,8 @@ class ClearProcessorBase(torch.nn.Module):
         runtime = self.runtime
         height, width = runtime.current_grid()
         images = runtime.images
-        call = AttentionCall(self.name, query, key, value, query.shape[1] - height * width - sum(h * w for h, w in images),
+        # the keys hold every token (the queries may be the image's alone: an image-query-only call)
+        call = AttentionCall(self.name, query, key, value, key.shape[1] - height * width - sum(h * w for h, w in images),
                              self.text_first, height, width, self.radius, runtime.backend, images, runtime.tile, scale,
                              attention_mask, self.spatial_weight if self.down_factor else None)
         return runtime.route(call)

@@ -50,7 +50,7 @@ def select_sites(report: AnalysisReport, config: ClearConfig) -> list[AttentionS
             if not any(fnmatch.fnmatchcase(s.module, pattern) for s in report.sites):
                 problems.append(f"{option} pattern {pattern!r} matches no attention module")
     if config.target_modules is None:
-        chosen = [s for s in report.sites if s.kind == "joint" or s in local]
+        chosen = [s for s in report.sites if s in report.joint_sites or s in local]
     else:
         chosen = [s for s in report.sites if _matches(s.module, config.target_modules)]
     chosen = [s for s in chosen if not _matches(s.module, config.exclude_modules)]
@@ -126,7 +126,7 @@ def _install_processors(model, family: ModelFamily, targets: list[AttentionSite]
     for site in targets:
         module = model.get_submodule(site.module)
         original = module.processor
-        # image-only sites take the generic route: a family's dedicated processor builds joint attention
+        # other sites take the generic route: a family's dedicated processor builds joint attention
         dedicated = clear_processor_for(family, original) if site.kind == "joint" else None
         args = (runtime, radius_for(site.module), site.module)
         runtime.originals[site.module] = original

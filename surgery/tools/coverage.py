@@ -67,7 +67,7 @@ def coverage_rows(progress: bool = False) -> list[dict]:
         for site in report.sites:
             kinds[site.kind] = kinds.get(site.kind, 0) + 1
         orders = sorted({s.order for s in report.joint_sites})
-        reasons = sorted({s.reason for s in report.sites if s.kind == "joint" and not s.supported})
+        reasons = sorted({s.reason for s in report.joint_sites if not s.supported})
         row["sites"] = (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none") + (
             "" if report.method == "torch.export" else f" (analyzed at {report.method})")
         row["layout"] = ", ".join(orders) or "-"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clear_surgery.plugins.layout import TokenLayout
+from clear_surgery.plugins.layout import TokenLayout, with_text_queries
 from clear_surgery.surgery import observe_attention
 
 
@@ -36,8 +36,11 @@ class LocalityProfiler:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, call, proceed):
-        self.observe(call.site, call.query, call.key, TokenLayout(call.text_len, call.text_first, call.height,
-                                                                  call.width, images=tuple(call.images)))
+        query = call.query
+        if query.shape[1] != call.key.shape[1]:  # the image's queries alone: text rows (never sampled) as zeros
+            query = with_text_queries(query, call.text_len, call.text_first)[0]
+        self.observe(call.site, query, call.key, TokenLayout(call.text_len, call.text_first, call.height,
+                                                             call.width, images=tuple(call.images)))
         out = F.scaled_dot_product_attention(call.query.transpose(1, 2), call.key.transpose(1, 2),
                                              call.value.transpose(1, 2), attn_mask=call.attn_mask, scale=call.scale)
         return out.transpose(1, 2)

@@ -54,26 +54,6 @@ def _zimage():
                        return_dict=False)
 
 
-def _prx():
-    from diffusers import PRXTransformer2DModel
-
-    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=32, hidden_size=32, mlp_ratio=2.0,
-                                  num_heads=2, depth=1, axes_dim=[8, 8])
-    return model, dict(hidden_states=randn(1, 4, GRID[0] * 2, GRID[1] * 2), timestep=torch.tensor([0.5]),
-                       encoder_hidden_states=randn(1, T, 32), return_dict=False)
-
-
-def _nucleus_moe():
-    from diffusers import NucleusMoEImageTransformer2DModel
-
-    # MoE off: expert routing does not touch attention
-    model = NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16,
-                                              num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
-                                              moe_enabled=False)
-    return model, dict(hidden_states=randn(1, 15, 16), img_shapes=[(1, *GRID)], encoder_hidden_states=randn(1, T, 32),
-                       encoder_hidden_states_mask=torch.ones(1, T), timestep=torch.tensor([0.5]), return_dict=False)
-
-
 def _ideogram4():
     from diffusers import Ideogram4Transformer2DModel
 
@@ -108,8 +88,6 @@ TINY_MODELS = {
     "AuraFlow (AuraFlowTransformer2DModel)": _auraflow,
     "Lumina2 (Lumina2Transformer2DModel)": _lumina2,
     "Z-Image (ZImageTransformer2DModel)": _zimage,
-    "PRX (PRXTransformer2DModel)": _prx,
-    "NucleusMoE-Image (NucleusMoEImageTransformer2DModel, MoE off)": _nucleus_moe,
     "Ideogram 4 (Ideogram4Transformer2DModel)": _ideogram4,
     "Sana (SanaTransformer2DModel)": _sana,
 }
