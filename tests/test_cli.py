@@ -148,3 +148,12 @@ def test_help_shows_what_to_type_not_python_types(command, capsys, monkeypatch):
     if command == "bench":  # the default list in full, not cut off
         flat = " ".join(text.replace("│", " ").split())
         assert "dense-cudnn, dense-flash, flex-raster, flex-tiled, triton-tiled, gluon-tiled" in flat
+
+
+def test_a_command_prints_no_library_notices(tmp_path):
+    """Only what the command says: no notices of the libraries it imports (torchao, which diffusers imports
+    when it is installed, reports its optional GPU libraries and enum registrations on import)."""
+    done = subprocess.run([cli_exe(), "analyze", "--model", "builtin:tiny-flux"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr

@@ -75,8 +75,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(torchvision|TorchScript|torch.jit).*")
+    # torchao (imported by diffusers when installed) reports its optional GPU libraries and enum registrations
     for name in ("diffusers", "transformers", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
-                 "huggingface_hub"):
+                 "huggingface_hub", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels itself, from this
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
