@@ -253,6 +253,8 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
         raise ValueError("with example inputs, also pass text_tokens and image_tokens")
     elif family is None:
         family = family_for_class(type(model).__name__)
+    if family is not None and family.global_tokens is not None:  # registers and the like count as text
+        text_tokens += family.global_tokens(model)
     report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
     with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
         try:

@@ -214,6 +214,9 @@ class ModelFamily:
     # FP8 linear layers: fnmatch patterns of the linear layers kept in high precision (embedders, final
     # projection); None: no rule yet, FP8 refused
     keep_high_precision: tuple[str, ...] | None = None
+    # model -> tokens the model joins with the text besides the prompt's (AuraFlow's registers): CLEAR treats
+    # them as text (every query sees them, they see every key); None: none
+    global_tokens: Callable[[object], int] | None = None
     order: int = 100  # position in listings
 
     @property

@@ -23,17 +23,6 @@ def _qwenimage21():
                        return_dict=False), T, height * width
 
 
-def _auraflow():
-    from diffusers import AuraFlowTransformer2DModel
-
-    model = AuraFlowTransformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1,
-                                       num_single_dit_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                       joint_attention_dim=32, caption_projection_dim=32, out_channels=4,
-                                       pos_embed_max_size=64)
-    return model, dict(hidden_states=randn(1, 4, GRID[0] * 2, GRID[1] * 2), encoder_hidden_states=randn(1, T, 32),
-                       timestep=torch.tensor([500.0]), return_dict=False)
-
-
 def _lumina2():
     from diffusers import Lumina2Transformer2DModel
 
@@ -85,7 +74,6 @@ def _sana():
 # returning (model, forward kwargs[, text tokens, image tokens])
 TINY_MODELS = {
     "QwenImage 2.1 (QwenImage21Transformer2DModel)": _qwenimage21,
-    "AuraFlow (AuraFlowTransformer2DModel)": _auraflow,
     "Lumina2 (Lumina2Transformer2DModel)": _lumina2,
     "Z-Image (ZImageTransformer2DModel)": _zimage,
     "Ideogram 4 (Ideogram4Transformer2DModel)": _ideogram4,
