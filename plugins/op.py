@@ -141,10 +141,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     call = {**ctx.call, **dict(zip(_SAVED, ctx.saved_tensors))}
-    q, rows = _all_queries(call)
-    if rows is not None:  # image queries alone: the text rows' gradient is zero
+    q, image_rows = _all_queries(call)
+    if image_rows is not None:  # image queries alone: the text rows' gradient is zero
         full = grad_out.new_zeros((*q.shape[:-1], grad_out.shape[-1]))
-        full[:, rows] = grad_out
+        full[:, image_rows] = grad_out
         grad_out = full
     call["q"] = q
     k, v, pool_weight = call["k"], call["v"], call["pool_weight"]
@@ -165,7 +165,7 @@ def _backward(ctx, grad_out):
             weight = (rule[:, rows] == UNBIASED)[:, :, None, None].to(grad_out.dtype)
             grads = torch.autograd.grad(_unbiased_text(*plain, layout, scale), plain, grad_out[:, rows] * weight)
         dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
-    grads = {"q": dq if rows is None else dq[:, rows], "k": dk, "v": dv}
+    grads = {"q": dq if image_rows is None else dq[:, image_rows], "k": dk, "v": dv}
     if pooled is not None:
         via_k, via_v, grads["pool_weight"] = torch.autograd.grad(pooled, leaves, (dek, dev))
         grads["k"], grads["v"] = dk + via_k, dv + via_v
