@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clear_surgery.surgery.tools.arguments import run_device, check, check_layers_mode, in_range, output_folder
+from clear_surgery.surgery.tools.arguments import check, check_layers_mode, in_range, output_folder, run_device
 
 from .app import MODEL_HELP, app, check_sources, user_errors
 

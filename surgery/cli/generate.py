@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from clear_surgery.surgery.core.errors import MismatchError
-from clear_surgery.surgery.tools.arguments import run_device, IMAGE_SUFFIXES, check, image_format, in_range, output_file
+from clear_surgery.surgery.tools.arguments import IMAGE_SUFFIXES, check, image_format, in_range, output_file, run_device
 
 from .app import INVOCATION, MODEL_HELP, app, check_sources, resolve, user_errors
 

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
+from clear_surgery.surgery.core.config import IMAGE_ATTENTION
 from clear_surgery.surgery.core.errors import InvalidValueError
-from clear_surgery.surgery.tools.arguments import run_device, check, in_range, numbers, output_folder
+from clear_surgery.surgery.tools.arguments import check, in_range, numbers, output_folder, run_device
 
 from .app import MODEL_HELP, app, check_sources, resolve, user_errors
 
@@ -44,7 +45,8 @@ def profile(
         from clear_surgery.surgery.tools.quantize import check_quantize, quantize_pipeline
 
         check_quantize("--quantize", quantize, device)
-        check(image_attention in ("dense", "local"), f"--image-attention must be dense or local, got {image_attention!r}")
+        check(image_attention in IMAGE_ATTENTION, f"--image-attention must be one of {', '.join(IMAGE_ATTENTION)}, got "
+                                                  f"{image_attention!r}")
         in_range("--keep", keep, 0, 1)
         output_folder("--out", out, overwrite)
         check_sources(model)
