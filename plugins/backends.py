@@ -130,14 +130,14 @@ register_backend(Backend("flex", flex_clear_attention, flex_reason, recompute_ba
 if triton is not None:
     # Inference kernel; training uses FlexAttention's backward (same math, same mask).
     register_backend(Backend("triton", triton_clear_attention, triton_reason, recompute_backward(flex_clear_attention),
-                             _DENSE_MATH | {QUERY_RANGE}, {"cuda": 30}))
+                             _DENSE_MATH | {QUERY_RANGE, IMAGE_ONLY}, {"cuda": 30}))
     # The self-contained kernel engines embed (tile layout only); chosen by name, not by "auto".
     register_backend(Backend("triton-aot", triton_aot_attention, triton_aot_reason,
                              recompute_backward(flex_clear_attention), frozenset({BACKWARD})))
 if clear_fwd_ws_kernel is not None:
     # Warp-specialized Hopper kernel: plain CLEAR of one image (gluon_reason says which layouts)
     register_backend(Backend("gluon", gluon_clear_attention, gluon_reason, recompute_backward(flex_clear_attention),
-                             frozenset({LSE, BACKWARD}), {"cuda": 40}))
+                             frozenset({LSE, BACKWARD, IMAGE_ONLY}), {"cuda": 40}))
 
 
 def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, scale=None, *,

@@ -5,12 +5,14 @@ A model passes its mask as scaled_dot_product_attention takes one: bool (True: a
 (added to the scores), broadcastable to (batch, heads, queries, keys). CLEAR takes:
 - a key mask, (batch, 1, 1, keys): one bias per key, the same for every query (QwenImage,
   HunyuanImage and Ernie-Image hide their padded text keys with it);
-- a (queries x keys) mask whose image-query rows are all one such key row and whose text-query rows
-  are either that row too or constant (a padded text query): bool all-False rows give zero output
-  (as SDPA gives for a fully masked row), constant float rows give attention without the bias. This
-  is Chroma's ``valid[q] * valid[k]``: with ChromaPipeline's float 0/1 mask it adds 1 to the scores
-  of valid pairs, so padded keys are down-weighted by e, not hidden, and padded queries attend
-  without bias; a bool mask hides them.
+- a (queries x keys) mask whose image-query rows are all one such key row; a text query's row may be
+  anything, as text queries keep full attention: that row too (the kernels run it), bool all-False
+  (zero output, as SDPA gives for a fully masked row), or any other row (the query attends over every
+  key under its own row of the mask, outside the kernels: text queries are few). Chroma's
+  ``valid[q] * valid[k]`` is one: with ChromaPipeline's float 0/1 mask it adds 1 to the scores of
+  valid pairs, so padded keys are down-weighted by e, not hidden, and padded queries attend without
+  bias (a constant row); a bool mask hides them. Ideogram 4's block-diagonal mask over a packed batch
+  is another: its padding tokens attend among themselves.
 The key row must be constant over the image tokens (softmax ignores a constant added to a row), so
 what CLEAR keeps is a bias over the text keys: 0 for an unmasked key, -inf for a hidden one, and the
 mask's own value otherwise. The mask must not depend on the head.
@@ -24,7 +26,7 @@ import torch
 
 from .layout import TokenLayout
 
-VALID, ZEROED, UNBIASED = 0, 1, 2  # what happens to a query row
+VALID, ZEROED, OWN_ROW = 0, 1, 2  # what happens to a query row (OWN_ROW: text queries, under their own mask row)
 
 
 class MaskError(ValueError):
@@ -33,7 +35,7 @@ class MaskError(ValueError):
 
 class TextPadding(NamedTuple):
     text_bias: torch.Tensor | None  # (batch, text_len) float32, added to the text keys' scores; None: all zero
-    query_rule: torch.Tensor | None  # (batch, tokens) int8: VALID, ZEROED or UNBIASED; None: all VALID
+    query_rule: torch.Tensor | None  # (batch, tokens) int8: VALID, ZEROED or OWN_ROW; None: all VALID
 
 
 def _as_bias(mask: torch.Tensor) -> torch.Tensor:
@@ -68,12 +70,9 @@ def text_padding(attn_mask: torch.Tensor, layout: TokenLayout, batch: int) -> Te
         text_rows = bias[:, text]
         valid = (text_rows == rows[:, None, :]).all(-1)
         constant = (text_rows == text_rows[:, :, :1]).all(-1)
-        if not bool((valid | constant).all()):
-            raise MaskError("a text query's row of the attention mask is neither the image queries' row nor "
-                            "constant: not a padding mask CLEAR can express")
-        hidden = torch.isinf(text_rows[:, :, 0]) & (text_rows[:, :, 0] < 0)
+        hidden = constant & torch.isinf(text_rows[:, :, 0]) & (text_rows[:, :, 0] < 0)
         rule = torch.full((batch, n), VALID, dtype=torch.int8, device=bias.device)
-        rule[:, text] = torch.where(valid, VALID, torch.where(hidden, ZEROED, UNBIASED)).to(torch.int8)
+        rule[:, text] = torch.where(valid, VALID, torch.where(hidden, ZEROED, OWN_ROW)).to(torch.int8)
         rule = None if bool((rule == VALID).all()) else rule
     shift = rows[:, image]
     if not torch.equal(shift, shift[:, :1].expand_as(shift)) or not bool(torch.isfinite(shift).all()):

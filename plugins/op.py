@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backends import call_needs, choose_backend
+from .backends import QUERY_RANGE, call_needs, choose_backend
 from .layout import TokenLayout, validate_call, with_text_queries
-from .masking import UNBIASED, VALID, ZEROED, text_padding
+from .masking import OWN_ROW, VALID, ZEROED, text_padding
 from .pooling import check_poolable, pool_image_tokens
 from .schema import NAMES, bind, check_engine_call, engine_arguments, implements, torch_schema
 
@@ -32,7 +32,10 @@ def clear_attention(*args) -> torch.Tensor:
     q, rows = _all_queries(call)
     k, v = call["k"], call["v"]
     chosen, layout_args, options, rule = _prepared({**call, "q": q})
-    out = _apply_rule(chosen.forward(q, k, v, *layout_args, **options), rule, q, k, v, layout_args[0], call["scale"])
+    if rows is not None and QUERY_RANGE in chosen.features:  # the zero text rows are dropped: not computed
+        options = {**options, "image_queries": (0, layout_args[0].image_tokens)}
+    out = _apply_rule(chosen.forward(q, k, v, *layout_args, **options), rule, q, k, v, layout_args[0], call["scale"],
+                      call["attn_mask"])
     return (out if rows is None else out[:, rows]).contiguous()
 
 
@@ -87,7 +90,7 @@ def _with_pooled(args, k, v, pool_weight):
 
 def _with_mask(options, layout, attn_mask, batch):
     """The backends' ``text_bias`` keyword from a model's attention mask (none when it changes nothing),
-    and what happens to each query row (masking.VALID / ZEROED / UNBIASED; None: all valid)."""
+    and what happens to each query row (masking.VALID / ZEROED / OWN_ROW; None: all valid)."""
     if attn_mask is None:
         return options, None
     text_bias, rule = text_padding(attn_mask, layout, batch)
@@ -98,23 +101,26 @@ def _text_rows(layout):
     return slice(0, layout.text_len) if layout.text_first else slice(layout.image_tokens, layout.seq_len)
 
 
-def _unbiased_text(q, k, v, layout, scale):
-    """Text queries over every key of the joint sequence, without the text bias (padded text queries of a
-    float padding mask: the stock model gives them plain attention)."""
-    q_text = q[:, _text_rows(layout)]
-    return F.scaled_dot_product_attention(q_text.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          scale=scale).transpose(1, 2)
+def _text_own_rows(q, k, v, layout, scale, attn_mask):
+    """Text queries over every key of the joint sequence under their own rows of the model's (queries x keys)
+    mask (a padded text query: a constant row, plain attention; Ideogram 4's padding: the padding's keys)."""
+    rows = _text_rows(layout)
+    mask = attn_mask if attn_mask.dim() == 4 else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
+    return F.scaled_dot_product_attention(q[:, rows].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask[:, :, rows], scale=scale).transpose(1, 2)
 
 
-def _apply_rule(out, rule, q, k, v, layout, scale):
-    """Rows of padded text queries: zero (a bool mask hides every key from them), or plain attention."""
+def _apply_rule(out, rule, q, k, v, layout, scale, attn_mask):
+    """Rows of text queries the kernels do not run: zero (a bool mask hides every key from them), or their
+    own row of the mask."""
     if rule is None:
         return out
     out = out * (rule != ZEROED)[:, :, None, None].to(out.dtype)
-    unbiased = rule[:, _text_rows(layout)] == UNBIASED
-    if bool(unbiased.any()):
-        text = _text_rows(layout)
-        fixed = torch.where(unbiased[:, :, None, None], _unbiased_text(q, k, v, layout, scale), out[:, text])
+    text = _text_rows(layout)
+    own = rule[:, text] == OWN_ROW
+    if bool(own.any()):
+        fixed = torch.where(own[:, :, None, None], _text_own_rows(q, k, v, layout, scale, attn_mask).to(out.dtype),
+                            out[:, text])
         out = torch.cat([fixed, out[:, layout.text_len:]] if layout.text_first else [out[:, :text.start], fixed], 1)
     return out
 
@@ -158,12 +164,13 @@ def _backward(ctx, grad_out):
     pooled = options.pop("extra", None)
     dq, dk, dv, dek, dev = chosen.backward(through_backend, q, k, v, *args,
                                            extra=tuple(t.detach() for t in pooled) if pooled else None, **options)
-    if rule is not None and bool((rule == UNBIASED).any()):  # the rows of plain attention
+    if rule is not None and bool((rule == OWN_ROW).any()):  # the text rows under their own mask rows
         with torch.enable_grad():
             plain = [t.detach().requires_grad_(True) for t in (q, k, v)]
             rows = _text_rows(layout)
-            weight = (rule[:, rows] == UNBIASED)[:, :, None, None].to(grad_out.dtype)
-            grads = torch.autograd.grad(_unbiased_text(*plain, layout, scale), plain, grad_out[:, rows] * weight)
+            weight = (rule[:, rows] == OWN_ROW)[:, :, None, None].to(grad_out.dtype)
+            grads = torch.autograd.grad(_text_own_rows(*plain, layout, scale, call["attn_mask"]), plain,
+                                        grad_out[:, rows] * weight)
         dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
     grads = {"q": dq if image_rows is None else dq[:, image_rows], "k": dk, "v": dv}
     if pooled is not None:
@@ -228,7 +235,7 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
     if return_lse:
         chosen, args, options, rule = _prepared(call, return_lse=True)
         out, lse = chosen.forward(q, k, v, *args, **options, return_lse=True)
-        return _apply_rule(out, rule, q, k, v, args[0], scale), lse  # (lse: of the CLEAR rows)
+        return _apply_rule(out, rule, q, k, v, args[0], scale, attn_mask), lse  # (lse: of the CLEAR rows)
     if _Route.self_contained:
         check_engine_call(call, "the self-contained kernel (engines)")
         if not tile_h:

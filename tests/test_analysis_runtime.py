@@ -6,7 +6,8 @@ import warnings
 import pytest
 
 import clear_surgery.surgery.core.analysis as analysis
-from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin
+from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, load_builtin, remove_clear
+from clear_surgery.surgery.core.processors import AttentionCall
 from clear_surgery.surgery.core.rewrite import RewriteError
 from clear_surgery.surgery import build_tiny_model
 from clear_surgery.surgery.tools.coverage import GRID, T
@@ -55,7 +56,7 @@ def test_run_time_analysis_equals_the_traced_one(label, monkeypatch):
 
 
 @pytest.mark.parametrize("label,expected", [
-    ("Lumina2 (Lumina2Transformer2DModel)", {"text", "image", "other"}),
+    ("Lumina2 (Lumina2Transformer2DModel)", {"text", "image", "joint"}),
     ("QwenImage 2.1 (QwenImage21Transformer2DModel)", {"text", "cross"}),
 ])
 def test_untraceable_models_are_analyzed_at_run_time(label, expected):
@@ -66,9 +67,16 @@ def test_untraceable_models_are_analyzed_at_run_time(label, expected):
         analysis.analyze(*_build(label)[:2], text_tokens=T, image_tokens=GRID[0] * GRID[1], run_time_fallback=False)
 
 
-def test_a_run_time_analysis_cannot_verify_a_rewrite(monkeypatch):
+def test_a_run_time_analysis_verifies_a_rewrite_by_its_outputs(monkeypatch):
+    """Without a graph, the rewrite is checked by the example call: at a radius covering its grid CLEAR must equal
+    the dense model. A CLEAR that does not (its output scaled by 1.01) is refused and undone."""
     model = load_builtin("tiny-flux")
     _no_export(monkeypatch)
-    with pytest.raises(RewriteError, match="cannot be verified"):
+    report = apply_clear(model, ClearConfig(radius=4))
+    assert report.method.startswith("run time") and get_clear_state(model) is not None
+    remove_clear(model)
+    run = AttentionCall.run
+    monkeypatch.setattr(AttentionCall, "run", lambda call: run(call) * 1.01)
+    with pytest.raises(RewriteError, match="covering the example grid"):
         apply_clear(model, ClearConfig(radius=4))
     assert get_clear_state(model) is None  # undone

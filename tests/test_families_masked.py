@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clear_surgery.plugins import TokenLayout
-from clear_surgery.plugins.masking import UNBIASED, VALID, ZEROED, MaskError, text_padding
+from clear_surgery.plugins.masking import OWN_ROW, VALID, ZEROED, MaskError, text_padding
 from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, image_grid, remove_clear
 from clear_surgery.surgery.tools import coverage
 from conftest import coverage_model, model_call, rel_err
@@ -114,7 +114,7 @@ def test_mask_forms_read_as_clear_takes_them():
     assert rule[0].tolist() == [VALID, VALID, ZEROED, VALID, VALID, VALID, VALID] and not rule[1].any()
     f = valid.float()
     bias, rule = text_padding(f[:, None, None, :] * f[:, None, :, None], layout, 2)  # Chroma's float product
-    assert torch.equal(bias, torch.tensor([[0.0, 0.0, -1.0], [0, 0, 0]])) and rule[0, 2] == UNBIASED
+    assert torch.equal(bias, torch.tensor([[0.0, 0.0, -1.0], [0, 0, 0]])) and rule[0, 2] == OWN_ROW
     assert text_padding(torch.ones(2, 1, 1, 7, dtype=torch.bool), layout, 2) == (None, None)
 
 

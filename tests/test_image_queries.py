@@ -1,6 +1,11 @@
 """Image-query-only attention (PRX, NucleusMoE-Image): image queries over the joined text and image keys, no
 text queries. CLEAR's image rows alone: the op takes the image's queries by themselves."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,6 +38,54 @@ def test_the_image_queries_alone_give_the_image_rows_forward_and_backward(backen
         assert rel_err(got, whole) < tol
         assert rel_err(got_grads[0], want_grads[0][:, rows]) < tol
         assert all(rel_err(g, w) < tol for g, w in zip(got_grads[1:], want_grads[1:]))
+
+
+IMAGE_QUERY_CASES = """
+import json, sys, torch
+from clear_surgery.plugins import attention
+device, backend = sys.argv[1], sys.argv[2]
+gen = torch.Generator().manual_seed(5)
+# (text, height, width, radius, tile, head dim): a non-square raster grid and a radius beyond it; the kernels'
+# blocks and tile layout
+for text, height, width, radius, tile, dim in ((5, 3, 7, 9.0, None, 16), (64, 16, 16, 3.0, (8, 8), 64)):
+    for text_first in (True, False):
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        q, k, v = (torch.randn(2, text + height * width, 2, dim, generator=gen).to(device, dtype) for _ in range(3))
+        rows = slice(text, None) if text_first else slice(0, height * width)
+        kwargs = dict(text_len=text, text_first=text_first, height=height, width=width, radius=radius,
+                      tile=tile)
+        want = attention(*(t.double() for t in (q, k, v)), **kwargs, backend="reference")[:, rows]
+        try:
+            got = attention(q[:, rows], k, v, **kwargs, backend=backend)
+        except ValueError as err:  # a layout the backend does not take (its refusal, checked in the conformance tests)
+            print(json.dumps({"refused": str(err)}))
+            continue
+        print(json.dumps({"rel_err": float((got.double() - want).norm() / want.norm())}))
+"""
+
+
+def _image_query_backend(device: str, backend: str, env=None) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", IMAGE_QUERY_CASES, device, backend], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_triton_kernel_computes_the_image_queries_alone_under_the_interpreter():
+    """The triton backend skips the text rows of an image-query-only call (they are dropped): its image rows
+    still equal the whole call's."""
+    pytest.importorskip("triton")
+    results = _image_query_backend("cpu", "triton", {"TRITON_INTERPRET": "1"})
+    assert len(results) == 4 and all(r.get("rel_err", 1) < 1e-5 for r in results), results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+def test_gpu_fast_kernels_compute_the_image_queries_alone(backend):
+    results = _image_query_backend("cuda", backend)
+    ran = [r for r in results if "rel_err" in r]
+    assert ran and all(r["rel_err"] < 2e-2 for r in ran), results
 
 
 def test_image_query_calls_refuse_what_they_do_not_take():

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import sys
+import types
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
@@ -50,6 +51,7 @@ class AttentionSite:
     processor: str | None
     supported: bool
     reason: str | None = None
+    packed: bool = False  # text and image were joined before the blocks (the family's PackedSequence)
 
 
 @dataclass
@@ -187,7 +189,11 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
     except AttributeError:
         processor = None
     order, reason = None, None
-    if q_len == image and k_len == text + image and (order := call.find_key_order()):
+    packed = family.packed if family is not None else None
+    packed = packed if packed and q_len == k_len and q_len > image and packed.covers(module) else None
+    if packed:
+        kind, order = "joint", packed.order  # the family declares the join the graph cannot show
+    elif q_len == image and k_len == text + image and (order := call.find_key_order()):
         kind = "image_query"  # image queries over the joined text and image keys: CLEAR's image rows alone
     elif q_len != k_len:
         kind = "cross"
@@ -228,7 +234,7 @@ def _classify(model, family: ModelFamily | None, call: AttentionCall, text: int,
     return AttentionSite(module=module, kind=kind, op="clear" if is_clear else "sdpa", order=order,
                          query_tokens=q_len, key_tokens=k_len, heads=heads, head_dim=qs[-1],
                          processor=type(processor).__name__ if processor is not None else None,
-                         supported=reason is None, reason=reason)
+                         supported=reason is None, reason=reason, packed=packed is not None)
 
 
 def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text_tokens: int | None = None,
@@ -258,6 +264,8 @@ def analyze(model: torch.nn.Module, example_inputs_: dict | None = None, *, text
     report = AnalysisReport(type(model).__name__, text_tokens, image_tokens)
     with torch.no_grad(), image_grid(*grid) if grid else contextlib.nullcontext():
         try:
+            if family is not None and family.fresh_for_trace is not None:
+                family.fresh_for_trace(model)
             program = _export_quietly(model, example_inputs_)
         except Exception as err:  # data-dependent shapes and the like: watch one eager forward instead
             if not run_time_fallback:
@@ -335,13 +343,27 @@ def _export_quietly(model, inputs):
     """torch.export, without the partial graph it prints to stderr when it fails (a hundred lines of
     code per model; the exception says what failed). Whatever it writes on success passes through."""
     written = io.StringIO()
+    helpers = {id(obj): (obj, dict(vars(obj))) for obj in _helper_objects(model)}
     try:
         with contextlib.redirect_stderr(written):
             program = torch.export.export(model, (), dict(inputs), strict=False)
     finally:
         _clear_method_caches(model)
+        for obj, state in helpers.values():  # what they cached while tracing holds fake tensors
+            vars(obj).clear()
+            vars(obj).update(state)
     sys.stderr.write(written.getvalue())
     return program
+
+
+def _helper_objects(model):
+    """Plain objects the model's modules hold (not modules, tensors or functions), which may fill lazy caches on
+    their first call (Z-Image's RoPE table)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type,
+                                                                     types.FunctionType, types.MethodType)):
+                yield value
 
 
 def _clear_method_caches(model) -> None:

@@ -116,6 +116,7 @@ class ClearProcessorBase(torch.nn.Module):
     without, it holds no tensor and the model's state dict is the stock one."""
 
     text_first: bool  # segment order the processor builds
+    padding_after_image = False  # a packed batch padded after each sample's image (families' PackedSequence)
 
     def __init__(self, runtime: ClearRuntime, radius: float, name: str = "", down_factor: int | None = None):
         super().__init__()
@@ -133,6 +134,17 @@ class ClearProcessorBase(torch.nn.Module):
     def _attend(self, query, key, value, attention_mask, scale=None):
         """(batch, tokens, heads, head_dim) in, same out. ``attention_mask``: the model's text padding mask as
         scaled_dot_product_attention takes it (bool or additive, broadcastable to (batch, heads, q, k))."""
+        if self.padding_after_image and attention_mask is not None:
+            height, width = self.runtime.current_grid()
+            order = padding_before_image(attention_mask, height * width)
+            if order is not None:  # [text_i, image, padding] -> [text_i, padding, image], and back
+                query, key, value = (_gather_tokens(t, order, 1) for t in (query, key, value))
+                mask = _gather_tokens(attention_mask.expand(*attention_mask.shape[:-1], key.shape[1]), order, -1)
+                out = self._attend_in_layout(query, key, value, mask, scale)
+                return _gather_tokens(out, torch.argsort(order, dim=1), 1)
+        return self._attend_in_layout(query, key, value, attention_mask, scale)
+
+    def _attend_in_layout(self, query, key, value, attention_mask, scale=None):
         runtime = self.runtime
         height, width = runtime.current_grid()
         images = runtime.images
@@ -147,6 +159,32 @@ class ClearProcessorBase(torch.nn.Module):
 
     def __repr__(self):
         return f"{type(self).__name__}(radius={self.radius:g}, backend={self.runtime.backend!r}{self._down()})"
+
+
+def padding_before_image(attention_mask: torch.Tensor, image_tokens: int) -> torch.Tensor | None:
+    """For a packed batch laid out [text_i, image, padding] per sample (unequal text lengths, each sample padded at
+    its end; ``attention_mask``: the key mask, True or 0 where a key counts), the token order that makes it
+    [text_i, padding, image]: one layout for the whole batch (the image last, every other token text, the padding
+    masked as keys). (batch, tokens) long; None when no sample is padded."""
+    keys = attention_mask.reshape(attention_mask.shape[0], -1, attention_mask.shape[-1])[:, 0]
+    valid = keys if keys.dtype == torch.bool else keys == 0
+    tokens = valid.shape[-1]
+    lengths = valid.sum(-1, keepdim=True)
+    if bool((lengths == tokens).all()):
+        return None
+    if not bool(valid.equal(torch.arange(tokens, device=valid.device) < lengths)):
+        raise ValueError("a packed sequence's padding must follow each sample's image (the mask's valid keys "
+                         "first)")
+    text, padding = lengths - image_tokens, tokens - lengths
+    j = torch.arange(tokens, device=valid.device).expand(valid.shape[0], -1)
+    return torch.where(j < text, j, torch.where(j < text + padding, j + image_tokens, j - padding))
+
+
+def _gather_tokens(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with its tokens (dimension ``dim``) taken in ``order`` (batch, tokens) per sample."""
+    dim = dim % t.dim()
+    index = order.reshape(order.shape[0], *(1,) * (dim - 1), order.shape[1], *(1,) * (t.dim() - dim - 1))
+    return t.expand(order.shape[0], *t.shape[1:]).gather(dim, index.expand(order.shape[0], *t.shape[1:]))
 
 
 class _RouteSDPA(torch.overrides.TorchFunctionMode):

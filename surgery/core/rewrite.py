@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 
@@ -133,6 +134,7 @@ def _install_processors(model, family: ModelFamily, targets: list[AttentionSite]
         # no dedicated CLEAR processor: route the stock processor's SDPA call (checked by the re-trace)
         processor = (dedicated(*args, down_factor=down_factor) if dedicated else
                      ClearSDPAProcessor(original, *args, site.order == "text_first", down_factor=down_factor))
+        processor.padding_after_image = site.packed and family.packed.padding_after_image
         weight = next(module.parameters(), None)  # the down variant's spatial_weight: the attention's dtype/device
         module.set_processor(processor.to(weight.device, weight.dtype) if weight is not None else processor)
     runtime.hooks.append(model.register_forward_pre_hook(_grid_hook(family, runtime), with_kwargs=True))
@@ -180,9 +182,9 @@ def default_tile(head_dim: int, radius: float) -> tuple[int, int]:
 
 def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: set[str],
                    grid_multiple: int = 1) -> AnalysisReport:
-    if before.method != "torch.export":  # a run-time analysis has no graph to compare
-        raise RewriteError(f"{type(model).__name__} was analyzed at {before.method}: without a traced graph the "
-                           "rewrite cannot be verified")
+    if before.method != "torch.export":  # a run-time analysis has no graph to compare: compare outputs
+        verify_outputs(model, family, grid_multiple)
+        return before
     after = analyze(model, family=family, run_time_fallback=False, grid_multiple=grid_multiple)
     problems = []
     if [s.module for s in after.sites] != [s.module for s in before.sites]:
@@ -199,6 +201,40 @@ def verify_rewrite(model, family: ModelFamily, before: AnalysisReport, targets: 
     if problems:
         raise RewriteError("CLEAR rewrite check failed, rewrite undone:\n  " + "\n  ".join(problems))
     return after
+
+
+def verify_outputs(model, family: ModelFamily, grid_multiple: int = 1) -> None:
+    """The check of a rewrite without a graph (models analyzed at run time): the example call through CLEAR at a
+    radius that covers its whole grid must equal the dense model's (then CLEAR is exactly the stock attention
+    and only the window differs), and through CLEAR at the configured radii it must give finite outputs."""
+    from .families import EXAMPLE_GRID, example_inputs
+
+    runtime = get_clear_state(model).runtime
+    inputs = example_inputs(model, grid=(EXAMPLE_GRID[0] * grid_multiple, EXAMPLE_GRID[1] * grid_multiple),
+                            family=family)
+
+    def covering(call, proceed):
+        return proceed(dataclasses.replace(call, radius=float(call.height + call.width)))
+
+    with torch.no_grad():
+        with dense_attention(model):
+            want = _output_tensor(model(**inputs)).double()
+        with runtime.routed("verify: covering radius", covering):
+            got = _output_tensor(model(**inputs)).double()
+        local = _output_tensor(model(**inputs))
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    tolerance = 1e-4 if local.dtype in (torch.float32, torch.float64) else 2e-2
+    if not err <= tolerance or not bool(local.isfinite().all()):
+        raise RewriteError(f"CLEAR rewrite check failed, rewrite undone: at a radius covering the example grid the "
+                           f"model differs from its dense self by {err:.2e} (over {tolerance:g}), or its output at the "
+                           "configured radii is not finite")
+
+
+def _output_tensor(out) -> torch.Tensor:
+    """A model call's output as one flat tensor (its first output: a tensor, or a list of them)."""
+    first = out[0] if isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor) else out
+    first = getattr(first, "sample", first)
+    return torch.cat([t.flatten() for t in first]) if isinstance(first, (tuple, list)) else first.flatten()
 
 
 def remove_clear(model: torch.nn.Module) -> None:

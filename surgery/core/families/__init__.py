@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import ExportPlan, GridError, ModelFamily, TilePlan, image_grid
+from .base import ExportPlan, GridError, ModelFamily, PackedSequence, TilePlan, image_grid
 from .examples import GRID as EXAMPLE_GRID
 from .examples import T as EXAMPLE_TEXT_TOKENS
 
@@ -66,5 +66,5 @@ def example_inputs(model, text_len=EXAMPLE_TEXT_TOKENS, grid=EXAMPLE_GRID, batch
     return family.example_inputs(model, text_len, grid[0], grid[1], batch, param.dtype, param.device)
 
 
-__all__ = ["EXAMPLE_GRID", "EXAMPLE_TEXT_TOKENS", "ExportPlan", "FAMILIES", "GridError", "ModelFamily", "TilePlan",
+__all__ = ["EXAMPLE_GRID", "EXAMPLE_TEXT_TOKENS", "ExportPlan", "FAMILIES", "GridError", "ModelFamily", "PackedSequence", "TilePlan",
            "example_inputs", "family_for_class", "family_of", "image_grid", "is_controlnet", "tiny_models"]

@@ -34,6 +34,11 @@ def image_grid(height: int, width: int):
         _GRID_OVERRIDE.reset(token)
 
 
+def fixed_grid() -> tuple[int, int] | None:
+    """The grid fixed by an enclosing ``image_grid`` block, or None."""
+    return _GRID_OVERRIDE.get()
+
+
 class GridError(InvalidValueError):
     pass
 
@@ -162,6 +167,24 @@ class TilePlan:
 
 
 @dataclass(frozen=True)
+class PackedSequence:
+    """Text and image joined once, before the blocks, into one sequence (Lumina2, Z-Image, Ideogram 4): the
+    graph shows no join at the attention calls, so the family declares it. In the block stacks ``stacks``
+    (module-name prefixes) a self-attention call over more tokens than the image's is joint, with the image's
+    tokens ``order`` ("text_first": last, "image_first": first) and every other token global: captions,
+    padding, learned pad tokens (every query sees them where the model's mask lets it, they see every key).
+    ``padding_after_image``: a batch of samples of unequal text length is padded after each sample's image
+    ([text_i, image, padding]); CLEAR moves each sample's padding in front of its image for the call."""
+
+    order: str
+    stacks: tuple[str, ...]
+    padding_after_image: bool = False
+
+    def covers(self, module: str) -> bool:
+        return any(module == s or module.startswith(s + ".") for s in self.stacks)
+
+
+@dataclass(frozen=True)
 class ExportPlan:
     """How a family's models become engines (ONNX, TensorRT, AOTInductor).
 
@@ -217,6 +240,10 @@ class ModelFamily:
     # model -> tokens the model joins with the text besides the prompt's (AuraFlow's registers): CLEAR treats
     # them as text (every query sees them, they see every key); None: none
     global_tokens: Callable[[object], int] | None = None
+    packed: PackedSequence | None = None  # text and image joined before the blocks (see PackedSequence)
+    # model -> None: empty what the model caches lazily on its first call (Z-Image's RoPE table) before a trace,
+    # so the analysis and the rewrite's re-trace see the same graph whether or not the model ran in between
+    fresh_for_trace: Callable[[object], None] | None = None
     order: int = 100  # position in listings
 
     @property
