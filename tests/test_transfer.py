@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clear_surgery.surgery import get_clear_state
 from clear_surgery.surgery.cli import main
 from clear_surgery.surgery.tools import image_metrics as m
 
@@ -219,3 +220,22 @@ def test_clip_and_dino_similarity_run_from_local_folders(tmp_path, monkeypatch):
     for key in ("clip_similarity", "dino_similarity"):
         assert same[key] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert all(s < 0.9999 for s in other[key])
+
+
+def test_fp8_quantizes_the_clear_side_only(tmp_path, monkeypatch):
+    """--quantize fp8 turns the CLEAR pipeline's linear layers to FP8 after the dense images are made (on this
+    CPU torchao's FP8 cannot run: the quantization is recorded instead, and the refusal checked)."""
+    import clear_surgery.surgery.tools.quantize as quantize
+    import clear_surgery.surgery.tools.transfer as transfer
+
+    refused = tmp_path / "refused"
+    assert main(["check-transfer", "--target", str(MODELS / "dev"), "--radius", "4", "--prompts",
+                 str(TESTBED / "prompts.txt"), "--num-images", "1", "--quantize", "fp8", "--out", str(refused)]) == 2
+    assert not refused.exists()
+    calls = []
+    for module in (quantize, transfer):
+        monkeypatch.setattr(module, "check_quantize", lambda *args: None)
+    monkeypatch.setattr(transfer, "quantize_pipeline", lambda pipe, quantize: calls.append(
+        (quantize, get_clear_state(pipe.transformer) is not None)))
+    metrics = _run(tmp_path, "--target", str(MODELS / "dev"), "--radius", "4", "--quantize", "fp8")
+    assert calls == [("fp8", True)] and metrics["setup"]["quantize"] == "fp8"

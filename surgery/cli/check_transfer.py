@@ -42,6 +42,9 @@ def check_transfer(
     allow_radius_change: bool = typer.Option(False, help="use layers made for another radius at --radius"),
     device: Optional[str] = typer.Option(None, help="where the pipeline runs (cpu, cuda, cuda:1, ...); default: "
                                          "cuda when there is a GPU, else cpu"),
+    quantize: Optional[str] = typer.Option(None, help="fp8: the CLEAR side's linear layers in FP8 (torchao; a GPU "
+                                           "with FP8 tensor cores): what CLEAR + FP8 loses against the dense model as "
+                                           "stored (with --radius inf: what FP8 alone loses)"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder (written atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing report folder"),
 ):
@@ -59,6 +62,9 @@ def check_transfer(
               "--controlnet-attention layers needs --clear-layers")
         check_layers_mode(layers_mode, clear_layers)
         device = run_device("--device", device)
+        from clear_surgery.surgery.tools.quantize import check_quantize
+
+        check_quantize("--quantize", quantize, device)
         output_folder("--out", out, overwrite)
         from clear_surgery.surgery.tools.transfer import TransferSettings, read_prompts
 
@@ -71,7 +77,7 @@ def check_transfer(
 
         metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
                       control_images=control_images, layers_mode=layers_mode, layers_base=layers_base,
-                      controlnet_attention=controlnet_attention,
+                      controlnet_attention=controlnet_attention, quantize=quantize,
                       allow_radius_change=allow_radius_change, overwrite=overwrite, device=device)
     s = metrics["summary"]
     typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "

@@ -24,17 +24,30 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard an earlier run in the output folder"),
     device: Optional[str] = typer.Option(None, help="default: cuda when available (torchrun: this process's GPU)"),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="heal inside a ControlNet pipeline "
+                                             "(overrides model.controlnet): " + MODEL_HELP),
+    control_images: Optional[Path] = typer.Option(None, "--control-images", help="folder of images (or one) the "
+                                                  "ControlNet's conditions are made from (overrides "
+                                                  "data.control_images)"),
+    condition: Optional[str] = typer.Option(None, "--condition", help="the condition made from each control image: "
+                                            "gray | edges (overrides data.condition)"),
+    controlnet_attention: Optional[str] = typer.Option(None, "--controlnet-attention", help="the ControlNet's own "
+                                                       "attention while the layers heal: dense | clear (zero-shot)"),
 ):
     """Heal a CLEAR model against its dense teacher; writes CLEAR layers to OUT/clear-layers.
 
     Several GPUs: torchrun --nproc_per_node N -m clear_surgery.surgery.cli distill --recipe R.toml
     """
+    given = {"model.controlnet": controlnet, "model.controlnet_attention": controlnet_attention,
+             "data.control_images": str(control_images.resolve()) if control_images else None,
+             "data.condition": condition, "output.dir": str(out) if out else None}
     overrides = [*([f"model.teacher={json.dumps(model)}"] if model else []), *set_,
-                 *([f"output.dir={json.dumps(str(out))}"] if out else [])]
+                 *(f"{key}={json.dumps(value)}" for key, value in given.items() if value is not None)]
     with user_errors():
         check(recipe.is_file(), f"recipe file {recipe} does not exist")
         check(not (resume and overwrite), "--resume and --overwrite exclude each other")
         check_sources(model)
+        check_sources(controlnet)
         from clear_surgery.hub import read_clear_config
         from clear_surgery.surgery.tools.distillation import distill as run, load_recipe
 

@@ -16,19 +16,21 @@ from pathlib import Path
 
 import torch
 
-from clear_surgery.hub import load_model, resolve_model
+from clear_surgery.hub import resolve_model
 from clear_surgery.hub.resolve import ModelRef
 from clear_surgery.hub.atomic import atomic_directory, write_json, write_text
 from clear_surgery.hub.clear_layers import (LayersSource, apply_layer_deltas, apply_layer_tensors, check_layer_fit,
                                             layer_shapes, resolve_layers)
-from clear_surgery.surgery import ClearConfig, apply_clear, family_for_class, family_of, is_controlnet
+from clear_surgery.surgery import ClearConfig, apply_clear, family_of
 from clear_surgery.surgery.core.checks import check_number
-from clear_surgery.surgery.core.errors import FileFormatError, InvalidValueError, MismatchError
+from clear_surgery.surgery.core.errors import InvalidValueError, MismatchError
 
 from . import image_metrics
 from .arguments import check_layers_mode
+from .controlnets import controlnet_pipeline, load_controlnet, read_control_images
 from .convert import base_tensors, layers_base_ref
 from .pipeline import load_pipeline
+from .quantize import check_quantize, quantize_pipeline
 
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
 # a ControlNet's own attention: dense; CLEAR zero-shot; CLEAR plus the layers' changes on the blocks it
@@ -78,66 +80,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def read_control_images(source: str | Path) -> list:
-    """A folder of images (sorted by name) or one image file, as RGB PIL images."""
-    from PIL import Image, UnidentifiedImageError
-
-    source = Path(source)
-    suffixes = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in suffixes) if source.is_dir() else [source]
-    if not source.exists() or not files:
-        raise InvalidValueError(f"control images: {source} is not an image file or a folder holding images")
-    images = []
-    for file in files:
-        try:
-            images.append(Image.open(file).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise FileFormatError(f"control image {file} cannot be read: {err}") from None
-    return images
-
-
-# --- the target and its ControlNet --------------------------------------------------------------
-
-def _controlnet_problems(transformer, controlnet) -> list[str]:
-    """What keeps ``controlnet`` from feeding ``transformer``'s blocks (empty when it fits)."""
-    t, c = transformer.config, controlnet.config
-    problems = []
-    if family_for_class(type(controlnet).__name__) is not family_of(transformer):
-        return [f"a {type(controlnet).__name__} does not drive a {type(transformer).__name__}"]
-    for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim", "axes_dims_rope"):
-        theirs, ours = (list(v) if isinstance(v, (list, tuple)) else v for v in (c.get(key), t.get(key)))
-        if key in t and key in c and theirs != ours:
-            problems.append(f"{key}: ControlNet {c[key]}, target {t[key]}")
-    inner = lambda cfg: cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)  # noqa: E731
-    if inner(t) != inner(c):
-        problems.append(f"hidden size: ControlNet {inner(c)}, target {inner(t)}")
-    return problems
-
-
 def _layers_base_tensors(layers: LayersSource | None, base: ModelRef) -> dict:
     """The original values, in the model the layers were made from, of the tensors the layers hold."""
     return base_tensors(base, list(layer_shapes(layers.file)))
-
-
-def _load_controlnet(source: str, transformer):
-    ref = resolve_model(source)
-    if not is_controlnet(ref.model_class):
-        raise TransferError(f"--controlnet {source} is {ref.describe()}, not a ControlNet")
-    controlnet, _ = load_model(ref, dtype=transformer.dtype)
-    problems = _controlnet_problems(transformer, controlnet)
-    if problems:
-        raise TransferError(f"ControlNet {source} does not fit the target's {type(transformer).__name__}: "
-                            + "; ".join(problems))
-    return controlnet
-
-
-def _controlnet_pipeline(pipe, controlnet):
-    import diffusers
-
-    name = family_of(pipe.transformer).pipelines.get(type(controlnet).__name__)
-    if name is None or not hasattr(diffusers, name):
-        raise TransferError(f"no diffusers pipeline runs a {type(controlnet).__name__}")
-    return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -192,14 +137,16 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                    radius: float | None = None, controlnet: str | None = None, control_images=None,
                    layers_mode: str = "replace", layers_base: str | None = None, controlnet_attention: str = "clear",
                    allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", quantize: str | None = None) -> dict:
     """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
     ``radius``), compare, and write the report folder ``out``. Returns the metrics.
 
     ``layers_mode`` replace: the target's attention tensors become the layers' (right for the model
     the layers were made from); delta: the target's own tensors plus what the layers changed in
     their base model (``layers_base``, default the base their folder records) -- for a relative
-    whose attention weights moved in its own training (schnell from dev). ``device``: where the pipelines run."""
+    whose attention weights moved in its own training (schnell from dev). ``device``: where the pipelines run.
+    ``quantize`` ("fp8"): the CLEAR side's linear layers in FP8 (the dense side stays as stored)."""
+    check_quantize("quantize", quantize, device)
     if clear_layers is None and radius is None:
         raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
     check_layers_mode(layers_mode, clear_layers)
@@ -233,7 +180,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     else:
         base_values_cn = base_values
     if controlnet is not None:
-        pipe = _controlnet_pipeline(pipe, _load_controlnet(controlnet, transformer))
+        pipe = controlnet_pipeline(pipe, load_controlnet(controlnet, transformer))
         cn_state = pipe.controlnet.state_dict()
         if controlnet_attention == "layers" and not any(
                 n in cn_state and tuple(cn_state[n].shape) == shape for n, shape in layer_shapes(layers.file).items()):
@@ -253,6 +200,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             apply_clear(pipe.controlnet, config)
             if controlnet_attention == "layers":
                 apply_layer_deltas(pipe.controlnet, layers.file, base_values_cn, shared_only=True)
+        quantize_pipeline(pipe, quantize)
         clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
         metrics = _metrics(original, clear, original_latents, clear_latents, settings, controls)
         metrics["setup"] = {
@@ -260,7 +208,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             "clear_layers": str(layers.describe()) if layers else None, "radius": radius,
             "mode": ("trained CLEAR layers" + (" (delta)" if base_values is not None else "")) if layers
             else "zero-shot", "layers_base": delta_base.source if delta_base is not None else None, "controlnet": controlnet,
-            "controlnet_attention": controlnet_attention if controlnet else None,
+            "controlnet_attention": controlnet_attention if controlnet else None, "quantize": quantize,
             "control_images": str(control_images) if control_images else None,
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
             "prompts": [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]}

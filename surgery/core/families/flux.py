@@ -14,6 +14,7 @@ from .base import (
     ModelFamily,
     TilePlan,
     flux_like_inputs,
+    forward_signature,
     grid_from_ids,
     image_grid,
     images_from_ids,
@@ -83,18 +84,45 @@ class FluxSamples:
     name = "flux"
 
     @staticmethod
-    def encode_and_generate(pipe, prompts, s, generators, device) -> list[dict]:
+    def encode_and_generate(pipe, prompts, s, generators, device, controls=None) -> list[dict]:
+        """``controls``: one condition image per prompt for a ControlNet pipeline; each sample then keeps the
+        ControlNet's input as the pipeline made it (the condition's packed latents)."""
         length = min(s.max_sequence_length, pipeline_kwargs(pipe).get("max_sequence_length", s.max_sequence_length))
         embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                       max_sequence_length=length)
         kwargs = dict(guidance_scale=s.guidance) if s.guidance is not None else {}
-        latents = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=s.height, width=s.width,
-                       num_inference_steps=s.inference_steps, generator=generators, output_type="latent",
-                       **kwargs).images
+        seen = {}
+        if controls is not None:
+            kwargs.update(control_image=controls, controlnet_conditioning_scale=s.controlnet_scale)
+
+            def keep(module, args, call):  # the condition as the pipeline encoded it (the same every step)
+                seen.setdefault("cond", call["controlnet_cond"])
+
+            hook = pipe.controlnet.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            latents = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=s.height, width=s.width,
+                           num_inference_steps=s.inference_steps, generator=generators, output_type="latent",
+                           **kwargs).images
+        finally:
+            if controls is not None:
+                hook.remove()
         grid = 2 * (s.height // (pipe.vae_scale_factor * 2)), 2 * (s.width // (pipe.vae_scale_factor * 2))
         img_ids = pipe._prepare_latent_image_ids(1, grid[0] // 2, grid[1] // 2, device, latents.dtype)
-        return [dict(latents=latents[i], prompt_embeds=embeds[i], pooled_prompt_embeds=pooled[i],
-                     txt_ids=text_ids, img_ids=img_ids) for i in range(len(prompts))]
+        control = {"controlnet_cond": seen["cond"]} if controls is not None else {}
+        return [dict(latents=latents[i], prompt_embeds=embeds[i], pooled_prompt_embeds=pooled[i], txt_ids=text_ids,
+                     img_ids=img_ids, **{k: v[i] for k, v in control.items()}) for i in range(len(prompts))]
+
+    @staticmethod
+    def controlnet_residuals(controlnet, inputs: dict, batch: dict, scale: float) -> dict:
+        """The ControlNet's residuals for the transformer call ``inputs`` (a batch with ``controlnet_cond``), as
+        the transformer takes them."""
+        if "controlnet_cond" not in batch:
+            raise ValueError("the samples hold no ControlNet condition: they were made without a ControlNet")
+        takes = forward_signature(type(controlnet)).parameters
+        blocks, singles = controlnet(**{k: v for k, v in inputs.items() if k in takes},
+                                     controlnet_cond=batch["controlnet_cond"], conditioning_scale=scale)
+        return dict(controlnet_block_samples=blocks, controlnet_single_block_samples=singles,
+                    controlnet_blocks_repeat=controlnet.input_hint_block is not None)
 
     @staticmethod
     def model_inputs(model, batch: dict, noisy: torch.Tensor, sigma: torch.Tensor, guidance: float | None) -> dict:

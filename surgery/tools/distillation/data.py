@@ -42,7 +42,9 @@ def _dataset_identity(recipe) -> dict:
     d = recipe.data
     return {"teacher": recipe.model.teacher, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
             "height": d.height, "width": d.width, "inference_steps": d.inference_steps, "guidance": d.guidance,
-            "max_sequence_length": d.max_sequence_length, "seed": d.seed}
+            "max_sequence_length": d.max_sequence_length, "seed": d.seed,
+            **({"controlnet": recipe.model.controlnet, "control_images": d.control_images, "condition": d.condition,
+                "controlnet_scale": d.controlnet_scale} if recipe.model.controlnet else {})}
 
 
 def _write_atomic(tensors: dict, path: Path, metadata: dict) -> None:
@@ -54,6 +56,7 @@ def generate_samples(recipe, *, device=None, progress: bool = True) -> Path:
     """Fill the recipe's data folder with data.num_samples teacher samples (skipping those present)."""
     from tqdm.auto import tqdm
 
+    from ..controlnets import condition_images, controlnet_pipeline, load_controlnet, read_control_images
     from ..pipeline import load_pipeline
 
     folder, d = recipe.data_folder, recipe.data
@@ -72,7 +75,12 @@ def generate_samples(recipe, *, device=None, progress: bool = True) -> Path:
     if not todo:
         return folder
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    controls = None
+    if recipe.model.controlnet:  # the conditions first: a bad image folder fails before any model loads
+        controls = condition_images(read_control_images(d.control_images), d.condition)
     pipe = load_pipeline(recipe.teacher_ref(), dtype=recipe.torch_dtype, dense=True)  # the dense teacher
+    if controls is not None:
+        pipe = controlnet_pipeline(pipe, load_controlnet(recipe.model.controlnet, pipe.transformer, "model.controlnet"))
     pipe.to(device=device, **({"dtype": recipe.torch_dtype} if recipe.torch_dtype else {}))
     pipe.set_progress_bar_config(disable=True)
     family = samples_family(pipe.transformer)
@@ -84,8 +92,9 @@ def generate_samples(recipe, *, device=None, progress: bool = True) -> Path:
         chunk = todo[start:start + d.generate_batch_size]
         texts = [prompts[i % len(prompts)] for i in chunk]
         generators = [torch.Generator(device).manual_seed(d.seed + i) for i in chunk]
+        extra = {"controls": [controls[i % len(controls)] for i in chunk]} if controls is not None else {}
         with torch.no_grad():
-            samples = family.encode_and_generate(pipe, texts, d, generators, device)
+            samples = family.encode_and_generate(pipe, texts, d, generators, device, **extra)
         for index, text, sample in zip(chunk, texts, samples):
             _write_atomic(sample, sample_path(folder, index), {"prompt": text, "seed": str(d.seed + index)})
         bar.update(len(chunk))

@@ -17,6 +17,7 @@ from clear_surgery.surgery.core.dtypes import parse_dtype
 from clear_surgery.surgery.core.checks import number_problem
 from clear_surgery.surgery.core.errors import InvalidValueError
 from clear_surgery.surgery.tools.arguments import read_toml
+from clear_surgery.surgery.tools.image_metrics import CONDITIONS
 
 RECIPE_VERSION = 1
 OFFICIAL_ATTENTION_LAYERS = "official"  # single-stream blocks with index % 4 == 0, as the official code
@@ -39,6 +40,10 @@ class ModelSection:
     subfolder: str | None = None
     revision: str | None = None
     dtype: str | None = None  # dtype the frozen weights are loaded in (None: as stored)
+    # heal inside a ControlNet pipeline: the teacher is the dense model with this ControlNet, the student the
+    # CLEAR one with the same ControlNet (frozen), whose own attention is dense or zero-shot CLEAR
+    controlnet: str | None = None
+    controlnet_attention: str = "dense"
 
 
 @dataclass
@@ -67,6 +72,9 @@ class DataSection:
     max_sequence_length: int = 512
     holdout: int = 8  # last samples, never trained on: the held-out evaluation set
     seed: int = 0
+    control_images: str | None = None  # with model.controlnet: a folder of images (or one), cycled over the samples
+    condition: str = "gray"  # the ControlNet's condition made from each control image: gray | edges
+    controlnet_scale: float = 1.0
 
     @property
     def generates(self) -> bool:
@@ -162,6 +170,9 @@ class DistillRecipe:
         return {k: data[k] for k in ("model", "clear", "train", "loss")} | {"data": _data_identity(self.data)}
 
 
+CONTROLNET_ATTENTION = ("dense", "clear")  # the ControlNet's own attention while the layers heal
+
+
 def _data_identity(data: DataSection) -> dict:
     return {k: getattr(data, k) for k in ("height", "width", "holdout", "seed")}
 
@@ -220,6 +231,23 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
         problems.append(f"[clear]: {err}")
 
     d = r.data
+    if r.model.controlnet is not None:
+        if not isinstance(r.model.controlnet, str) or not r.model.controlnet:
+            problems.append("model.controlnet must name a ControlNet (Hub id, folder or builtin:NAME)")
+        if d.generates and d.control_images is None:
+            problems.append("model.controlnet needs data.control_images (the conditions of the samples it makes)")
+    elif d.control_images is not None:
+        problems.append("data.control_images needs model.controlnet")
+    if r.model.controlnet_attention not in CONTROLNET_ATTENTION:
+        problems.append(f"model.controlnet_attention must be one of {list(CONTROLNET_ATTENTION)}, got "
+                        f"{r.model.controlnet_attention!r}")
+    if d.condition not in CONDITIONS:
+        problems.append(f"data.condition must be one of {list(CONDITIONS)}, got {d.condition!r}")
+    number("data.controlnet_scale", d.controlnet_scale, allow_zero=True)
+    if d.control_images is not None and not isinstance(d.control_images, str):
+        problems.append(f"data.control_images must name a folder of images (or one image), got {d.control_images!r}")
+    elif isinstance(d.control_images, str) and not Path(d.control_images).expanduser().exists():
+        problems.append(f"data.control_images {d.control_images} does not exist")
     for key in ("height", "width", "inference_steps", "generate_batch_size", "max_sequence_length"):
         number(f"data.{key}", getattr(d, key), integer=True)
     number("data.holdout", d.holdout, integer=True, allow_zero=True)
@@ -305,8 +333,10 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides=(), base_dir: Pa
         _set(raw, assignment)
     problems: list[str] = []
     recipe = _build(raw, source, problems)
-    if recipe is not None and base_dir is not None and isinstance(recipe.data.prompt_file, str):
-        recipe.data.prompt_file = str(Path(base_dir) / Path(recipe.data.prompt_file).expanduser())
+    if recipe is not None and base_dir is not None:  # files the recipe names are relative to it
+        for key in ("prompt_file", "control_images"):
+            if isinstance(getattr(recipe.data, key), str):
+                setattr(recipe.data, key, str(Path(base_dir) / Path(getattr(recipe.data, key)).expanduser()))
     if recipe is not None:
         _check(recipe, problems)
     if problems:

@@ -63,6 +63,7 @@ class Distiller:
         self.start_from = None  # a CLEAR folder given as model.teacher: the student starts from its tensors
         self.model = model if model is not None else self._load_model()
         self.family = samples_family(self.model)
+        self.controlnet = self._load_controlnet() if recipe.model.controlnet else None
         self._prepare_parameters()
         self.dataset = dataset if dataset is not None else SampleCache(recipe.data_folder)
         self.train_set, self.eval_set = self._split(self.dataset)
@@ -93,6 +94,27 @@ class Distiller:
         apply_clear(model, self.recipe.clear_config(), backend=self.recipe.clear.backend, verify=False)  # convert verifies; here it costs a trace
         self.start_from = ref if ref.is_clear else None  # its tensors are the student's starting point
         return model.to(self.device)
+
+    def _load_controlnet(self):
+        """The ControlNet, frozen, beside the model (teacher and student alike); its own attention dense, or
+        zero-shot CLEAR at the recipe's settings."""
+        from ..controlnets import load_controlnet
+
+        controlnet = load_controlnet(self.recipe.model.controlnet, self.model, "model.controlnet")
+        if self.recipe.model.controlnet_attention == "clear":
+            apply_clear(controlnet, self.recipe.clear_config(), backend=self.recipe.clear.backend, verify=False)
+        return controlnet.requires_grad_(False).eval().to(self.device)
+
+    def _controlled(self, inputs: dict, batch: dict, *, teacher: bool) -> dict:
+        """The transformer's inputs with the ControlNet's residuals (none without a ControlNet); the teacher's
+        ControlNet runs dense."""
+        if self.controlnet is None:
+            return inputs
+        dense = teacher and get_clear_state(self.controlnet) is not None
+        with torch.no_grad(), self._amp(), dense_attention(self.controlnet) if dense else contextlib.nullcontext():
+            residuals = self.family.controlnet_residuals(self.controlnet, inputs, batch,
+                                                         self.recipe.data.controlnet_scale)
+        return {**inputs, **residuals}
 
     def _prepare_parameters(self):
         model = self.model
@@ -135,7 +157,8 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _teacher(self, inputs):
+    def _teacher(self, inputs, batch):
+        inputs = self._controlled(inputs, batch, teacher=True)
         with torch.no_grad(), self._amp(), dense_attention(self.model), self.capture.record() as attn:
             out = torch.func.functional_call(self.model, self.teacher_tensors, (), inputs, strict=False)[0]
         return out, dict(attn)
@@ -161,7 +184,8 @@ class Distiller:
     def losses(self, batch, generators) -> dict[str, torch.Tensor]:
         w = self.recipe.loss
         inputs, target = self._noised(batch, generators)
-        teacher_out, teacher_attn = self._teacher(inputs) if (w.teacher_output or w.attention) else (None, {})
+        teacher_out, teacher_attn = self._teacher(inputs, batch) if (w.teacher_output or w.attention) else (None, {})
+        inputs = self._controlled(inputs, batch, teacher=False)
         with self._amp(), self.capture.record() as attn:
             out = self.student(**inputs)[0]
         parts = {"flow_matching": F.mse_loss(out.float(), target.float())}
@@ -228,9 +252,9 @@ class Distiller:
         for i in range(len(self.eval_set)):
             batch = self._batch([i], self.eval_set)
             inputs, _ = self._noised(batch, self._generators(self.recipe.train.seed + EVAL_SEED_OFFSET, [i]))
-            teacher, _ = self._teacher(inputs)
+            teacher, _ = self._teacher(inputs, batch)
             with self._amp():
-                student = self.model(**inputs)[0]
+                student = self.model(**self._controlled(inputs, batch, teacher=False))[0]
             total += float(F.mse_loss(student.float(), teacher.float()))
             count += 1
         return total / count
@@ -311,7 +335,11 @@ class Distiller:
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return {"method": "distillation", "teacher": self.recipe.model.teacher, "recipe": Path(self.recipe.source).name,
                 "recipe_sha256": digest, "recipe_settings": settings, "steps": self.state.step,
-                "metrics": {"zero_shot_student_teacher_mse": zero_shot_mse, "eval_student_teacher_mse": final_mse}}
+                "metrics": {"zero_shot_student_teacher_mse": zero_shot_mse, "eval_student_teacher_mse": final_mse},
+                **({"controlnet": {"model": self.recipe.model.controlnet,
+                                   "attention": self.recipe.model.controlnet_attention,
+                                   "condition": self.recipe.data.condition,
+                                   "scale": self.recipe.data.controlnet_scale}} if self.controlnet is not None else {})}
 
 
 def check_output(recipe: DistillRecipe, *, resume: bool, overwrite: bool) -> None:

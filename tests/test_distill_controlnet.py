@@ -1,0 +1,107 @@
+"""Distillation with a ControlNet in the loop, on the 64x64 testbed (its dev and its ControlNet): the teacher is
+dense dev + ControlNet, the student CLEAR dev + the same ControlNet, so the layers heal on the activations a
+ControlNet user produces. A few steps each; the ControlNet must reach both sides, a ControlNet that does not fit
+is refused before any work, and a stopped run resumes bit-exactly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clear_surgery.surgery.cli import app
+from clear_surgery.surgery.tools.distillation import Distiller, generate_samples, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "testbed" / "distill-r8-controlnet.toml"
+SMALL = ["data.num_samples=6", "data.holdout=2", "data.inference_steps=2", "data.generate_batch_size=3",
+         "train.steps=4", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1"]
+runner = CliRunner()
+
+
+def recipe(tmp: Path, name: str, *overrides):
+    return load_recipe(RECIPE, [*SMALL, f'output.dir="{tmp / name}"', f'data.folder="{tmp / "data"}"',
+                                f'model.teacher="{ROOT / "recipes/testbed/models/dev"}"',
+                                f'model.controlnet="{ROOT / "recipes/testbed/models/controlnet"}"', *overrides])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill-controlnet")
+    r = recipe(tmp, "run")
+    generate_samples(r, progress=False)
+    distiller = Distiller(r, progress=False)
+    return dict(tmp=tmp, recipe=r, distiller=distiller, layers=distiller.run())
+
+
+def test_the_controlnet_drives_teacher_and_student(run):
+    distiller = run["distiller"]
+    batch = distiller._batch([0], distiller.train_set)
+    assert batch["controlnet_cond"].shape == batch["latents"].shape  # the condition's packed latents, as made
+    inputs, _ = distiller._noised(batch, distiller._generators(0, [0]))
+    controlled = distiller._controlled(inputs, batch, teacher=True)
+    assert {"controlnet_block_samples", "controlnet_single_block_samples"} <= set(controlled)
+    teacher, _ = distiller._teacher(inputs, batch)
+    with torch.no_grad():
+        plain = torch.func.functional_call(distiller.model, distiller.teacher_tensors, (), inputs, strict=False)[0]
+    # the ControlNet changes what the (dense) teacher predicts, so the layers heal on its activations
+    assert (teacher - plain).norm() / plain.norm() > 1e-3
+    config = json.loads((run["layers"] / "clear_config.json").read_text())
+    assert config["training"]["controlnet"] == {"model": str(ROOT / "recipes/testbed/models/controlnet"),
+                                                "attention": "dense", "condition": "gray", "scale": 1.0}
+    # the layers hold dev's attention tensors only: they apply to dev with or without the ControlNet
+    assert all(not name.startswith("controlnet") for name in load_file(str(run["layers"] / "clear_layers.safetensors")))
+
+
+def test_a_zero_shot_clear_controlnet_differs_from_the_dense_teacher_side(run, tmp_path):
+    r = recipe(tmp_path, "clear", 'model.controlnet_attention="clear"', f'data.folder="{run["tmp"] / "data"}"')
+    distiller = Distiller(r, progress=False)
+    batch = distiller._batch([0], distiller.train_set)
+    inputs, _ = distiller._noised(batch, distiller._generators(0, [0]))
+    dense = distiller._controlled(inputs, batch, teacher=True)["controlnet_block_samples"][0]
+    clear = distiller._controlled(inputs, batch, teacher=False)["controlnet_block_samples"][0]
+    assert (dense - clear).norm() / dense.norm() > 1e-4  # r = 8 on a 16 x 16 grid still masks
+
+
+def test_a_controlnet_that_does_not_fit_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["distill", "--recipe", str(RECIPE), "--out", str(out),
+                                 "--model", str(ROOT / "recipes/testbed/models/dev"),
+                                 "--controlnet", "builtin:tiny-flux-controlnet", *sum((["--set", s] for s in SMALL), [])])
+    assert result.exit_code == 2, result.output
+    assert "does not fit" in result.output and "hidden size" in result.output
+    assert not (out / "clear-layers").exists() and not list(out.glob("data/sample-*"))
+
+
+def test_a_recipe_with_a_controlnet_needs_its_control_images(tmp_path):
+    text = RECIPE.read_text().replace('control_images = "conditions"', "")
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n")
+    (tmp_path / "r.toml").write_text(text)
+    result = runner.invoke(app, ["distill", "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "model.controlnet needs data.control_images" in result.output
+    result = runner.invoke(app, ["distill", "--recipe", str(RECIPE), "--out", str(tmp_path / "o"),
+                                 "--set", "data.control_images=false", "--set", 'data.condition="depth"'])
+    assert result.exit_code == 2 and "data.control_images must name a folder" in result.output
+    assert "data.condition must be one of ['gray', 'edges']" in result.output  # every problem in one error
+
+
+def test_a_stopped_run_resumes_bit_exactly(run, tmp_path, monkeypatch):
+    r = recipe(tmp_path, "stopped", f'data.folder="{run["tmp"] / "data"}"')
+    distiller = Distiller(r, progress=False)
+    step = Distiller.step
+
+    def stop_after_two(self):
+        if self.state.step == 2:  # the checkpoint of step 2 is written: stop as a kill would
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "step", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        distiller.run()
+    monkeypatch.setattr(Distiller, "step", step)
+    resumed = Distiller(r, progress=False).run(resume=True)
+    expected = load_file(str(run["layers"] / "clear_layers.safetensors"))
+    got = load_file(str(resumed / "clear_layers.safetensors"))
+    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
