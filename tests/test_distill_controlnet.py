@@ -50,7 +50,8 @@ def test_the_controlnet_drives_teacher_and_student(run):
     assert (teacher - plain).norm() / plain.norm() > 1e-3
     config = json.loads((run["layers"] / "clear_config.json").read_text())
     assert config["training"]["controlnet"] == {"model": str(ROOT / "recipes/testbed/models/controlnet"),
-                                                "attention": "dense", "condition": "gray", "scale": 1.0}
+                                                "attention": "dense", "share_of_batches": 1.0,
+                                                "condition": "gray", "scale": 1.0}
     # the layers hold dev's attention tensors only: they apply to dev with or without the ControlNet
     assert all(not name.startswith("controlnet") for name in load_file(str(run["layers"] / "clear_layers.safetensors")))
 
@@ -105,3 +106,26 @@ def test_a_stopped_run_resumes_bit_exactly(run, tmp_path, monkeypatch):
     expected = load_file(str(run["layers"] / "clear_layers.safetensors"))
     got = load_file(str(resumed / "clear_layers.safetensors"))
     assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_share_of_batches_heals_without_the_controlnet(run, tmp_path, monkeypatch):
+    """model.controlnet_share = 0.5 alternates: every other step heals on the model alone (no residuals, teacher
+    and student alike), so one run heals for both relatives."""
+    r = recipe(tmp_path, "half", "model.controlnet_share=0.5", f'data.folder="{run["tmp"] / "data"}"')
+    distiller = Distiller(r, progress=False)
+    seen = []
+    controlled = Distiller._controlled
+
+    def record(self, inputs, batch, *, teacher):
+        out = controlled(self, inputs, batch, teacher=teacher)
+        if teacher:
+            seen.append((self.state.step, teacher, "controlnet_block_samples" in out))
+        return out
+
+    monkeypatch.setattr(Distiller, "_controlled", record)
+    distiller.step()
+    distiller.step()
+    assert seen == [(0, True, False), (1, True, True)]
+    bad = runner.invoke(app, ["distill", "--recipe", str(RECIPE), "--out", str(tmp_path / "o"),
+                              "--set", "model.controlnet_share=0"])
+    assert bad.exit_code == 2 and "model.controlnet_share must be in (0, 1]" in bad.output

@@ -46,11 +46,22 @@ class JointMasked(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _clear_and_stock(model, inputs, radius):
+def _clear(model, inputs, radius):
     apply_clear(model, ClearConfig(radius=radius))
     clear = model_call(model, inputs)
     remove_clear(model)
     return clear
+
+
+def assert_clear_is_the_masked_stock(model, inputs, masks):
+    """CLEAR at a covering radius is the stock model; at r = 1.5 it is the stock model given ``masks`` (one per
+    sample), which do mask."""
+    stock = model_call(model, inputs)
+    assert rel_err(_clear(model, inputs, 1000.0), stock) < 1e-5
+    clear = _clear(model, inputs, 1.5)
+    with JointMasked(masks):
+        want = model_call(model, inputs)
+    assert rel_err(clear, want) < 1e-5 and rel_err(stock, want) > 1e-4
 
 
 @pytest.mark.parametrize("row, tokens, image_start", [(LUMINA2, 7 + 15, 7), (ZIMAGE, 64, 0), (IDEOGRAM4, 7 + 15, 7)])
@@ -62,12 +73,7 @@ def test_packed_families_match_an_independent_window_mask(row, tokens, image_sta
     report = analyze(model)
     assert [s.module for s in report.joint_sites] == ["layers.0.attn" if row == LUMINA2 else "layers.0.attention"]
     assert report.joint_sites[0].packed and report.joint_sites[0].query_tokens == tokens
-    stock = model_call(model, inputs)
-    assert rel_err(_clear_and_stock(model, inputs, 1000.0), stock) < 1e-5  # a covering radius: the stock model
-    clear = _clear_and_stock(model, inputs, 1.5)
-    with JointMasked([clear_mask(tokens, image_start, 1.5)]):
-        want = model_call(model, inputs)
-    assert rel_err(clear, want) < 1e-5 and rel_err(stock, want) > 1e-4  # equal to the mask; the window masks
+    assert_clear_is_the_masked_stock(model, inputs, [clear_mask(tokens, image_start, 1.5)])
 
 
 def test_lumina2_batch_of_unequal_captions_is_padded_after_each_image():
@@ -78,13 +84,8 @@ def test_lumina2_batch_of_unequal_captions_is_padded_after_each_image():
     inputs = dict(inputs, hidden_states=torch.randn(2, *inputs["hidden_states"].shape[1:]),
                   encoder_hidden_states=torch.randn(2, 7, 32), timestep=torch.tensor([0.5, 0.5]),
                   encoder_attention_mask=torch.tensor([[True] * 7, [True] * 4 + [False] * 3]))
-    stock = model_call(model, inputs)
-    assert rel_err(_clear_and_stock(model, inputs, 1000.0), stock) < 1e-5
-    clear = _clear_and_stock(model, inputs, 1.5)
     short = clear_mask(22, 4, 1.5)  # [4 caption tokens, image, 3 padding]: the image starts at 4
-    with JointMasked([clear_mask(22, 7, 1.5), short]):
-        want = model_call(model, inputs)
-    assert rel_err(clear, want) < 1e-5 and rel_err(stock, want) > 1e-4
+    assert_clear_is_the_masked_stock(model, inputs, [clear_mask(22, 7, 1.5), short])
 
 
 def test_ideogram4_left_padding_and_block_diagonal_mask():
@@ -100,12 +101,7 @@ def test_ideogram4_left_padding_and_block_diagonal_mask():
     batch["segment_ids"][1, :2] = -1
     batch["indicator"] = batch["indicator"].clone()
     batch["indicator"][1, :2] = 0
-    stock = model_call(model, batch)
-    assert rel_err(_clear_and_stock(model, batch, 1000.0), stock) < 1e-5
-    clear = _clear_and_stock(model, batch, 1.5)
-    with JointMasked([clear_mask(22, 7, 1.5)] * 2):
-        want = model_call(model, batch)
-    assert rel_err(clear, want) < 1e-5 and rel_err(stock, want) > 1e-4
+    assert_clear_is_the_masked_stock(model, batch, [clear_mask(22, 7, 1.5)] * 2)
 
 
 def test_zimage_batch_of_unequal_captions():
@@ -114,12 +110,7 @@ def test_zimage_batch_of_unequal_captions():
     model = perturbed(model)
     inputs = dict(inputs, x=[torch.randn(4, 1, 6, 10) for _ in range(2)], t=torch.tensor([0.5, 0.5]),
                   cap_feats=[torch.randn(7, 32), torch.randn(40, 32)])  # 32 and 64 caption tokens once padded
-    stock = model_call(model, inputs)
-    assert rel_err(_clear_and_stock(model, inputs, 1000.0), stock) < 1e-5
-    clear = _clear_and_stock(model, inputs, 1.5)
-    with JointMasked([clear_mask(96, 0, 1.5)] * 2):
-        want = model_call(model, inputs)
-    assert rel_err(clear, want) < 1e-5 and rel_err(stock, want) > 1e-4
+    assert_clear_is_the_masked_stock(model, inputs, [clear_mask(96, 0, 1.5)] * 2)
 
 
 def test_padding_before_image_orders_each_sample():

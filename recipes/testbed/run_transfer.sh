@@ -2,7 +2,7 @@
 # The transfer checks of recipes/testbed/results: zero-shot CLEAR vs CLEAR layers distilled on "dev",
 # on dev, on schnell (transfer) and on dev + ControlNet, at r = 8 (the profile's recommendation for
 # dev) and r = 4. 16 images each (one per caption), seed 0; dev and ControlNet 28 steps at guidance
-# 3.5, schnell 4 steps. CPU, about 40 minutes. From the repository root:
+# 3.5, schnell 4 steps. CPU, about 45 minutes. From the repository root:
 #   bash recipes/testbed/run_transfer.sh          (FORCE=1 redoes reports that exist)
 set -euo pipefail
 T=recipes/testbed
@@ -32,5 +32,13 @@ for r in 8 4; do
   check controlnet-distilled-layers-r$r "${dev[@]}" "${cn[@]}" "${layers[@]}" --controlnet-attention layers
   check controlnet-dense-zero-shot-r$r "${dev[@]}" "${cn[@]}" "${zs[@]}" --controlnet-attention dense
   check controlnet-dense-distilled-r$r "${dev[@]}" "${cn[@]}" "${layers[@]}" --controlnet-attention dense
+  # layers healed with the ControlNet in the loop (distill-r8-controlnet.toml; r4: --set clear.radius=4) and
+  # with it on half of the batches (--set model.controlnet_share=0.5): in the ControlNet pipeline and on dev
+  for kind in controlnet controlnet-half; do
+    folder=$T/layers/r$r-$kind; [ -d "$folder" ] || continue
+    name=$([ $kind = controlnet ] && echo cnloop || echo cnhalf)
+    check controlnet-dense-$name-r$r "${dev[@]}" "${cn[@]}" --clear-layers "$folder" --controlnet-attention dense
+    check dev-$name-r$r "${dev[@]}" --clear-layers "$folder"
+  done
 done
 python $T/summarize.py $R

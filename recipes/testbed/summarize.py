@@ -18,6 +18,13 @@ ROWS = (
     ("dev + ControlNet, ControlNet also gets the layers' changes", "controlnet-zero-shot",
      "controlnet-distilled-layers"),
     ("dev + ControlNet, ControlNet attention dense", "controlnet-dense-zero-shot", "controlnet-dense-distilled"),
+    # layers healed with the ControlNet in the loop (distill-r8-controlnet.toml), and half of the batches with it
+    ("dev + ControlNet (attention dense), layers healed with the ControlNet", "controlnet-dense-zero-shot",
+     "controlnet-dense-cnloop"),
+    ("dev alone, layers healed with the ControlNet", "dev-zero-shot", "dev-cnloop"),
+    ("dev + ControlNet (attention dense), layers healed half with the ControlNet", "controlnet-dense-zero-shot",
+     "controlnet-dense-cnhalf"),
+    ("dev alone, layers healed half with the ControlNet", "dev-zero-shot", "dev-cnhalf"),
 )
 
 
@@ -34,6 +41,8 @@ def main(folder: Path) -> None:
     for r in radii:
         dev_gain = summary("dev-distilled", r)["psnr"] - summary("dev-zero-shot", r)["psnr"]
         for label, zero_name, distilled_name in ROWS:
+            if not (folder / f"{distilled_name}-r{r}").is_dir():  # not every check ran at every radius
+                continue
             z, d = summary(zero_name, r), summary(distilled_name, r)
             gain = d["psnr"] - z["psnr"]
             share = gain / dev_gain if dev_gain else float("nan")

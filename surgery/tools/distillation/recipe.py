@@ -44,6 +44,9 @@ class ModelSection:
     # CLEAR one with the same ControlNet (frozen), whose own attention is dense or zero-shot CLEAR
     controlnet: str | None = None
     controlnet_attention: str = "dense"
+    # the share of training batches that run with the ControlNet (the others heal on the model alone, on the same
+    # samples): 1 heals for the ControlNet pipeline only, 0.5 alternates (both relatives at once)
+    controlnet_share: float = 1.0
 
 
 @dataclass
@@ -238,6 +241,9 @@ def _check(r: DistillRecipe, problems: list[str]) -> None:
             problems.append("model.controlnet needs data.control_images (the conditions of the samples it makes)")
     elif d.control_images is not None:
         problems.append("data.control_images needs model.controlnet")
+    share = r.model.controlnet_share
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 < share <= 1:
+        problems.append(f"model.controlnet_share must be in (0, 1], got {share!r}")
     if r.model.controlnet_attention not in CONTROLNET_ATTENTION:
         problems.append(f"model.controlnet_attention must be one of {list(CONTROLNET_ATTENTION)}, got "
                         f"{r.model.controlnet_attention!r}")

@@ -64,6 +64,7 @@ class Distiller:
         self.model = model if model is not None else self._load_model()
         self.family = samples_family(self.model)
         self.controlnet = self._load_controlnet() if recipe.model.controlnet else None
+        self._controlnet_now = True  # this step's batches run with the ControlNet (model.controlnet_share)
         self._prepare_parameters()
         self.dataset = dataset if dataset is not None else SampleCache(recipe.data_folder)
         self.train_set, self.eval_set = self._split(self.dataset)
@@ -108,7 +109,7 @@ class Distiller:
     def _controlled(self, inputs: dict, batch: dict, *, teacher: bool) -> dict:
         """The transformer's inputs with the ControlNet's residuals (none without a ControlNet); the teacher's
         ControlNet runs dense."""
-        if self.controlnet is None:
+        if self.controlnet is None or not self._controlnet_now:
             return inputs
         dense = teacher and get_clear_state(self.controlnet) is not None
         with torch.no_grad(), self._amp(), dense_attention(self.controlnet) if dense else contextlib.nullcontext():
@@ -219,6 +220,8 @@ class Distiller:
         """One optimizer step over gradient_accumulation_steps micro-batches per process."""
         t = self.recipe.train
         accum = t.gradient_accumulation_steps
+        share = self.recipe.model.controlnet_share  # step k runs with it when floor((k + 1) share) > floor(k share)
+        self._controlnet_now = math.floor((self.state.step + 1) * share) > math.floor(self.state.step * share)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(accum):
@@ -249,6 +252,7 @@ class Distiller:
         """Mean MSE between student and teacher velocity on the held-out samples, with fixed noise
         and timesteps (the same every call, so values are comparable across the run)."""
         total, count = 0.0, 0
+        self._controlnet_now = True  # held out: the ControlNet pipeline's samples, with the ControlNet
         for i in range(len(self.eval_set)):
             batch = self._batch([i], self.eval_set)
             inputs, _ = self._noised(batch, self._generators(self.recipe.train.seed + EVAL_SEED_OFFSET, [i]))
@@ -338,6 +342,7 @@ class Distiller:
                 "metrics": {"zero_shot_student_teacher_mse": zero_shot_mse, "eval_student_teacher_mse": final_mse},
                 **({"controlnet": {"model": self.recipe.model.controlnet,
                                    "attention": self.recipe.model.controlnet_attention,
+                                   "share_of_batches": self.recipe.model.controlnet_share,
                                    "condition": self.recipe.data.condition,
                                    "scale": self.recipe.data.controlnet_scale}} if self.controlnet is not None else {})}
 
