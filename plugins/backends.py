@@ -137,7 +137,7 @@ if triton is not None:
 if clear_fwd_ws_kernel is not None:
     # Warp-specialized Hopper kernel: plain CLEAR of one image (gluon_reason says which layouts)
     register_backend(Backend("gluon", gluon_clear_attention, gluon_reason, recompute_backward(flex_clear_attention),
-                             frozenset({LSE, BACKWARD, IMAGE_ONLY}), {"cuda": 40}))
+                             frozenset({LSE, BACKWARD}), {"cuda": 40}))
 
 
 def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, scale=None, *,
