@@ -47,8 +47,8 @@ def _read(name: str) -> np.ndarray:
     return image
 
 
-def load_photos() -> list[torch.Tensor]:
-    """The photos as uint8 (3, H, W) tensors, short side SHORT_SIDE (grayscale repeated to RGB)."""
+def load_photos(short_side: int = SHORT_SIDE) -> list[torch.Tensor]:
+    """The photos as uint8 (3, H, W) tensors, short side ``short_side`` (grayscale repeated to RGB)."""
     import torch.nn.functional as F
 
     out = []
@@ -57,17 +57,17 @@ def load_photos() -> list[torch.Tensor]:
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         image = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float()
-        scale = SHORT_SIDE / min(image.shape[1:])
+        scale = short_side / min(image.shape[1:])
         size = (round(image.shape[1] * scale), round(image.shape[2] * scale))
         image = F.interpolate(image[None], size=size, mode="area")[0]
         out.append(image.round().clamp(0, 255).to(torch.uint8))
     return out
 
 
-def save_photos(path) -> None:
+def save_photos(path, short_side: int = SHORT_SIDE) -> None:
     from safetensors.torch import save_file
 
-    save_file({f"photo_{i:02d}": p.contiguous() for i, p in enumerate(load_photos())}, str(path))
+    save_file({f"photo_{i:02d}": p.contiguous() for i, p in enumerate(load_photos(short_side))}, str(path))
 
 
 def read_photos(path) -> list[torch.Tensor]:
@@ -125,4 +125,7 @@ class CropPool:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    save_photos(parser.parse_args().out)
+    parser.add_argument("--short-side", type=int, default=SHORT_SIDE, help="pixels (twice the training size: 128 "
+                        "for the 64 px testbed, 512 for 256 px)")
+    args = parser.parse_args()
+    save_photos(args.out, args.short_side)

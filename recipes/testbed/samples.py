@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import CAPTIONS, PhotoCrops, load_photos  # noqa: E402
-from train import DEV_GUIDANCE, DEV_STEPS, SCHNELL_STEPS, SIZE, TEXT_LEN, gray  # noqa: E402
+import train  # noqa: E402
+from train import DEV_GUIDANCE, DEV_STEPS, SCHNELL_STEPS, TEXT_LEN, gray  # noqa: E402
 
 SEEDS = (0, 1)
 
@@ -46,14 +47,16 @@ def main(argv=None):
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    record = args.models / "training.json"  # the size the models were trained at
+    size = json.loads(record.read_text()).get("size", train.SIZE) if record.exists() else train.SIZE
     dev = diffusers.FluxPipeline.from_pretrained(args.models / "dev")
     schnell = diffusers.FluxPipeline.from_pretrained(args.models / "schnell")
     controlnet = diffusers.FluxControlNetModel.from_pretrained(args.models / "controlnet")
     control = diffusers.FluxControlNetPipeline.from_pipe(dev, controlnet=controlnet)
     for pipe in (dev, schnell, control):
         pipe.set_progress_bar_config(disable=True)
-    crops = PhotoCrops(load_photos(), SIZE, seed=123)
-    common = dict(height=SIZE, width=SIZE, max_sequence_length=TEXT_LEN, output_type="np")
+    crops = PhotoCrops(load_photos(short_side=2 * size), size, seed=123)
+    common = dict(height=size, width=size, max_sequence_length=TEXT_LEN, output_type="np")
     rows, references, generated = [], [], {"dev": [], "schnell": [], "controlnet": []}
     for index, caption in enumerate(CAPTIONS):
         crop = crops.crop(index)
@@ -78,7 +81,7 @@ def main(argv=None):
 
     Image.fromarray(np.concatenate(rows, axis=0)).save(args.out / "samples.png")
     # nearest source photo (over many crops of each photo) for every sample
-    many = PhotoCrops(load_photos(), SIZE, seed=7)
+    many = PhotoCrops(load_photos(short_side=2 * size), size, seed=7)
     bank = np.stack([color_signature(to_uint8(torch.stack([many.crop(i) for _ in range(32)]))) for i in
                      range(len(CAPTIONS))])  # (photos, 32, features)
     report = {}

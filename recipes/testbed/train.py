@@ -2,7 +2,8 @@
 to quality (random-weight models have no local attention to keep).
 
 Stages (saved as diffusers folders under --out at the end):
-  1. vae         a small AutoencoderKL (64x64 RGB -> 4 x 32x32 latents), reconstruction + tiny KL
+  1. vae         a small AutoencoderKL (64x64 RGB -> 4 x 32x32 latents; --size 256: 256x256 -> 4 x 64x64),
+                 reconstruction + tiny KL
   2. dev         FluxTransformer2DModel + its own text encoders (CLIP and T5, word-level tokenizer):
                  text-conditioned flow matching with 10% empty captions ...
   3. guidance    ... then guidance-distilled, as FLUX.1-dev: the guidance embedding learns
@@ -36,7 +37,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import CAPTIONS, CropPool, PhotoCrops, load_photos, read_photos  # noqa: E402
 
-SIZE = 64  # training and sampling resolution (pixels): 32x32 latents, a 16x16 token grid
+SIZE = 64  # training and sampling resolution (pixels), --size: 64 (the committed testbed) or 256
+# the VAE's down blocks per size (each after the first halves the side) so that FLUX's 2x2 packing gives a
+# 16x16 token grid at 64 px (32x32 latents) and 32x32 at 256 px (64x64 latents: r = 8 covers under a fifth)
+VAE_BLOCKS = {64: 2, 256: 3}
+
+
+def token_side() -> int:
+    return SIZE // 2 ** VAE_BLOCKS[SIZE]
 TEXT_LEN = 16
 STEPS = dict(vae=3000, dev=8000, guidance=2500, schnell=3000, controlnet=3000)
 BATCH = dict(vae=64, dev=256, guidance=256, schnell=256, controlnet=256)
@@ -77,8 +85,10 @@ def build_text_encoders(vocab_size: int):
 def build_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+    blocks = VAE_BLOCKS[SIZE]
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(32, 64, 64)[:blocks],
+                         layers_per_block=1,
                          latent_channels=4, norm_num_groups=16, sample_size=SIZE, mid_block_add_attention=False)
 
 
@@ -123,7 +133,7 @@ def pack(latents):
 def ids(device):
     from diffusers import FluxPipeline
 
-    img = FluxPipeline._prepare_latent_image_ids(1, SIZE // 4, SIZE // 4, device, torch.float32)
+    img = FluxPipeline._prepare_latent_image_ids(1, token_side(), token_side(), device, torch.float32)
     return img, torch.zeros(TEXT_LEN, 3, device=device)
 
 
@@ -294,7 +304,7 @@ def reflow_pairs(dev_pipe, count, device, seed):
     noises, samples, labels = [], [], []
     for start in range(0, count, 512):
         index = torch.arange(start, min(count, start + 512), device=device) % len(CAPTIONS)
-        noise = torch.randn(len(index), (SIZE // 4) ** 2, 16, generator=g, device=device)
+        noise = torch.randn(len(index), token_side() ** 2, 16, generator=g, device=device)
         out = dev_pipe(prompt=[CAPTIONS[i] for i in index.tolist()], latents=noise, height=SIZE, width=SIZE,
                        num_inference_steps=DEV_STEPS, guidance_scale=DEV_GUIDANCE, output_type="latent",
                        max_sequence_length=TEXT_LEN).images
@@ -360,6 +370,14 @@ def train_controlnet(dev, vae, crops, text, args, record):
 
 # --- main -----------------------------------------------------------------------------------------
 
+def set_size(size: int) -> None:
+    """Train (and sample) at ``size`` pixels a side (a key of VAE_BLOCKS)."""
+    global SIZE
+    if size not in VAE_BLOCKS:
+        raise ValueError(f"--size must be one of {sorted(VAE_BLOCKS)}, got {size}")
+    SIZE = size
+
+
 def save(module, folder: Path):
     module.to("cpu").save_pretrained(folder, safe_serialization=True)
 
@@ -374,7 +392,10 @@ def main(argv=None):
     parser.add_argument("--replay", type=Path, help="a training.json: plan each stage as it did and stop where it "
                                                      "stopped (reproduces a run that hit --max-minutes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=SIZE, choices=sorted(VAE_BLOCKS),
+                        help="image side in pixels: 64 (16x16 tokens) or 256 (32x32 tokens)")
     args = parser.parse_args(argv)
+    set_size(args.size)
     args.device = torch.device(args.device)
     args.steps = {k: max(2, round(v * args.steps_scale)) for k, v in STEPS.items()}
     args.stop_at = {}
@@ -387,7 +408,7 @@ def main(argv=None):
     args.pairs = max(64, round(4096 * min(1.0, args.steps_scale)))
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    photos = read_photos(args.photos) if args.photos else load_photos()
+    photos = read_photos(args.photos) if args.photos else load_photos(short_side=2 * SIZE)
     crops = CropPool(PhotoCrops(photos, SIZE, seed=args.seed, device=args.device), args.pool)
     record = dict(steps_scale=args.steps_scale, batch=BATCH, learning_rate=LR, size=SIZE,
                   transformer=TRANSFORMER, captions=CAPTIONS)
