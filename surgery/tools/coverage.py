@@ -15,6 +15,7 @@ import torch
 from clear_surgery.surgery import (ClearConfig, analyze, apply_clear, build_tiny_model, example_inputs, remove_clear,
                                    tiny_models)
 from clear_surgery.surgery.core.families import EXAMPLE_GRID, EXAMPLE_TEXT_TOKENS
+from clear_surgery.surgery.core.rewrite import flat_output
 
 T, GRID = EXAMPLE_TEXT_TOKENS, EXAMPLE_GRID  # the example call's text tokens and image grid
 
@@ -26,9 +27,7 @@ def _rewrite_check(model, inputs, report) -> str:
 
     def output():
         with torch.no_grad():
-            out = model(**inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        return out if isinstance(out, torch.Tensor) else torch.cat([t.flatten() for t in out])
+            return flat_output(model(**inputs))
 
     expected = output()
     try:
