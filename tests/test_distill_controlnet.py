@@ -41,9 +41,10 @@ def test_the_controlnet_drives_teacher_and_student(run):
     batch = distiller._batch([0], distiller.train_set)
     assert batch["controlnet_cond"].shape == batch["latents"].shape  # the condition's packed latents, as made
     inputs, _ = distiller._noised(batch, distiller._generators(0, [0]))
-    controlled = distiller._controlled(inputs, batch, teacher=True)
+    controlled, student = distiller._controlled(inputs, batch)
     assert {"controlnet_block_samples", "controlnet_single_block_samples"} <= set(controlled)
-    teacher, _ = distiller._teacher(inputs, batch)
+    assert student is controlled  # the ControlNet's attention is dense on both sides: its residuals made once
+    teacher, _ = distiller._teacher(controlled)
     with torch.no_grad():
         plain = torch.func.functional_call(distiller.model, distiller.teacher_tensors, (), inputs, strict=False)[0]
     # the ControlNet changes what the (dense) teacher predicts, so the layers heal on its activations
@@ -61,8 +62,7 @@ def test_a_zero_shot_clear_controlnet_differs_from_the_dense_teacher_side(run, t
     distiller = Distiller(r, progress=False)
     batch = distiller._batch([0], distiller.train_set)
     inputs, _ = distiller._noised(batch, distiller._generators(0, [0]))
-    dense = distiller._controlled(inputs, batch, teacher=True)["controlnet_block_samples"][0]
-    clear = distiller._controlled(inputs, batch, teacher=False)["controlnet_block_samples"][0]
+    dense, clear = (side["controlnet_block_samples"][0] for side in distiller._controlled(inputs, batch))
     assert (dense - clear).norm() / dense.norm() > 1e-4  # r = 8 on a 16 x 16 grid still masks
 
 
@@ -116,16 +116,15 @@ def test_a_share_of_batches_heals_without_the_controlnet(run, tmp_path, monkeypa
     seen = []
     controlled = Distiller._controlled
 
-    def record(self, inputs, batch, *, teacher):
-        out = controlled(self, inputs, batch, teacher=teacher)
-        if teacher:
-            seen.append((self.state.step, teacher, "controlnet_block_samples" in out))
-        return out
+    def record(self, inputs, batch):
+        teacher, student = controlled(self, inputs, batch)
+        seen.append((self.state.step, "controlnet_block_samples" in teacher, "controlnet_block_samples" in student))
+        return teacher, student
 
     monkeypatch.setattr(Distiller, "_controlled", record)
     distiller.step()
     distiller.step()
-    assert seen == [(0, True, False), (1, True, True)]
+    assert seen == [(0, False, False), (1, True, True)]
     bad = runner.invoke(app, ["distill", "--recipe", str(RECIPE), "--out", str(tmp_path / "o"),
                               "--set", "model.controlnet_share=0"])
     assert bad.exit_code == 2 and "model.controlnet_share must be in (0, 1]" in bad.output

@@ -106,16 +106,21 @@ class Distiller:
             apply_clear(controlnet, self.recipe.clear_config(), backend=self.recipe.clear.backend, verify=False)
         return controlnet.requires_grad_(False).eval().to(self.device)
 
-    def _controlled(self, inputs: dict, batch: dict, *, teacher: bool) -> dict:
-        """The transformer's inputs with the ControlNet's residuals (none without a ControlNet); the teacher's
-        ControlNet runs dense."""
+    def _controlled(self, inputs: dict, batch: dict) -> tuple[dict, dict]:
+        """(the teacher's, the student's) transformer inputs with the ControlNet's residuals (the inputs as they are
+        without a ControlNet, or on a step without it). The teacher's ControlNet runs dense, so the two differ
+        only where the student's ControlNet is CLEAR."""
         if self.controlnet is None or not self._controlnet_now:
-            return inputs
-        dense = teacher and get_clear_state(self.controlnet) is not None
-        with torch.no_grad(), self._amp(), dense_attention(self.controlnet) if dense else contextlib.nullcontext():
-            residuals = self.family.controlnet_residuals(self.controlnet, inputs, batch,
-                                                         self.recipe.data.controlnet_scale)
-        return {**inputs, **residuals}
+            return inputs, inputs
+
+        def residuals():
+            return self.family.controlnet_residuals(self.controlnet, inputs, batch, self.recipe.data.controlnet_scale)
+
+        clear = get_clear_state(self.controlnet) is not None
+        with torch.no_grad(), self._amp():
+            with dense_attention(self.controlnet) if clear else contextlib.nullcontext():
+                teacher = {**inputs, **residuals()}
+            return teacher, ({**inputs, **residuals()} if clear else teacher)
 
     def _prepare_parameters(self):
         model = self.model
@@ -158,8 +163,7 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _teacher(self, inputs, batch):
-        inputs = self._controlled(inputs, batch, teacher=True)
+    def _teacher(self, inputs):
         with torch.no_grad(), self._amp(), dense_attention(self.model), self.capture.record() as attn:
             out = torch.func.functional_call(self.model, self.teacher_tensors, (), inputs, strict=False)[0]
         return out, dict(attn)
@@ -185,8 +189,8 @@ class Distiller:
     def losses(self, batch, generators) -> dict[str, torch.Tensor]:
         w = self.recipe.loss
         inputs, target = self._noised(batch, generators)
-        teacher_out, teacher_attn = self._teacher(inputs, batch) if (w.teacher_output or w.attention) else (None, {})
-        inputs = self._controlled(inputs, batch, teacher=False)
+        teacher_inputs, inputs = self._controlled(inputs, batch)
+        teacher_out, teacher_attn = self._teacher(teacher_inputs) if (w.teacher_output or w.attention) else (None, {})
         with self._amp(), self.capture.record() as attn:
             out = self.student(**inputs)[0]
         parts = {"flow_matching": F.mse_loss(out.float(), target.float())}
@@ -256,9 +260,10 @@ class Distiller:
         for i in range(len(self.eval_set)):
             batch = self._batch([i], self.eval_set)
             inputs, _ = self._noised(batch, self._generators(self.recipe.train.seed + EVAL_SEED_OFFSET, [i]))
-            teacher, _ = self._teacher(inputs, batch)
+            teacher_inputs, student_inputs = self._controlled(inputs, batch)
+            teacher, _ = self._teacher(teacher_inputs)
             with self._amp():
-                student = self.model(**self._controlled(inputs, batch, teacher=False))[0]
+                student = self.model(**student_inputs)[0]
             total += float(F.mse_loss(student.float(), teacher.float()))
             count += 1
         return total / count
