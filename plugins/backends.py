@@ -19,6 +19,7 @@ import torch
 from .chunked import chunked_attention, chunked_reason
 from .flex import flex_clear_attention, flex_reason
 from .gluon_backend import clear_fwd_ws_kernel, gluon_clear_attention, gluon_reason
+from .gluon_fp8_backend import gluon_fp8_clear_attention, gluon_fp8_reason
 from .layout import TokenLayout, validate_call
 from .reference import reference_attention, reference_reason
 from .triton_aot import triton_aot_attention, triton_aot_reason
@@ -34,7 +35,10 @@ LSE = "lse"  # the log-sum-exp of each query row (return_lse)
 QUERY_RANGE = "query_range"  # only the image queries of a range of image tokens (image_queries=(start, stop))
 BACKWARD = "backward"  # gradients (the op's autograd)
 IMAGE_ONLY = "image_only"  # no text segment: image-only self-attention (image_attention='local')
-FEATURES = (POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, QUERY_RANGE, BACKWARD, IMAGE_ONLY)
+# FP8 (e4m3) arithmetic. Unlike the others, a wish, not a need: a call that asks for it still runs on a backend
+# without it (in the inputs' dtype), and a backend that declares it runs only calls that ask (never silently).
+FP8 = "fp8"
+FEATURES = (POOLED_KEYS, TEXT_BIAS, SEVERAL_IMAGES, LSE, QUERY_RANGE, BACKWARD, IMAGE_ONLY, FP8)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ class Backend:
     def refusal(self, q, k, v, layout: TokenLayout, radius: float, scale=None, needs=()) -> str | None:
         """Why this backend cannot run the call (None: it can). A malformed call raises instead."""
         validate_call(q, k, v, layout, radius)
-        missing = [f for f in FEATURES if f in set(needs) - self.features]
+        if FP8 in self.features and FP8 not in needs:
+            return "runs only calls that ask for FP8 attention (fp8=True)"
+        missing = [f for f in FEATURES if f in set(needs) - self.features - {FP8}]
         if missing:
             return f"does not support {', '.join(missing)}"
         return self.reason(q, k, v, layout, radius, scale)
@@ -80,11 +86,11 @@ class Backend:
 
 
 def call_needs(layout: TokenLayout, *, extra=None, text_bias=None, return_lse=False, image_queries=None,
-               backward=False) -> frozenset[str]:
-    """The features a call with these options needs."""
+               backward=False, fp8=False) -> frozenset[str]:
+    """The features a call with these options needs (``FP8``: asks for)."""
     wanted = {POOLED_KEYS: extra is not None or layout.extra_keys > 0, TEXT_BIAS: text_bias is not None,
               SEVERAL_IMAGES: bool(layout.images), LSE: return_lse, QUERY_RANGE: image_queries is not None,
-              BACKWARD: backward, IMAGE_ONLY: layout.text_len == 0}
+              BACKWARD: backward, IMAGE_ONLY: layout.text_len == 0, FP8: fp8}
     return frozenset(name for name, yes in wanted.items() if yes)
 
 
@@ -138,6 +144,9 @@ if clear_fwd_ws_kernel is not None:
     # Warp-specialized Hopper kernel: plain CLEAR of one image (gluon_reason says which layouts)
     register_backend(Backend("gluon", gluon_clear_attention, gluon_reason, recompute_backward(flex_clear_attention),
                              frozenset({LSE, BACKWARD}), {"cuda": 40}))
+    # Its FP8 twin (image queries in e4m3; inference only): runs only calls that ask for FP8 attention
+    register_backend(Backend("gluon-fp8", gluon_fp8_clear_attention, gluon_fp8_reason, features=frozenset({LSE, FP8}),
+                             priority={"cuda": 50}))
 
 
 def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, scale=None, *,
@@ -147,8 +156,10 @@ def choose_backend(requested: str, q, k, v, layout: TokenLayout, radius: float, 
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown CLEAR backend {requested!r}; available: {backend_names()}")
-        BACKENDS[requested].can_run(q, k, v, layout, radius, scale, needs=needs, raise_error=True)
-        return BACKENDS[requested]
+        chosen = BACKENDS[requested]
+        asked = {FP8} & chosen.features  # naming an FP8 backend is asking for FP8 attention
+        chosen.can_run(q, k, v, layout, radius, scale, needs=set(needs) | asked, raise_error=True)
+        return chosen
     device = q.device.type
     tokens = q.shape[1]
     ranked = sorted((b for b in BACKENDS.values() if device in b.priority and tokens <= b.auto_max_tokens.get(

@@ -48,7 +48,8 @@ GROUPS = 1
 PINGPONG = True
 PINGPONG_PROGRAM = (3, 168)
 HEAD_DIMS = (64, 128)
-GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the inputs' dtypes the kernels take
+GL_OPERANDS = {**GL_DTYPES, torch.float8_e4m3fn: "float8e4nv"}  # and their tensor-core operands (gluon-fp8's)
 
 
 def stages_for(groups: int, block_n: int) -> int:
@@ -98,14 +99,16 @@ def gluon_reason(q, k, v, layout: TokenLayout, radius: float, scale=None, *, gro
 
 
 def pingpong_reason(layout: TokenLayout, batch_heads: int, groups: int, block_n: int, q_in_regs: bool,
-                    stages: int | None) -> str | None:
+                    stages: int | None, queries: str = "all") -> str | None:
     """Why the ping-pong kernel cannot take this call (None: it can): it pairs 64-row query blocks with
-    their own 64-key lists, Q in registers, and needs an even number of them (two per program)."""
+    their own 64-key lists, Q in registers, and needs an even number of them (two per program) among the
+    ``queries`` it computes (all, text or image)."""
     if (groups, block_n, q_in_regs, stages or PINGPONG_PROGRAM[0]) != (1, BLOCK, True, PINGPONG_PROGRAM[0]):
         return (f"ping-pong runs one query block per warpgroup over {BLOCK}-key blocks with Q in registers and "
                 f"{PINGPONG_PROGRAM[0]} stages (got groups={groups}, block_n={block_n}, q_in_regs={q_in_regs}, "
                 f"stages={stages})")
-    if (layout.text_len + layout.image_tokens) // BLOCK * batch_heads % 2:
+    rows = {"all": layout.text_len + layout.image_tokens, "text": layout.text_len, "image": layout.image_tokens}
+    if rows[queries] // BLOCK * batch_heads % 2:
         return "ping-pong needs an even number of 64-row query blocks over batch and heads"
     return None
 
@@ -160,30 +163,52 @@ def group_lists(height: int, width: int, tile, radius: float, device: torch.devi
                       chosen.contiguous(), words)
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """TMA descriptor of ``rows``-row blocks over (batch * tokens, heads * head_dim) of a contiguous (B, N, H, D)
+def descriptor(flat: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of ``block``-shaped blocks over a contiguous 2-D tensor."""
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, GL_OPERANDS[flat.dtype]))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), block, layout)
+
+
+def token_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """``rows`` tokens of one head per block, over (batch * tokens, heads * head_dim) of a contiguous (B, N, H, D)
     tensor."""
-    flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3])
-    layout = gl.NVMMASharedLayout.get_default_for([rows, t.shape[3]], getattr(gl, GL_DTYPES[t.dtype]))
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, t.shape[3]], layout)
+    return descriptor(t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3]), [rows, t.shape[3]])
+
+
+def kernel_arguments(descriptors: tuple, out: torch.Tensor, lse: torch.Tensor, layout: TokenLayout, lists: GroupLists,
+                     qk_scale: float, text_items: int, image_items: int) -> tuple:
+    """The arguments both kernels take, in order, up to their work-item counts (``text_items``, ``image_items``:
+    query groups per (batch, head) in each segment; 0 text items: image queries only)."""
+    batch, tokens, heads = out.shape[:3]
+    return (*descriptors, out, lse, out.stride(0), out.stride(1), out.stride(2), tokens, heads, batch * heads,
+            layout.text_len, 0 if layout.text_first else layout.image_tokens, layout.image_tokens, layout.image_start,
+            qk_scale, lists.count, lists.unmasked, lists.index, lists.entry, lists.words, lists.index.shape[1],
+            text_items, image_items)
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The kernels' score scale: the attention scale in log2 units (their softmax uses exp2)."""
+    return (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
 
 
 def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                           extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                           groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
-                          q_in_regs: bool = True, pingpong: bool | None = None):
+                          q_in_regs: bool = True, pingpong: bool | None = None, queries: str = "all",
+                          lse: torch.Tensor | None = None):
     """Same signature and result as reference_attention (inference forward) for the features the backend
     declares (no pooled keys, no text bias: the chooser sends those calls elsewhere). ``groups``: 64-row query
     blocks per program (default: GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma);
-    ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required)."""
+    ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required).
+    ``queries="text"``: the text queries' rows alone (of ``out`` and ``lse``, given: the FP8 backend's other half)."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon backend: does not support pooled_keys or text_bias (choose_backend sends such calls "
                          "to a backend that declares them)")
     groups = groups or GROUPS
     reason = gluon_reason(q, k, v, layout, radius, groups=groups, block_n=block_n)
     batch, tokens, heads, head_dim = q.shape
-    not_pingpong = pingpong_reason(layout, batch * heads, groups, block_n, q_in_regs, stages)
+    not_pingpong = pingpong_reason(layout, batch * heads, groups, block_n, q_in_regs, stages, queries)
     if pingpong and not_pingpong and not reason:
         reason = not_pingpong
     if reason:
@@ -193,20 +218,17 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
     out = output_buffer(q, out)
     lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, groups, block_n)
     rows = BLOCK * groups
-    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
-    qk_scale = (scale if scale is not None else head_dim ** -0.5) * 1.4426950408889634
+    if lse is None:
+        lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
     text_items, image_items = layout.text_len // rows, layout.image_tokens // rows
-    items = (text_items + image_items) * batch * heads
-    args = (_descriptor(q, rows), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
-            out.stride(0), out.stride(1), out.stride(2), tokens, heads, batch * heads, layout.text_len,
-            0 if layout.text_first else layout.image_tokens, layout.image_tokens, layout.image_start, qk_scale,
-            lists.count, lists.unmasked, lists.index, lists.entry, lists.words, lists.index.shape[1],
-            text_items, image_items)
-    if pingpong:  # two work items per program; 4 warps of the default partition + 4 + 1 of the workers
+    items = (text_items + (image_items if queries == "all" else 0)) * batch * heads  # text items come first
+    args = kernel_arguments((token_descriptor(q, rows), token_descriptor(k, block_n), token_descriptor(v, block_n)),
+                            out, lse, layout, lists, softmax_scale(scale, head_dim), text_items, image_items)
+    if items and pingpong:  # two work items per program; 4 warps of the default partition + 4 + 1 of the workers
         stages, maxnreg = PINGPONG_PROGRAM
-        clear_fwd_pingpong_kernel[(items // 2,)](*args, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages,
-                                                 STORE_LSE=return_lse, num_warps=4, maxnreg=maxnreg)
-    else:
+        clear_fwd_pingpong_kernel[(items // 2,)](*args, lists.count, BLOCK_N=block_n, HEAD_DIM=head_dim,  # no DESCALE
+                                                 STAGES=stages, STORE_LSE=return_lse, num_warps=4, maxnreg=maxnreg)
+    elif items:
         clear_fwd_ws_kernel[(items,)](
             *args, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages or stages_for(groups, block_n), GROUPS=groups,
             STORE_LSE=return_lse, Q_IN_REGS=q_in_regs,

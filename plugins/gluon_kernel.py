@@ -73,21 +73,27 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, ready, empt
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
     tma_load(q_desc, [q_row, col], q_ready, q_smem)
     for i in range(n_blocks):
-        _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, is_text, qgroup,
-                        n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+        _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, 0, is_text, qgroup,
+                        n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N, STAGES, False)
 
 
 @gluon.jit
-def _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, is_text, qgroup, n_text_blocks,
-                    U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The i-th K and V blocks into ring buffer i % STAGES, once the consumer has given it back."""
+def _load_key_block(i, k_desc, v_desc, k_bufs, v_bufs, ready, empty, seq_row, col, v_row, is_text, qgroup,
+                    n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, V_T: gl.constexpr):
+    """The i-th K and V blocks into ring buffer i % STAGES, once the consumer has given it back. ``V_T``: V is
+    stored transposed, (batch * heads * head_dim, tokens), and its (batch, head) rows start at ``v_row`` (the FP8
+    kernel: an 8-bit wgmma reads its B operand K-major only, and P·V's K is the keys)."""
     stage = i % STAGES
     # a fresh barrier counts as having completed the phase before phase 0: the first pass does not wait
     mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
     row = _key_block(i, is_text, qgroup, n_text_blocks, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N)
     mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma_load(k_desc, [seq_row + row, col], ready.index(stage), k_bufs.index(stage))
-    tma_load(v_desc, [seq_row + row, col], ready.index(stage), v_bufs.index(stage))
+    if V_T:
+        tma_load(v_desc, [v_row, row], ready.index(stage), v_bufs.index(stage))
+    else:
+        tma_load(v_desc, [seq_row + row, col], ready.index(stage), v_bufs.index(stage))
 
 
 @gluon.jit
@@ -122,10 +128,12 @@ def _softmax_start(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.co
 
 
 @gluon.jit
-def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS: gl.constexpr):
+def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS: gl.constexpr,
+                  P_SHIFT: gl.constexpr):
     """Raw scores of one key block, masked by its words when it needs it: the block's probabilities
     (log2 units: the scale is folded into exp2's argument), the factor that rescales what came before,
-    and the new row max and sum."""
+    and the new row max and sum. ``P_SHIFT``: the probabilities are 2**P_SHIFT times larger (the row sum
+    too, so the output is unchanged): an 8-bit P then keeps its small values out of the subnormals."""
     if masked:
         words = lo[:, None]
         if WORDS == 2:
@@ -133,7 +141,10 @@ def _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WOR
         s = gl.where((words & col_bit[None, :]) != 0, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
+    if P_SHIFT != 0:
+        p = gl.exp2(s * qk_scale - (m_new - P_SHIFT)[:, None])
+    else:
+        p = gl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
@@ -166,7 +177,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
         s_next = warpgroup_mma(q, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         masked_next, lo_next, hi_next = _mask_words(i + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                     MASK_BITS, rows, GROUPS, WORDS)
-        p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+        p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS, 0)
         s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
         # P·V of block i-1 is done: its buffers go back to the loader
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
@@ -175,7 +186,7 @@ def _consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, n_blocks, qk_scale,
                             is_async=True)
         masked, lo, hi = masked_next, lo_next, hi_next
     last = n_blocks - 1
-    p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+    p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS, 0)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last % STAGES), acc, is_async=True)
@@ -204,7 +215,8 @@ def _query_block_buffers(q_desc, k_desc, v_desc, BLOCK_M: gl.constexpr, BLOCK_N:
     with their ready / empty barriers, initialized."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    v_block: gl.constexpr = v_desc.block_type.shape  # (BLOCK_N, HEAD_DIM), or transposed (the FP8 kernel's)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, v_block[0], v_block[1]], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

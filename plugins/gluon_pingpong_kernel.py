@@ -7,6 +7,12 @@ mbarriers passes the turn, so one warpgroup's softmax runs while the other's GEM
 instead of two independent programs per SM overlapping by chance. Per warpgroup the loop is FA3's: issue
 S_j = Q·K_jᵀ together with O += P_{j-1}·V_{j-1}, pass the turn, wait for S_j alone, softmax, then wait
 for P·V and rescale. The mask words, key order and epilogue are gluon_kernel.py's.
+
+With ``FP8`` the same kernel runs Q·Kᵀ and P·V in e4m3 (FlashAttention-3's recipe): Q, K and V arrive
+quantized with one scale per (batch, head) (``DESCALE``: their factors back, (3, batch * heads) float32),
+Q·Kᵀ's scale folds into the softmax's, P is quantized in registers (2**P_SHIFT times larger, so small
+probabilities stay normal numbers) and V's scale multiplies the output, written in bf16. An 8-bit wgmma
+reads its shared-memory operand K-major only, so V arrives transposed (gluon_kernel._load_key_block).
 """
 
 from triton.experimental import gluon
@@ -38,14 +44,26 @@ def _turn_wait(turn_mine, t, n_other, WHO: gl.constexpr):
 
 
 @gluon.jit
+def _v_operand(v_bufs, stage, FP8: gl.constexpr):
+    """P·V's B operand, (keys, head_dim): the buffer itself, or the FP8 kernel's transposed one turned back."""
+    if FP8:
+        operand = v_bufs.index(stage).permute((1, 0))
+    else:
+        operand = v_bufs.index(stage)
+    return operand
+
+
+@gluon.jit
 def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine, turn_other, n_blocks, n_other,
-                       qk_scale, MASK_BITS, qgroup, pid_bh, q_start, n_text_blocks, n_unmasked, U_ENTRY, width, O, LSE,
-                       stride_ob, stride_on, stride_oh, HEADS, TOKENS, BLOCK_N: gl.constexpr,
+                       qk_scale, v_descale, MASK_BITS, qgroup, pid_bh, q_start, n_text_blocks, n_unmasked, U_ENTRY,
+                       width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, WHO: gl.constexpr,
-                       s_layout: gl.constexpr, o_layout: gl.constexpr):
+                       FP8: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     BLOCK_M: gl.constexpr = 64
     WORDS: gl.constexpr = BLOCK_N // 64
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    P_SHIFT: gl.constexpr = 8 * FP8
+    K_WIDTH: gl.constexpr = 2 + 2 * FP8  # register operands: elements per 32 bits (2 for 16-bit types, 4 for 8-bit)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=K_WIDTH)
     dtype: gl.constexpr = q_smem.dtype
     rows, col_bit, high_half, s_zero, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_N, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
@@ -53,7 +71,7 @@ def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine,
     masked, lo, hi = _mask_words(n_blocks * 0, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS, rows,
                                  1, WORDS)
     mbarrier.wait(q_ready, 0)
-    q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=K_WIDTH))
     mbarrier.wait(ready.index(0), 0)
     t = n_blocks * 0
     _turn_wait(turn_mine, t, n_other, WHO)
@@ -63,39 +81,43 @@ def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine,
     s = warpgroup_mma_wait(0, deps=(s, ))
     masked_next, lo_next, hi_next = _mask_words(n_blocks * 0 + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                 MASK_BITS, rows, 1, WORDS)
-    p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+    p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS, P_SHIFT)
     masked, lo, hi = masked_next, lo_next, hi_next
     for j in range(1, n_blocks):
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
         _turn_wait(turn_mine, t, n_other, WHO)
         s_tok = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index((j - 1) % STAGES), acc,
-                                is_async=True)
+        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), _v_operand(v_bufs, (j - 1) % STAGES, FP8),
+                                acc, is_async=True)
         mbarrier.arrive(turn_other, count=1)
         t += 1
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j is done; P·V of block j-1 may still run
         masked_next, lo_next, hi_next = _mask_words(j + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                     MASK_BITS, rows, 1, WORDS)
-        p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS)
+        p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS,
+                                           P_SHIFT)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)  # block j-1's buffers back to the loader
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         masked, lo, hi = masked_next, lo_next, hi_next
     _turn_wait(turn_mine, t, n_other, WHO)
-    acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index((n_blocks - 1) % STAGES), acc,
-                            is_async=True)
+    acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), _v_operand(v_bufs, (n_blocks - 1) % STAGES, FP8),
+                            acc, is_async=True)
     mbarrier.arrive(turn_other, count=1)
     acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
     mbarrier.arrive(empty.index((n_blocks - 1) % STAGES), count=1)
+    if FP8:  # V's scale back; the row max in unshifted units for the log-sum-exp
+        acc = acc * v_descale
+        m_i = m_i - P_SHIFT
     _store_rows(acc, m_i, l_i, O, LSE, (pid_bh // HEADS) * stride_ob + (pid_bh % HEADS) * stride_oh, stride_on,
                 pid_bh * TOKENS, q_start + qgroup * BLOCK_M, STORE_LSE, s_layout, o_layout)
 
 
 @gluon.jit
 def _pingpong_loader(q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1, k1, v1, qr1, ready1, empty1,
-                     row_q0, row_q1, seq0, seq1, col0, col1, text0, text1, g0, g1, nt, n0, n1, U_INDEX, width,
-                     TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                     row_q0, row_q1, seq0, seq1, col0, col1, vrow0, vrow1, text0, text1, g0, g1, nt, n0, n1, U_INDEX,
+                     width, TEXT_START, IMAGE_START, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr):
     mbarrier.expect(qr0, q_desc.block_type.nbytes)
     tma_load(q_desc, [row_q0, col0], qr0, q0)
     mbarrier.expect(qr1, q_desc.block_type.nbytes)
@@ -103,20 +125,20 @@ def _pingpong_loader(q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1
     # both rings block by block, in the order the warpgroups take turns
     for i in range(gl.maximum(n0, n1)):
         if i < n0:
-            _load_key_block(i, k_desc, v_desc, k0, v0, ready0, empty0, seq0, col0, text0, g0, nt, U_INDEX, width,
-                            TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+            _load_key_block(i, k_desc, v_desc, k0, v0, ready0, empty0, seq0, col0, vrow0, text0, g0, nt, U_INDEX,
+                            width, TEXT_START, IMAGE_START, BLOCK_N, STAGES, FP8)
         if i < n1:
-            _load_key_block(i, k_desc, v_desc, k1, v1, ready1, empty1, seq1, col1, text1, g1, nt, U_INDEX, width,
-                            TEXT_START, IMAGE_START, BLOCK_N, STAGES)
+            _load_key_block(i, k_desc, v_desc, k1, v1, ready1, empty1, seq1, col1, vrow1, text1, g1, nt, U_INDEX,
+                            width, TEXT_START, IMAGE_START, BLOCK_N, STAGES, FP8)
 
 
 @gluon.jit
 def clear_fwd_pingpong_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_on, stride_oh,
     TOKENS, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, qk_scale,
-    U_COUNT, U_UNMASKED, U_INDEX, U_ENTRY, MASK_BITS, width, text_items, image_items,
+    U_COUNT, U_UNMASKED, U_INDEX, U_ENTRY, MASK_BITS, width, text_items, image_items, DESCALE,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, FP8: gl.constexpr = False,
 ):
     # the host launches half as many programs as work items (an even number of them)
     p0 = 2 * gl.program_id(0)
@@ -130,20 +152,30 @@ def clear_fwd_pingpong_kernel(
     turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(turn0, count=1)
     mbarrier.init(turn1, count=1)
+    scale0 = qk_scale
+    scale1 = qk_scale
+    vscale0 = 1.0
+    vscale1 = 1.0
+    if FP8:  # Q·Kᵀ's factors fold into the softmax's scale; V's multiplies the output
+        scale0 = qk_scale * gl.load(DESCALE + bh0) * gl.load(DESCALE + BH + bh0)
+        scale1 = qk_scale * gl.load(DESCALE + bh1) * gl.load(DESCALE + BH + bh1)
+        vscale0 = gl.load(DESCALE + 2 * BH + bh0)
+        vscale1 = gl.load(DESCALE + 2 * BH + bh1)
+    K_INSTR: gl.constexpr = 16 + 16 * FP8  # a wgmma's K: 32 bytes of its operands
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, K_INSTR])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+                                                       instr_shape=[16, HEAD_DIM, K_INSTR])
     gl.warp_specialize([
-        (_pingpong_consumer, (q0, k0, v0, qr0, ready0, empty0, turn0, turn1, n0, n1, qk_scale, MASK_BITS, g0, bh0,
-                              start0, nt, u0, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS,
-                              BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 0, s_layout, o_layout)),
-        (_pingpong_consumer, (q1, k1, v1, qr1, ready1, empty1, turn1, turn0, n1, n0, qk_scale, MASK_BITS, g1, bh1,
-                              start1, nt, u1, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS,
-                              BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 1, s_layout, o_layout)),
+        (_pingpong_consumer, (q0, k0, v0, qr0, ready0, empty0, turn0, turn1, n0, n1, scale0, vscale0, MASK_BITS, g0,
+                              bh0, start0, nt, u0, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS,
+                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 0, FP8, s_layout, o_layout)),
+        (_pingpong_consumer, (q1, k1, v1, qr1, ready1, empty1, turn1, turn0, n1, n0, scale1, vscale1, MASK_BITS, g1,
+                              bh1, start1, nt, u1, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS,
+                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 1, FP8, s_layout, o_layout)),
         (_pingpong_loader, (q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1, k1, v1, qr1, ready1, empty1,
                             (bh0 // HEADS) * TOKENS + start0 + g0 * 64, (bh1 // HEADS) * TOKENS + start1 + g1 * 64,
                             (bh0 // HEADS) * TOKENS, (bh1 // HEADS) * TOKENS, (bh0 % HEADS) * HEAD_DIM,
-                            (bh1 % HEADS) * HEAD_DIM, text0, text1, g0, g1, nt, n0, n1, U_INDEX, width, TEXT_START,
-                            IMAGE_START, BLOCK_N, STAGES)),
+                            (bh1 % HEADS) * HEAD_DIM, bh0 * HEAD_DIM, bh1 * HEAD_DIM, text0, text1, g0, g1, nt, n0,
+                            n1, U_INDEX, width, TEXT_START, IMAGE_START, BLOCK_N, STAGES, FP8)),
     ], [4, 1], [240, 24])

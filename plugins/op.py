@@ -56,7 +56,7 @@ def _prepared(call: dict, *, return_lse: bool = False, backward: bool = False):
     q, k, v = call["q"], call["k"], call["v"]
     args, options = _with_pooled(_backend_args(call), k, v, call["pool_weight"])
     options, rule = _with_mask(options, args[0], call["attn_mask"], q.shape[0])
-    needs = call_needs(args[0], **options, return_lse=return_lse, backward=backward)
+    needs = call_needs(args[0], **options, return_lse=return_lse, backward=backward, fp8=bool(call["fp8"]))
     return choose_backend(call["backend"], q, k, v, *args, needs=needs), args, options, rule
 
 
@@ -202,7 +202,7 @@ def self_contained_attention():
 def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: int, radius: float,
               scale: float | None = None, backend: str = "auto", tile: tuple[int, int] | None = None,
               pool_weight: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-              images: tuple[tuple[int, int], ...] = (), return_lse: bool = False):
+              images: tuple[tuple[int, int], ...] = (), return_lse: bool = False, fp8: bool = False):
     """Keyword front door to ``torch.ops.clear.attention`` with an early, readable check.
 
     ``pool_weight``: f x f weights (any shape holding f² numbers, e.g. the official (1, 1, 1, f, 1, f, 1)):
@@ -213,7 +213,9 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
     after the first (height x width), e.g. FLUX.1 Kontext's reference image (``layout.TokenLayout``).
     ``return_lse``: also the log-sum-exp of each query row, (batch, tokens, heads) float32 natural log,
     from the chosen backend directly (reference, flex, triton; differentiable where the backend is:
-    reference and flex), for merging partial results exactly (``merge_partials``)."""
+    reference and flex), for merging partial results exactly (``merge_partials``).
+    ``fp8``: FP8 (e4m3) attention where a backend declares it (``gluon-fp8`` on Hopper: the image queries;
+    text queries and calls it cannot take run in the inputs' dtype). Off by default: never chosen unasked."""
     flat = [int(v) for grid in images for v in grid] or None
     image_queries_only = q.shape[1] != k.shape[1]
     if not isinstance(height, torch.SymInt):
@@ -228,7 +230,7 @@ def attention(q, k, v, *, text_len: int, text_first: bool, height: int, width: i
     tile_h, tile_w = tile or (0, 0)
     call = bind((q, k, v), dict(text_len=text_len, text_first=text_first, height=height, width=width,
                                 radius=float(radius), scale=scale, backend=backend, tile_h=tile_h, tile_w=tile_w,
-                                pool_weight=pool_weight, attn_mask=attn_mask, images=flat))
+                                pool_weight=pool_weight, attn_mask=attn_mask, images=flat, fp8=bool(fp8)))
     if image_queries_only and (return_lse or _Route.self_contained):
         raise ValueError("calls with the image's queries alone run through clear::attention only (no log-sum-exp, "
                          "no engines yet)")

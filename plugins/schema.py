@@ -54,6 +54,8 @@ ARGUMENTS: tuple[Argument, ...] = (
     Argument("radius", "float", "attribute", onnx_type="FLOAT"),
     Argument("scale", "float?", "attribute", None, onnx_type="FLOAT"),  # None (0 in engines): 1 / sqrt(head_dim)
     Argument("backend", "str", "run-time", "auto"),
+    # FP8 (e4m3) attention where a backend declares it (gluon-fp8: image queries); never chosen unasked
+    Argument("fp8", "bool", "run-time", False),
     Argument("tile_h", "SymInt", "attribute", 0, onnx_type="INT"),  # 0: raster order
     Argument("tile_w", "SymInt", "attribute", 0, onnx_type="INT"),
     Argument("pool_weight", "Tensor?", "absent", None, what="pooled keys (the 'down' variant)"),

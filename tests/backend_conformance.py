@@ -1,5 +1,6 @@
 """Every registered backend against the float64 reference on every feature it declares, and its refusal of
-every feature it does not. Imported by test_backend_conformance.py, and run as a script there for the
+every feature it does not. FP8 is a wish, not a need: a backend without it runs a call that asks (in its own
+dtype); a backend with it runs only calls that ask (every call here asks it), and is held to FP8's tolerance. Imported by test_backend_conformance.py, and run as a script there for the
 Triton backends under TRITON_INTERPRET=1 (which must be set before triton is imported): prints one JSON
 line per backend."""
 
@@ -10,8 +11,8 @@ import sys
 import torch
 
 from clear_surgery.plugins import BACKENDS, TokenLayout, choose_backend, pool_image_tokens, reference_attention
-from clear_surgery.plugins.backends import (BACKWARD, FEATURES, IMAGE_ONLY, LSE, POOLED_KEYS, QUERY_RANGE, SEVERAL_IMAGES,
-                                            TEXT_BIAS)
+from clear_surgery.plugins.backends import (BACKWARD, FEATURES, FP8, IMAGE_ONLY, LSE, POOLED_KEYS, QUERY_RANGE,
+                                            SEVERAL_IMAGES, TEXT_BIAS)
 from clear_surgery.plugins.triton_backend import kernel_config
 
 
@@ -33,7 +34,7 @@ def plain_call(backend, device: str):
     for head_dim, layout, radius in base_calls(device):
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = tensors(layout, head_dim, dtype, device, 0)
-            if backend.can_run(q, k, v, layout, radius):
+            if backend.can_run(q, k, v, layout, radius, needs=backend.features & {FP8}):
                 return head_dim, layout, radius, dtype
     return None
 
@@ -104,10 +105,18 @@ def check_backend(name: str, device: str) -> dict:
         return {"runs": False, "why": backend.refusal(*tensors(layout, head_dim, torch.float32, device, 0), layout,
                                                       radius)}
     result = {"runs": True, "dtype": str(call[3]).removeprefix("torch."), "features": sorted(backend.features)}
+    asks = backend.features & {FP8}  # an FP8 backend is only ever called asking
+    if asks:
+        q, k, v, layout, radius, _ = feature_call(None, *call, device)
+        result["unasked"] = "refused" if not backend.can_run(q, k, v, layout, radius) else "NOT REFUSED"
     for feature in (None, *FEATURES):
         key = feature or "plain"
         q, k, v, layout, radius, options = feature_call(feature, *call, device)
-        needs = {feature} if feature else set()
+        needs = ({feature} if feature else set()) | asks
+        if feature == FP8:  # asked of any backend: it runs (in FP8, or in its own dtype)
+            chosen = choose_backend(name, q, k, v, layout, radius, needs=needs)
+            result[key] = check_feature(chosen, None, call, device)
+            continue
         if feature and feature not in backend.features:
             refused = not backend.can_run(q, k, v, layout, radius, needs=needs)
             try:

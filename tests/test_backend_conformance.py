@@ -13,20 +13,21 @@ import torch
 
 from backend_conformance import check_backend
 from clear_surgery.plugins import BACKENDS, Backend, TokenLayout, choose_backend, reference_attention, register_backend
-from clear_surgery.plugins.backends import BACKWARD, LSE, TEXT_BIAS, recompute_backward
+from clear_surgery.plugins.backends import BACKWARD, FP8, LSE, TEXT_BIAS, recompute_backward
 from clear_surgery.plugins.reference import reference_reason
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+FP8_TOLERANCE = 0.07  # relative RMS error of e4m3 attention (test_gluon_fp8.py says why)
 UNDER_INTERPRETER = ("triton", "triton-aot")  # the CPU can run these only with TRITON_INTERPRET=1
 
 
 def assert_conforms(result: dict) -> None:
     assert result["runs"], result
-    tolerance = TOLERANCE[result["dtype"]]
+    tolerance = FP8_TOLERANCE if FP8 in result["features"] else TOLERANCE[result["dtype"]]
     for feature, outcome in result.items():
         if feature in ("runs", "dtype", "features", "backend"):
             continue
-        if feature == "plain" or feature in result["features"]:
+        if feature in ("plain", FP8) or feature in result["features"]:
             assert isinstance(outcome, float) and outcome < tolerance, (feature, result)
         else:
             assert outcome == "refused", (feature, result)
@@ -93,6 +94,23 @@ def test_a_registered_backend_is_chosen_by_auto_by_priority():
     assert calls
 
 
+def test_an_fp8_backend_is_held_to_fp8s_tolerance_and_never_runs_unasked():
+    def rounded(q, k, v, layout, radius, scale=None, **options):  # attention of e4m3-rounded inputs
+        e4m3 = [(t / t.abs().amax() * 448).to(torch.float8_e4m3fn).to(t.dtype) * (t.abs().amax() / 448)
+                for t in (q, k, v)]
+        return reference_attention(*e4m3, layout, radius, scale, **options)
+
+    register_backend(Backend("test-fp8", rounded, reference_reason, None, {FP8}, {"cpu": 1000}))
+    try:
+        result = check_backend("test-fp8", "cpu")
+        q, k, v = _inputs(TokenLayout(3, True, 4, 5))
+        assert choose_backend("auto", q, k, v, TokenLayout(3, True, 4, 5), 2.0).name != "test-fp8"
+    finally:
+        BACKENDS.pop("test-fp8")
+    assert result["unasked"] == "refused" and 1e-3 < result["plain"] < 0.07
+    assert_conforms(result)
+
+
 def test_a_backend_that_breaks_a_declared_feature_fails_conformance():
     def wrong_bias(q, k, v, layout, radius, scale=None, *, text_bias=None, **options):
         return reference_attention(q, k, v, layout, radius, scale, **options)  # ignores the text bias
@@ -109,7 +127,7 @@ def test_a_backend_that_breaks_a_declared_feature_fails_conformance():
 
 def test_declared_features_must_be_known_and_backward_declared_with_one():
     with pytest.raises(ValueError, match="unknown features"):
-        Backend("x", reference_attention, reference_reason, None, {"fp8"})
+        Backend("x", reference_attention, reference_reason, None, {"int4"})
     with pytest.raises(ValueError, match="declare 'backward'"):
         Backend("x", reference_attention, reference_reason, None, {BACKWARD})
     with pytest.raises(ValueError, match="cannot be named"):

@@ -14,8 +14,9 @@ from conftest import rel_err  # noqa: E402
 needs_gluon = pytest.mark.skipif(gluon_backend.clear_fwd_ws_kernel is None, reason="triton without Gluon's Hopper API")
 
 
-def compile_for_sm90(kernel, head_dim, q_rows, block_n, constexprs, maxnreg):
-    """Compile a Gluon kernel of this backend for sm_90 on the CPU (no GPU needed)."""
+def compile_for_sm90(kernel, head_dim, q_rows, block_n, constexprs, maxnreg, dtype=torch.bfloat16):
+    """Compile a Gluon kernel of this backend for sm_90 on the CPU (no GPU needed). FP8 (``constexprs["FP8"]``):
+    Q, K, V in ``dtype``, V's blocks transposed."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -23,14 +24,16 @@ def compile_for_sm90(kernel, head_dim, q_rows, block_n, constexprs, maxnreg):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    rows = torch.zeros(4 * BLOCK, 4 * head_dim, dtype=torch.bfloat16)
+    rows = torch.zeros(4 * BLOCK, 4 * head_dim).to(dtype)
+    gl_dtype = gl.float8e4nv if dtype == torch.float8_e4m3fn else gl.bfloat16
 
-    def desc(block):
-        layout = gl.NVMMASharedLayout.get_default_for([block, head_dim], gl.bfloat16)
-        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block, head_dim], layout))
+    def desc(shape):
+        layout = gl.NVMMASharedLayout.get_default_for(shape, gl_dtype)
+        return mangle_type(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), shape, layout))
 
-    types = {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "MASK_BITS": "*i64", "q_desc": desc(q_rows),
-             "k_desc": desc(block_n), "v_desc": desc(block_n),
+    v_block = [head_dim, block_n] if constexprs.get("FP8") else [block_n, head_dim]
+    types = {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "MASK_BITS": "*i64", "DESCALE": "*fp32",
+             "q_desc": desc([q_rows, head_dim]), "k_desc": desc([block_n, head_dim]), "v_desc": desc(v_block),
              **{n: "*i32" for n in ("U_COUNT", "U_UNMASKED", "U_INDEX", "U_ENTRY")}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     compiled = triton_compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -62,7 +65,7 @@ def test_kernel_compiles_for_sm90_warp_specialized(head_dim, lse, groups, block_
 @pytest.mark.parametrize("head_dim,lse", [(128, True), (64, False)])
 def test_pingpong_kernel_compiles_for_sm90(head_dim, lse):
     stages, maxnreg = gluon_backend.PINGPONG_PROGRAM
-    constexprs = dict(BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=lse, num_warps=4)
+    constexprs = dict(BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=lse, num_warps=4, FP8=False)
     compiled = compile_for_sm90(gluon_backend.clear_fwd_pingpong_kernel, head_dim, BLOCK, BLOCK, constexprs, maxnreg)
     # two Q blocks and two rings of K and V (bf16): for head dim 128, one program per SM
     assert compiled.metadata.shared >= 2 * (BLOCK + 2 * stages * BLOCK) * head_dim * 2

@@ -9,8 +9,10 @@ from clear_surgery.surgery.tools import quantize as q
 
 
 @pytest.mark.parametrize("name,kept", [
-    ("tiny-flux", {"x_embedder", "context_embedder", "norm_out.linear", "proj_out"}),
-    ("tiny-sd35", {"context_embedder", "norm_out.linear", "proj_out"}),
+    ("tiny-flux", {"x_embedder", "context_embedder", "norm_out.linear", "proj_out", "transformer_blocks.0.norm1.linear",
+                   "transformer_blocks.0.norm1_context.linear", "single_transformer_blocks.0.norm.linear"}),
+    ("tiny-sd35", {"context_embedder", "norm_out.linear", "proj_out", "transformer_blocks.0.norm1.linear",
+                   "transformer_blocks.0.norm1_context.linear"}),
     ("tiny-flux-controlnet", {"x_embedder", "controlnet_x_embedder", "controlnet_blocks.0"}),
 ])
 def test_the_family_rule_keeps_embedders_and_the_final_projection(name, kept):
@@ -37,6 +39,29 @@ def test_fp8_is_refused_where_it_cannot_run(monkeypatch):
     chroma, *_ = build_tiny_model("Chroma (ChromaTransformer2DModel)")
     with pytest.raises(ValueError, match="chroma family has no rule yet"):
         q.fp8_targets(chroma)
+
+
+def test_fp8_attention_is_refused_off_hopper_and_asked_of_the_clear_models(monkeypatch):
+    q.check_fp8_attention("--fp8-attention", False, "cpu")  # not asked: nothing to check
+    with pytest.raises(RuntimeError, match="runs on Hopper GPUs .* this runs on cpu"):
+        q.check_fp8_attention("--fp8-attention", True, "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    with pytest.raises(RuntimeError, match="L40S is sm_89"):  # FP8 tensor cores, but no wgmma
+        q.check_fp8_attention("--fp8-attention", True, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q.check_fp8_attention("--fp8-attention", True, "cuda")
+
+    from types import SimpleNamespace
+
+    from clear_surgery.surgery import get_clear_state
+
+    dense = SimpleNamespace(transformer=load_builtin("tiny-flux"))
+    with pytest.raises(ValueError, match="no CLEAR attention"):
+        q.fp8_attention_pipeline(dense)
+    apply_clear(dense.transformer, ClearConfig(radius=2))
+    assert q.fp8_attention_pipeline(dense) == ["transformer"]
+    assert get_clear_state(dense.transformer).runtime.fp8_attention
 
 
 def test_the_call_into_torchao_selects_exactly_the_targets(monkeypatch):

@@ -32,6 +32,8 @@ def bench(
     device: str = typer.Option("cuda", help="cuda (cpu only for smoke tests at tiny sizes)"),
     quantize: Optional[str] = typer.Option(None, help="fp8: the step's linear layers in FP8 (torchao; a GPU with FP8 tensor "
                                            "cores, compute capability >= 8.9)"),
+    fp8_attention: bool = typer.Option(False, help="the CLEAR step's image queries in FP8 attention (gluon-fp8, "
+                                       "Hopper); add gluon-fp8-tiled to --backends for the layer"),
     heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
@@ -49,14 +51,15 @@ def bench(
         unknown = [name for name in chosen if name not in b.LAYER_BACKENDS]
         check(not unknown, f"--backends: unknown {unknown}; choose from {', '.join(b.LAYER_BACKENDS)}")
         check_device("--device", device)
-        from clear_surgery.surgery.tools.quantize import check_quantize
+        from clear_surgery.surgery.tools.quantize import check_fp8_attention, check_quantize
 
         check_quantize("--quantize", quantize, device)
+        check_fp8_attention("--fp8-attention", fp8_attention and step, device)
         from clear_surgery.hub.atomic import atomic_directory
 
         with atomic_directory(out, overwrite) as tmp:
             b.run_bench(tmp, size_list, radius_list, chosen, heads=heads, head_dim=head_dim, text=text, device=device,
                         step_sizes=step_size_list, step_radius=step_radius, dense_step_max=dense_step_max,
-                        quantize=quantize, echo=typer.echo)
+                        quantize=quantize, fp8_attention=fp8_attention, echo=typer.echo)
     typer.echo(f"wrote {out}/attention.json{', step.json' if step else ''}, bench.png")
 

@@ -36,6 +36,8 @@ def generate(
                                          "cuda when there is a GPU, else cpu"),
     quantize: Optional[str] = typer.Option(None, help="fp8: FP8 linear layers (torchao; a GPU with FP8 tensor "
                                            "cores, compute capability >= 8.9)"),
+    fp8_attention: bool = typer.Option(False, help="CLEAR's image queries in FP8 (e4m3) attention: the gluon-fp8 "
+                                       "kernel, Hopper GPUs"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
@@ -43,9 +45,11 @@ def generate(
     with user_errors():
         output_file("--out", out, IMAGE_SUFFIXES, overwrite=overwrite)
         device = run_device("--device", device)
-        from clear_surgery.surgery.tools.quantize import check_quantize, quantize_pipeline
+        from clear_surgery.surgery.tools.quantize import (check_fp8_attention, check_quantize, fp8_attention_pipeline,
+                                                          quantize_pipeline)
 
         check_quantize("--quantize", quantize, device)
+        check_fp8_attention("--fp8-attention", fp8_attention, device)
         in_range("--radius", radius, 0)
         flags = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                      from_size=from_size, strength=strength, ntk_factor=ntk_factor,
@@ -78,6 +82,8 @@ def generate(
             pipe.to(device)
         rank = join_patch_parallel(pipe)
         quantize_pipeline(pipe, quantize)
+        if fp8_attention:
+            fp8_attention_pipeline(pipe)
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:
             with atomic_file(out) as tmp:

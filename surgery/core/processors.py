@@ -37,6 +37,7 @@ class AttentionCall:
     scale: float | None = None
     attn_mask: torch.Tensor | None = None
     pool_weight: torch.Tensor | None = None
+    fp8: bool = False  # FP8 attention asked for (set_backend(..., fp8_attention=True))
     op: Callable[["AttentionCall"], torch.Tensor] | None = None
 
     def tokens(self) -> int:
@@ -51,7 +52,8 @@ def clear_attention(call: AttentionCall) -> torch.Tensor:
     """The call through ``clear::attention``: the route's last step unless a tool replaced it."""
     return attention(call.query, call.key, call.value, text_len=call.text_len, text_first=call.text_first,
                      height=call.height, width=call.width, radius=call.radius, backend=call.backend, tile=call.tile,
-                     scale=call.scale, pool_weight=call.pool_weight, attn_mask=call.attn_mask, images=call.images)
+                     scale=call.scale, pool_weight=call.pool_weight, attn_mask=call.attn_mask, images=call.images,
+                     fp8=call.fp8)
 
 
 # A step of the run-time route: sees the call, may change it (dataclasses.replace) and hand it on with
@@ -69,6 +71,7 @@ class ClearRuntime:
     call to the band-parallel op. Steps run in list order; the last one's ``proceed`` runs ``call.run()``."""
 
     backend: str = "auto"  # which backend of clear_surgery.plugins runs the op (set_backend changes it)
+    fp8_attention: bool = False  # ask for FP8 attention where a backend has it (set_backend changes it)
     grid: tuple[int, int] | None = None
     images: tuple[tuple[int, int], ...] = ()  # further images' grids in the current call (FLUX.1 Kontext)
     tile: tuple[int, int] | None = None  # tile token layout, None: raster
@@ -151,7 +154,8 @@ class ClearProcessorBase(torch.nn.Module):
         # the keys hold every token (the queries may be the image's alone: an image-query-only call)
         call = AttentionCall(self.name, query, key, value, key.shape[1] - height * width - sum(h * w for h, w in images),
                              self.text_first, height, width, self.radius, runtime.backend, images, runtime.tile, scale,
-                             attention_mask, self.spatial_weight if self.down_factor else None)
+                             attention_mask, self.spatial_weight if self.down_factor else None,
+                             fp8=runtime.fp8_attention)
         return runtime.route(call)
 
     def _down(self) -> str:

@@ -168,9 +168,14 @@ def observe_attention(model: torch.nn.Module, observer: Route, *, analysis: Anal
         _restore(model, runtime)
 
 
-def set_backend(model: torch.nn.Module, backend: str) -> None:
-    """Choose which backend runs a converted model's CLEAR attention from now on ('auto' or a backend name)."""
-    require_clear_state(model, "choose its backend").runtime.backend = runtime_backend(backend)
+def set_backend(model: torch.nn.Module, backend: str, *, fp8_attention: bool | None = None) -> None:
+    """Choose which backend runs a converted model's CLEAR attention from now on ('auto' or a backend name).
+    ``fp8_attention``: ask for FP8 (e4m3) attention where a backend has it (gluon-fp8 on Hopper GPUs: the image
+    queries; every other call runs as before); None keeps the current choice."""
+    runtime = require_clear_state(model, "choose its backend").runtime
+    runtime.backend = runtime_backend(backend)
+    if fp8_attention is not None:
+        runtime.fp8_attention = bool(fp8_attention)
 
 
 def default_tile(head_dim: int, radius: float) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from clear_surgery.plugins import TokenLayout, attention, flex_clear_attention
 from clear_surgery.plugins.gluon_backend import BLOCK, gluon_clear_attention, group_lists
+from clear_surgery.plugins.gluon_fp8_backend import gluon_fp8_clear_attention
 from clear_surgery.plugins.layout import classify_blocks
 from clear_surgery.plugins.triton_backend import kernel_config, max_visible_d2, triton_clear_attention
 from clear_surgery.surgery.core.families import family_for_class
@@ -146,6 +147,7 @@ LAYER_BACKENDS = {
     "triton-raster": _clear(triton_clear_attention, None),
     "triton-tiled": _clear(triton_clear_attention, "kernel"),
     "gluon-tiled": _clear(gluon_clear_attention, (8, 8)),  # the warp-specialized Hopper kernel (sm_90)
+    "gluon-fp8-tiled": _clear(gluon_fp8_clear_attention, (8, 8)),  # its FP8 twin: image queries in e4m3
     "flex-tiled-down4": _clear_down("flex", 4),  # the official clear_local_<r>_down_4 variant
     "triton-tiled-down4": _clear_down("triton", 4),
 }
@@ -282,10 +284,10 @@ def flux_inputs(model, size, text=512, batch=1):
 
 
 def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_max=8192, device="cuda",
-               config=None, quantize: str | None = None) -> list[dict]:
+               config=None, quantize: str | None = None, fp8_attention: bool = False) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear
+    from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
 
     report = analyze_flux_dev(config)
     model = build_flux_dev(device, config=config)
@@ -296,8 +298,9 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
     rows = []
     for size in tqdm(sizes, desc="flux step", unit="size"):
         inputs = flux_inputs(model, size)
-        row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius, backend=backend,
-                   token_layout=token_layout, quantize=quantize)
+        row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius,
+                   backend="auto" if fp8_attention else backend,
+                   token_layout=token_layout, quantize=quantize, fp8_attention=fp8_attention)
         with torch.no_grad():
             if size <= dense_max:
                 # ~95 s per dense step at 8192² on an H200: one cold run there (at 4096² cold read
@@ -307,8 +310,10 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
                     row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,
                                               rep=1 if huge else 2 if size >= 4096 else 3)
-            apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout), backend=backend,
-                        analysis=report, verify=False)
+            # FP8 attention is a wish that "auto" grants (a named bf16 backend would not)
+            apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout),
+                        backend="auto" if fp8_attention else backend, analysis=report, verify=False)
+            get_clear_state(model).runtime.fp8_attention = fp8_attention
             row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
             remove_clear(model)
         if "dense_ms" in row:
@@ -377,7 +382,8 @@ def attention_table(rows) -> str:
 
 
 def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int, text: int, device: str,
-              step_sizes, step_radius: float, dense_step_max: int, quantize: str | None = None, echo=print) -> None:
+              step_sizes, step_radius: float, dense_step_max: int, quantize: str | None = None,
+              fp8_attention: bool = False, echo=print) -> None:
     """The attention table (``attention.json``, printed), the step (``step.json``, when ``step_sizes``) and
     ``bench.png`` into ``folder``."""
     meta = {"device": torch_device_name(device), "torch": torch_version()}
@@ -386,6 +392,7 @@ def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int
     echo(attention_table(rows))
     step_rows = []
     if step_sizes:
-        step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device, quantize=quantize)
+        step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device, quantize=quantize,
+                               fp8_attention=fp8_attention)
         (folder / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
     plot(rows, step_rows, folder / "bench.png")

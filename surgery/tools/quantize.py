@@ -40,6 +40,37 @@ def fp8_reason(device: str | torch.device | None) -> str | None:
     return None
 
 
+def check_fp8_attention(option: str, enabled: bool, device: str | torch.device | None = None) -> None:
+    """One error where FP8 attention cannot run: the gluon-fp8 kernel is Hopper's (sm_90 wgmma)."""
+    if not enabled:
+        return
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        raise MissingHardwareError(f"{option}: FP8 attention runs on Hopper GPUs (the gluon-fp8 kernel, sm_90); this "
+                                   f"runs on {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] != 9:
+        raise MissingHardwareError(f"{option}: FP8 attention runs on Hopper GPUs (sm_90); "
+                                   f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}")
+
+
+def fp8_attention_pipeline(pipe) -> list[str]:
+    """Ask the pipeline's CLEAR models (transformer, ControlNet) for FP8 attention (image queries in e4m3 where
+    the gluon-fp8 backend takes the call); returns the parts asked. A pipeline without CLEAR attention is an
+    error: FP8 attention is CLEAR's kernel."""
+    from clear_surgery.surgery import get_clear_state
+
+    asked = []
+    for part in ("transformer", "controlnet"):
+        state = get_clear_state(getattr(pipe, part, None)) if getattr(pipe, part, None) is not None else None
+        if state is not None:
+            state.runtime.fp8_attention = True
+            asked.append(part)
+    if not asked:
+        raise InvalidValueError("FP8 attention: the pipeline has no CLEAR attention (convert the model, or pass --radius)")
+    return asked
+
+
 def fp8_targets(model: torch.nn.Module) -> list[str]:
     """The linear layers ``quantize_linear_layers`` turns to FP8: every ``nn.Linear`` except those the model's
     family keeps in high precision."""

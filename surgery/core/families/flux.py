@@ -230,9 +230,12 @@ FAMILY = ModelFamily(
     real_configs=REAL_CONFIGS,
     controlnets=("FluxControlNetModel",),
     loss_stacks=("single_transformer_blocks", "transformer_blocks"),
-    # embedders, the final modulation and projection, and a ControlNet's input and zero-initialized outputs
+    # embedders, the final projection, a ControlNet's input and zero-initialized outputs, and every block's
+    # modulation (one row per image: no speed to gain, and FP8 there cost 2 dB on the trained testbed,
+    # recipes/testbed/results/fp8-r8)
     keep_high_precision=("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out",
-                         "controlnet_x_embedder", "controlnet_blocks.*", "controlnet_single_blocks.*"),
+                         "controlnet_x_embedder", "controlnet_blocks.*", "controlnet_single_blocks.*",
+                         "*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear"),
     class_names=("FluxTransformer2DModel", "FluxControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_ids,

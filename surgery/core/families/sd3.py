@@ -164,9 +164,10 @@ FAMILY = ModelFamily(
     name="sd3",
     tiny_models=TINY_MODELS,
     controlnets=("SD3ControlNetModel",),
-    # embedders, the final modulation and projection, and a ControlNet's zero-initialized outputs
+    # embedders, the final projection, a ControlNet's zero-initialized outputs, and every block's modulation
+    # (one row per image: no speed to gain; FP8 there cost FLUX's testbed 2 dB)
     keep_high_precision=("context_embedder", "time_text_embed.*", "norm_out.*", "proj_out", "controlnet_blocks.*",
-                         "pos_embed_input.*"),
+                         "pos_embed_input.*", "*.norm1.linear", "*.norm1_context.linear"),
     class_names=("SD3Transformer2DModel", "SD3ControlNetModel"),
     example_inputs=example_inputs,
     grid_from_call=grid_from_latent,

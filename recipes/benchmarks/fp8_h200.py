@@ -1,0 +1,114 @@
+"""FP8 on a Hopper GPU: the layer table and the FLUX.1-dev-shaped step table, one mode per call (each fits in
+one 10-minute device call).
+
+    python recipes/benchmarks/fp8_h200.py layer --out OUT
+        FLUX shapes (24 heads x 128, 512 text tokens), r16, 4096² and 8192²: cuDNN dense bf16, flex-raster
+        (the official path), triton, gluon (ping-pong bf16), gluon-fp8; and gluon-fp8's error against float32
+        on a 1024² slice of heads (its accuracy at the benchmark's shapes).
+    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] --out OUT
+        one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
+        attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
+        CLEAR + FP8 linear + FP8 attention. Each: ms and peak GPU memory.
+Writes OUT/fp8_layer.json or OUT/fp8_step_<size>[_compiled].json (rows also printed as JSON lines).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from clear_surgery.plugins import TokenLayout, reference_attention
+from clear_surgery.plugins.gluon_fp8_backend import gluon_fp8_clear_attention
+from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear, set_backend
+from clear_surgery.surgery.tools.bench import analyze_flux_dev, bench_attention, build_flux_dev, flux_inputs, time_ms
+from clear_surgery.surgery.tools.quantize import quantize_linear_layers
+
+DENSE_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def emit(rows, row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def layer(out: Path):
+    rows = bench_attention([4096, 8192], [16], ["dense-cudnn", "flex-raster", "triton-tiled", "gluon-tiled",
+                                                "gluon-fp8-tiled"])
+    # accuracy at the benchmark's shapes: a 1024² call (64x64 tokens, 512 text), 24 heads, against float32
+    layout = TokenLayout(512, True, 64, 64, (8, 8))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 24, 128, device="cuda", generator=gen).to(torch.bfloat16)
+               for _ in range(3))
+    exact = reference_attention(q.float(), k.float(), v.float(), layout, 16)
+    fp8 = gluon_fp8_clear_attention(q, k, v, layout, 16)
+    rows.append(dict(accuracy="gluon-fp8 vs float32, 1024² r16, 24 heads, randn inputs",
+                     relative_rms_error=((fp8.float() - exact).norm() / exact.norm()).item()))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    (out / "fp8_layer.json").write_text(json.dumps(rows, indent=1))
+
+
+def step(out: Path, size: int, compiled: bool, dense: bool):
+    report = analyze_flux_dev()
+    model = build_flux_dev("cuda")
+    inputs = flux_inputs(model, size)
+    rows = []
+
+    def measure(label, clear: bool, fp8_attention: bool = False, linear: str = "bf16"):
+        if clear:
+            apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), analysis=report, verify=False)
+            set_backend(model, "auto", fp8_attention=fp8_attention)
+        run = model
+        if compiled:
+            torch._dynamo.reset()
+            run = torch.compile(model)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad(), sdpa_kernel(DENSE_SDPA, set_priority=True):
+            run(**inputs)  # warm-up (and compilation)
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            huge = size >= 8192 and not clear
+            ms = time_ms(lambda: run(**inputs), warmup=0, rep=1 if huge else 2)
+        emit(rows, dict(res=size, config=label, attention="clear r16" if clear else "dense", linear=linear,
+                        fp8_attention=fp8_attention, compiled=compiled, ms=ms, first_run_s=first_s,
+                        peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+        if clear:
+            remove_clear(model)
+
+    if dense:
+        measure("dense bf16", False)
+    measure("CLEAR bf16", True)
+    measure("CLEAR + FP8 attention", True, fp8_attention=True)
+    quantize_linear_layers(model, "fp8")
+    if dense:
+        measure("dense + FP8 linear", False, linear="fp8")
+    measure("CLEAR + FP8 linear", True, linear="fp8")
+    measure("CLEAR + FP8 linear + FP8 attention", True, fp8_attention=True, linear="fp8")
+    by = {r["config"]: r["ms"] for r in rows}
+    for row in rows:
+        for base in ("dense bf16", "dense + FP8 linear"):
+            if base in by:
+                row[f"x vs {base}"] = by[base] / row["ms"]
+    name = f"fp8_step_{size}{'_compiled' if compiled else ''}.json"
+    (out / name).write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["layer", "step"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-dense", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "layer":
+        layer(args.out)
+    else:
+        step(args.out, args.size, args.compile, not args.no_dense)

@@ -1,0 +1,255 @@
+"""The FP8 backend (gluon-fp8): its kernel compiled for sm_90 on CPU, its launches (the bf16 kernel's mask
+lists, text rows on the bf16 kernel, the scales), the accuracy its arithmetic allows, the chooser's rule
+that FP8 is never chosen unasked; on a Hopper GPU the kernel against the float64 reference.
+
+The tolerance, from the format: e4m3 keeps 3 mantissa bits, so one rounding errs by at most 2**-4 (6.25%)
+of the value and by about 2**-4 / sqrt(3) = 3.6% RMS. An image row's output takes two independent roundings
+that do not average away (V's, and P's), so its relative RMS error is about sqrt(2) x 3.6% = 5.1% against
+float64; the roundings of Q and K move the scores by about 1 / sqrt(head_dim) of that. Measured on random
+inputs (fp8_emulated_attention): 4.1 to 5.4%. FP8_TOLERANCE = 7% leaves room for the kernel's bf16 output
+and its rounding of P against a running max; the bf16 kernel's error is ~0.2%, so a test at 7% still fails
+for any mistake bigger than the format's (a wrong scale, a lost block, a transposed V).
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from clear_surgery.plugins import BACKENDS, TokenLayout, attention, reference_attention  # noqa: E402
+from clear_surgery.plugins import backends as backend_registry  # noqa: E402
+from clear_surgery.plugins import gluon_backend, gluon_fp8_backend  # noqa: E402
+from clear_surgery.plugins.backends import FP8, Backend, choose_backend, register_backend  # noqa: E402
+from clear_surgery.plugins.gluon_backend import BLOCK  # noqa: E402
+from clear_surgery.plugins.gluon_fp8_backend import E4M3_MAX, fp8_emulated_attention, quantize_per_head  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from test_gluon import compile_for_sm90, needs_gluon  # noqa: E402
+
+FP8_TOLERANCE = 0.07  # relative RMS error of the image rows against float64 (module docstring)
+FORMAT_FLOOR = 0.02  # an "FP8" result closer than this to float64 did not round through e4m3
+
+# (batch, heads, head_dim, text_len, text_first, grid h, grid w, radius, tile): odd grids, text first and
+# last, no text, r from 1 to beyond the grid, head dims 64 and 128, batch 2
+CASES = [
+    (2, 3, 64, 64, True, 16, 12, 4, None),
+    (1, 2, 128, 64, False, 16, 16, 8, (8, 8)),
+    (1, 2, 128, 0, True, 16, 16, 2, (8, 8)),
+    (1, 2, 64, 64, True, 8, 8, 100, None),
+    (1, 2, 128, 128, True, 32, 24, 1, (8, 8)),
+    (1, 2, 128, 128, False, 24, 32, 64, (8, 16)),
+]
+
+
+def _inputs(case, device="cpu", seed=0):
+    b, h, d, text_len, text_first, gh, gw, r, tile = case
+    layout = TokenLayout(text_len, text_first, gh, gw, tile)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(b, layout.seq_len, h, d, generator=gen, device=device).to(torch.bfloat16)
+               for _ in range(3))
+    return q, k, v, layout, r
+
+
+def _image_rows(layout):
+    return slice(layout.image_start, layout.image_start + layout.image_tokens)
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_fp8_kernel_compiles_for_sm90_with_e4m3_tensor_cores(head_dim):
+    stages, maxnreg = gluon_backend.PINGPONG_PROGRAM
+    constexprs = dict(BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=True, num_warps=4, FP8=True)
+    compiled = compile_for_sm90(gluon_backend.clear_fwd_pingpong_kernel, head_dim, BLOCK, BLOCK, constexprs, maxnreg,
+                                dtype=torch.float8_e4m3fn)
+    ptx = compiled.asm["ptx"]
+    assert f"m64n{BLOCK}k32.f32.e4m3.e4m3" in ptx  # Q·Kᵀ on the e4m3 tensor cores (K = 32 per instruction)
+    assert f"m64n{head_dim}k32.f32.e4m3.e4m3" in ptx  # P·V too
+    assert "bf16" not in ptx.split("wgmma")[1][:40]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # P quantized in registers
+    # one byte per element: Q blocks and K/V rings take half the bf16 kernel's shared memory
+    assert compiled.metadata.shared < (2 * (BLOCK + 2 * stages * BLOCK) * head_dim) * 1.1
+
+
+class _Launches:
+    """Stands in for a Gluon kernel: records each launch's grid and arguments."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, grid, args, kwargs))
+
+
+@needs_gluon
+@pytest.mark.parametrize("text_first", [True, False])
+def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_first):
+    """On CPU, the kernels replaced by recorders: the FP8 launch takes the bf16 launch's mask lists, its
+    image queries only (no text items), Q, K and V in e4m3 with their scales, V transposed; the text rows
+    go to the bf16 kernel in the same output buffer."""
+    log = []
+    for module in (gluon_backend, gluon_fp8_backend):
+        monkeypatch.setattr(module, "clear_fwd_pingpong_kernel", _Launches("pingpong", log))
+        monkeypatch.setattr(module, "gluon_reason", lambda *a, **k: None)
+    monkeypatch.setattr(gluon_backend, "clear_fwd_ws_kernel", _Launches("ws", log))
+    b, h, d = 2, 3, 64
+    layout = TokenLayout(128, text_first, 16, 24, (8, 8))
+    q, k, v = (torch.randn(b, layout.seq_len, h, d).to(torch.bfloat16) * (i + 1) for i in range(3))
+    gluon_backend.gluon_clear_attention(q, k, v, layout, 5.0)
+    bf16_args = log.pop()[2]
+    out = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, 5.0)
+    (text_name, text_grid, text_args, _), (name, grid, args, kwargs) = log
+    names = [  # the kernel's arguments, in order
+        "q_desc", "k_desc", "v_desc", "O", "LSE", "stride_ob", "stride_on", "stride_oh", "TOKENS", "HEADS", "BH",
+        "TEXT_LEN", "TEXT_START", "IMAGE_LEN", "IMAGE_START", "qk_scale", "U_COUNT", "U_UNMASKED", "U_INDEX",
+        "U_ENTRY", "MASK_BITS", "width", "text_items", "image_items", "DESCALE"]
+    fp8 = dict(zip(names, args))
+    bf16 = dict(zip(names, bf16_args))
+    for key in ("U_COUNT", "U_UNMASKED", "U_INDEX", "U_ENTRY", "MASK_BITS"):
+        assert torch.equal(fp8[key], bf16[key]), key
+    for key in ("width", "TEXT_LEN", "TEXT_START", "IMAGE_LEN", "IMAGE_START", "qk_scale", "image_items"):
+        assert fp8[key] == bf16[key], key
+    assert kwargs["FP8"] is True and fp8["text_items"] == 0  # image queries only
+    assert grid == (layout.image_tokens // BLOCK * b * h // 2,)  # two image query blocks per program
+    assert fp8["O"] is out and text_args[3] is out  # one output: text rows by the bf16 kernel
+    assert text_name == "pingpong" and text_grid == (layout.text_len // BLOCK * b * h // 2,)
+    assert dict(zip(names, text_args))["text_items"] == layout.text_len // BLOCK
+    descale = fp8["DESCALE"]
+    assert descale.shape == (3, b * h) and descale.dtype == torch.float32
+    for i, t in enumerate((q, k, v)):
+        want = t.float().abs().amax(dim=(1, 3)).flatten() / E4M3_MAX
+        assert torch.allclose(descale[i], want), i
+    v8, _ = quantize_per_head(v)
+    v_t = fp8["v_desc"].base
+    assert v_t.shape == (b * h * d, layout.seq_len) and list(fp8["v_desc"].block_shape) == [d, BLOCK]
+    assert torch.equal(v_t.view(torch.uint8), v8.permute(0, 2, 3, 1).reshape(b * h * d, -1).view(torch.uint8))
+    assert fp8["q_desc"].base.dtype == torch.float8_e4m3fn and fp8["k_desc"].base.dtype == torch.float8_e4m3fn
+
+
+def test_quantize_per_head_uses_the_range_and_rounds_through_e4m3():
+    t = torch.randn(2, 50, 3, 16).to(torch.bfloat16) * torch.tensor([1.0, 1e-3, 300.0]).view(1, 1, 3, 1)
+    quantized, factor = quantize_per_head(t)
+    assert quantized.dtype == torch.float8_e4m3fn and factor.shape == (6,)
+    back = quantized.float() * factor.view(2, 1, 3, 1)
+    assert quantized.float().abs().amax() == E4M3_MAX  # the largest magnitude maps to e4m3's largest
+    error = (back - t.float()).abs() / t.float().abs().clamp_min(1e-30)
+    big = t.float().abs() > t.float().abs().amax(dim=(1, 3), keepdim=True) / 64  # normal e4m3 numbers
+    assert error[big].max() <= 2.0**-4 + 1e-3  # half a step of 3 mantissa bits
+    assert rel_err(back, t.float()) > 0.01  # it did round
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_the_fp8_arithmetic_errs_as_the_format_predicts(case):
+    q, k, v, layout, r = _inputs(case)
+    exact = reference_attention(q.double(), k.double(), v.double(), layout, r)
+    emulated = fp8_emulated_attention(q, k, v, layout, r)
+    rows = _image_rows(layout)
+    assert FORMAT_FLOOR < rel_err(emulated[:, rows], exact[:, rows]) < FP8_TOLERANCE
+    bf16 = reference_attention(q, k, v, layout, r)
+    assert rel_err(bf16[:, rows], exact[:, rows]) < 0.005  # what FP8 costs against bf16
+    if layout.text_len:
+        text = slice(0, layout.text_len) if layout.text_first else slice(layout.image_tokens, None)
+        assert torch.equal(emulated[:, text], exact[:, text])  # text rows stay in high precision
+
+
+def _fake_fp8_backend(log):
+    def forward(q, k, v, layout, radius, scale=None, **options):
+        log.append("fake-fp8")
+        return reference_attention(q, k, v, layout, radius, scale, **options)
+
+    return Backend("fake-fp8", forward, lambda *a: None, features=frozenset({FP8}), priority={"cpu": 99})
+
+
+def test_fp8_attention_is_chosen_only_when_asked(monkeypatch):
+    monkeypatch.setattr(backend_registry, "BACKENDS", dict(BACKENDS))
+    log = []
+    register_backend(_fake_fp8_backend(log))
+    q, k, v, layout, r = _inputs(CASES[0])
+    kwargs = dict(text_len=layout.text_len, text_first=layout.text_first, height=layout.height, width=layout.width,
+                  radius=r)
+    assert choose_backend("auto", q, k, v, layout, r).name != "fake-fp8"  # never silently
+    assert choose_backend("auto", q, k, v, layout, r, needs={FP8}).name == "fake-fp8"
+    assert choose_backend("fake-fp8", q, k, v, layout, r).name == "fake-fp8"  # naming it is asking
+    # a call that asks runs elsewhere where the FP8 backend cannot take it (a wish, not a need)
+    assert choose_backend("reference", q, k, v, layout, r, needs={FP8}).name == "reference"
+    plain = attention(q, k, v, **kwargs)
+    assert log == []
+    asked = attention(q, k, v, **kwargs, fp8=True)
+    assert log == ["fake-fp8"] and torch.equal(plain, asked)
+
+
+def test_a_model_asks_for_fp8_attention_through_set_backend(monkeypatch):
+    from clear_surgery.surgery import ClearConfig, apply_clear, set_backend
+    from clear_surgery.surgery.core.families import EXAMPLE_GRID, example_inputs
+    from conftest import coverage_model
+
+    monkeypatch.setattr(backend_registry, "BACKENDS", dict(BACKENDS))
+    log = []
+    register_backend(_fake_fp8_backend(log))
+    model, _ = coverage_model("FLUX.1 (FluxTransformer2DModel)")
+    inputs = example_inputs(model, 8, EXAMPLE_GRID)
+    apply_clear(model, ClearConfig(radius=2))
+    with torch.no_grad():
+        model(**inputs)
+        assert log == []
+        set_backend(model, "auto", fp8_attention=True)
+        model(**inputs)
+        calls = len(log)
+        set_backend(model, "auto")  # None keeps the choice
+        model(**inputs)
+        assert calls > 0 and len(log) == 2 * calls
+        set_backend(model, "auto", fp8_attention=False)
+        model(**inputs)
+        assert len(log) == 2 * calls
+
+
+# ---- GPU (Hopper) ----------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    (1, 24, 128, 512, True, 64, 64, 16, (8, 8)),  # FLUX 1024²
+    (2, 8, 128, 256, False, 48, 40, 10, (8, 8)),  # batch 2, text last, non-square
+    (1, 8, 128, 64, True, 32, 24, 1, (8, 8)),  # r = 1
+    (1, 8, 128, 128, True, 16, 24, 100, (8, 8)),  # r beyond the grid
+    (1, 6, 64, 128, True, 40, 32, 6.5, (8, 8)),  # head dim 64
+    (1, 4, 128, 64, False, 24, 32, 64, (8, 16)),
+    (1, 4, 128, 128, True, 24, 32, 32, (8, 8)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"case{i}" for i in range(len(GPU_CASES))])
+def test_gpu_fp8_kernel_matches_the_reference_within_the_format(case):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 kernel is for Hopper")
+    q, k, v, layout, r = _inputs(case, "cuda", seed=3)
+    assert BACKENDS["gluon-fp8"].can_run(q, k, v, layout, r, needs={FP8}, raise_error=True)
+    poison = torch.full_like(q, float("nan"))
+    out, lse = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, r, out=poison, return_lse=True)
+    assert not out.isnan().any()
+    exact, exact_lse = reference_attention(q.double(), k.double(), v.double(), layout, r, return_lse=True)
+    rows = _image_rows(layout)
+    error = rel_err(out[:, rows], exact[:, rows])
+    emulated = fp8_emulated_attention(q, k, v, layout, r)
+    print(f"fp8 image rows: {error:.4f} vs float64, {rel_err(out[:, rows], emulated[:, rows]):.4f} vs emulation")
+    assert error < FP8_TOLERANCE
+    assert rel_err(out[:, rows], emulated[:, rows]) < 0.03  # the same roundings, up to P's running max
+    text = slice(0, layout.text_len) if layout.text_first else slice(layout.image_tokens, None)
+    assert rel_err(out[:, text], exact[:, text]) < 1e-2  # text rows: the bf16 kernel
+    assert (lse.double() - exact_lse).abs().max() < 0.1  # scores from e4m3 Q and K: log-sum-exp within ~0.1
+    assert math.isfinite(error)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_runs_fp8_only_when_asked():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 kernel is for Hopper")
+    q, k, v, layout, r = _inputs(GPU_CASES[0], "cuda")
+    kwargs = dict(text_len=layout.text_len, text_first=True, height=64, width=64, radius=r, tile=(8, 8))
+    assert choose_backend("auto", q, k, v, layout, r).name == "gluon"
+    assert choose_backend("auto", q, k, v, layout, r, needs={FP8}).name == "gluon-fp8"
+    bf16, fp8 = attention(q, k, v, **kwargs), attention(q, k, v, **kwargs, fp8=True)
+    exact = reference_attention(q.double(), k.double(), v.double(), layout, r)
+    assert rel_err(bf16, exact) < 5e-3 < rel_err(fp8, exact) < FP8_TOLERANCE
+    with torch.enable_grad():  # FP8 attention is an inference setting: gradients run the bf16 backends
+        leaf = q.clone().requires_grad_(True)
+        attention(leaf, k, v, **kwargs, fp8=True).sum().backward()
+        assert leaf.grad is not None and leaf.grad.isfinite().all()
