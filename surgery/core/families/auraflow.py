@@ -4,20 +4,16 @@ the model from a 4-D latent. Generic route."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .base import ModelFamily, grid_from_latent, latent_tokens
-from .examples import GRID, T, randn
+from .examples import GRID, T, latent_call, randn
 
 
 def example_inputs(model, text_len, height, width, batch, dtype, device):
-    cfg = model.config
-    t = functools.partial(torch.randn, dtype=dtype, device=device)
-    return dict(hidden_states=t(batch, cfg.in_channels, height * cfg.patch_size, width * cfg.patch_size),
-                encoder_hidden_states=t(batch, text_len, cfg.joint_attention_dim),
-                timestep=torch.full((batch,), 500.0, dtype=dtype, device=device), return_dict=False)
+    return latent_call(model, text_len, height, width, batch, dtype, device, text_dim="joint_attention_dim",
+                       timestep=500.0)
 
 
 def register_tokens(model) -> int:

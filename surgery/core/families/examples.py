@@ -27,3 +27,13 @@ def token_ids(columns: int, values: dict) -> torch.Tensor:
     for column, value in values.items():
         ids[:, column] = value(index)
     return ids
+
+
+def latent_call(model, text_len, height, width, batch, dtype, device, *, text_dim: str, timestep: float) -> dict:
+    """The example call of a model that patchifies a 4-D latent itself: the latent (the grid times the patch
+    size), text embeddings of ``model.config[text_dim]`` channels, and one timestep."""
+    cfg = model.config
+    return dict(hidden_states=torch.randn(batch, cfg.in_channels, height * cfg.patch_size, width * cfg.patch_size,
+                                          dtype=dtype, device=device),
+                encoder_hidden_states=torch.randn(batch, text_len, cfg[text_dim], dtype=dtype, device=device),
+                timestep=torch.full((batch,), timestep, dtype=dtype, device=device), return_dict=False)

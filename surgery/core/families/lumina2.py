@@ -6,21 +6,16 @@ lengths). Generic route."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .base import ModelFamily, PackedSequence, grid_from_latent, latent_tokens
-from .examples import GRID, T, randn
+from .examples import GRID, T, latent_call, randn
 
 
 def example_inputs(model, text_len, height, width, batch, dtype, device):
-    cfg = model.config
-    t = functools.partial(torch.randn, dtype=dtype, device=device)
-    return dict(hidden_states=t(batch, cfg.in_channels, height * cfg.patch_size, width * cfg.patch_size),
-                timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
-                encoder_hidden_states=t(batch, text_len, cfg.cap_feat_dim),
-                encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.bool, device=device), return_dict=False)
+    return dict(latent_call(model, text_len, height, width, batch, dtype, device, text_dim="cap_feat_dim", timestep=0.5),
+                encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.bool, device=device))
 
 
 def _lumina2():

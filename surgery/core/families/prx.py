@@ -4,20 +4,15 @@ size). Generic route."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .base import ModelFamily, grid_from_latent, latent_tokens
-from .examples import GRID, T, randn
+from .examples import GRID, T, latent_call, randn
 
 
 def example_inputs(model, text_len, height, width, batch, dtype, device):
-    cfg = model.config
-    t = functools.partial(torch.randn, dtype=dtype, device=device)
-    return dict(hidden_states=t(batch, cfg.in_channels, height * cfg.patch_size, width * cfg.patch_size),
-                timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
-                encoder_hidden_states=t(batch, text_len, cfg.context_in_dim), return_dict=False)
+    return latent_call(model, text_len, height, width, batch, dtype, device, text_dim="context_in_dim", timestep=0.5)
 
 
 def _prx():
