@@ -287,7 +287,7 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                config=None, quantize: str | None = None, fp8_attention: bool = False) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, remove_clear
+    from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear, set_backend
 
     report = analyze_flux_dev(config)
     model = build_flux_dev(device, config=config)
@@ -298,6 +298,7 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
     rows = []
     for size in tqdm(sizes, desc="flux step", unit="size"):
         inputs = flux_inputs(model, size)
+        # FP8 attention is a wish that "auto" grants (a named bf16 backend would not)
         row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius,
                    backend="auto" if fp8_attention else backend,
                    token_layout=token_layout, quantize=quantize, fp8_attention=fp8_attention)
@@ -310,10 +311,8 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
                     row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,
                                               rep=1 if huge else 2 if size >= 4096 else 3)
-            # FP8 attention is a wish that "auto" grants (a named bf16 backend would not)
-            apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout),
-                        backend="auto" if fp8_attention else backend, analysis=report, verify=False)
-            get_clear_state(model).runtime.fp8_attention = fp8_attention
+            apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout), analysis=report, verify=False)
+            set_backend(model, row["backend"], fp8_attention=fp8_attention)
             row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
             remove_clear(model)
         if "dense_ms" in row:

@@ -62,7 +62,8 @@ def fp8_attention_pipeline(pipe) -> list[str]:
 
     asked = []
     for part in ("transformer", "controlnet"):
-        state = get_clear_state(getattr(pipe, part, None)) if getattr(pipe, part, None) is not None else None
+        model = getattr(pipe, part, None)
+        state = get_clear_state(model) if model is not None else None
         if state is not None:
             state.runtime.fp8_attention = True
             asked.append(part)
