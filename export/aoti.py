@@ -33,36 +33,64 @@ def loaded_libstdcxx() -> Path | None:
     return Path(paths[0]).resolve() if paths else None
 
 
-def compiler_libstdcxx(cxx: str) -> Path | None:
-    """The libstdc++ that ``cxx`` links programs against, resolved; None where it does not say."""
+# libstdc++.so.6.0.N -> the GCC release that introduced it (libstdc++'s ABI history); later files are newer still
+LIBRARY_RELEASES = {26: 9, 27: 9, 28: 10, 29: 11, 30: 12, 31: 13, 32: 13, 33: 14, 34: 15}
+
+
+def library_release(library: Path) -> int | None:
+    """The GCC release of a libstdc++ file (its name's last number); None where the name does not say."""
+    name = library.name
+    if not name.startswith("libstdc++.so.6.0.") or not name.rsplit(".", 1)[-1].isdigit():
+        return None
+    patch = int(name.rsplit(".", 1)[-1])
+    newest = max(LIBRARY_RELEASES)
+    return LIBRARY_RELEASES.get(patch) or (LIBRARY_RELEASES[newest] + patch - newest if patch > newest else None)
+
+
+def headers_release(cxx: str) -> int | None:
+    """The GCC release of the C++ headers ``cxx`` compiles with (``_GLIBCXX_RELEASE``); None where it cannot
+    say (not a GCC/libstdc++ toolchain, or not runnable)."""
     try:
-        done = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([cxx, "-x", "c++", "-E", "-dM", "-include", "cstddef", os.devnull],
+                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    path = Path(done.stdout.strip())
-    return path.resolve() if done.returncode == 0 and path.is_absolute() and path.exists() else None
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["#define", "_GLIBCXX_RELEASE"] and len(parts) == 3 and parts[2].isdigit():
+            return int(parts[2])
+    return None
 
 
 def choose_compiler(default: str) -> str:
     """The C++ compiler for a package that must load in this process's libstdc++.
 
-    A package built with a newer compiler than the libstdc++ torch runs on compiles the newer headers'
+    A package built with newer C++ headers than the libstdc++ torch runs on compiles the newer headers'
     templates (std::regex, on the model's first construction) against the older library's locale
     facets, and crashes on load: seen on a GPU image whose Inductor default was a separate GCC while
     torch ran on the system's libstdc++ (a segfault in the package's parse_device_str; recipes/benchmarks
-    has the backtrace). ``default`` (Inductor's choice) is kept where it matches, or where CXX was set
-    explicitly; otherwise the first compiler of OTHER_COMPILERS that matches; a warning where none does."""
+    has the backtrace). That GCC named the system's library when asked which one it links, so the headers
+    decide: a compiler fits where its headers' release is no newer than the loaded library's (libstdc++
+    runs code built with its own or older headers). ``default`` (Inductor's choice) is kept where it fits,
+    where either release cannot be read, or where CXX was set explicitly; otherwise the first compiler of
+    OTHER_COMPILERS that fits; a warning where none does."""
     loaded = loaded_libstdcxx()
-    if loaded is None or compiler_libstdcxx(default) == loaded:
+    library = library_release(loaded) if loaded else None
+
+    def fits(cxx: str) -> bool:
+        release = headers_release(cxx)
+        return release is not None and release <= library
+
+    if library is None or headers_release(default) is None or fits(default):
         return default
     if not os.environ.get("CXX"):
         for other in OTHER_COMPILERS:
             found = shutil.which(other)
-            if found and compiler_libstdcxx(found) == loaded:
+            if found and fits(found):
                 return found
-    warnings.warn(f"the C++ compiler {default} builds against {compiler_libstdcxx(default)}, but this process runs "
-                  f"{loaded}: the AOTInductor package may crash on load (set CXX to a compiler that matches)",
-                  stacklevel=2)
+    warnings.warn(f"the C++ compiler {default} has GCC {headers_release(default)}'s C++ headers, but this process "
+                  f"runs {loaded} (GCC {library}): the AOTInductor package may crash on load (set CXX to a compiler "
+                  "whose headers are no newer)", stacklevel=2)
     return default
 
 
@@ -76,7 +104,10 @@ def export_aoti(prepared, out: Path) -> dict:
         program = torch.export.export(prepared.wrapper, (), prepared.inputs, dynamic_shapes=prepared.dynamic_shapes,
                                       strict=False)
     cxx = choose_compiler(str(get_cpp_compiler()))
-    with inductor_config.patch({"cpp.cxx": (None, cxx)}):
+    # the weights beside the compiled model in the package (one blob the runtime reads), not inside the .so: a
+    # FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append them to the library for mmap
+    with inductor_config.patch({"cpp.cxx": (None, cxx), "aot_inductor.package_constants_in_so": False,
+                                "aot_inductor.package_constants_on_disk_format": "binary_blob"}):
         aoti_compile_and_package(program, package_path=str(out / PACKAGE_FILE))
     return {"package": PACKAGE_FILE, "torch_version": torch.__version__, "input_order": list(prepared.inputs),
             "cxx": cxx, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}

@@ -28,12 +28,11 @@ from .gluon_backend import (
     softmax_scale,
     token_descriptor,
 )
+from .fp8_quantize import E4M3, E4M3_MAX, quantize_heads, quantize_per_head  # noqa: F401 (the format's names)
 from .layout import TokenLayout, dense_mask
 from .reference import reference_attention
 from .triton_backend import output_buffer
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # the largest finite e4m3 value
 # P is quantized 2**P_SHIFT times larger (the kernel's P_SHIFT): probabilities down to 2**-14 of the row's
 # running max stay normal e4m3 numbers (its smallest normal is 2**-6), instead of flushing to subnormals
 P_SHIFT = 8
@@ -50,16 +49,6 @@ def gluon_fp8_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) ->
     return pingpong_reason(layout, q.shape[0] * q.shape[2], 1, BLOCK, True, None, "image")
 
 
-def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t in e4m3 with one scale per (batch, head) so that its largest magnitude is E4M3_MAX, the factors back:
-    (batch * heads,) float32). ``t``: (batch, tokens, heads, head_dim)."""
-    # two reductions instead of a |t| copy and one: no tensor as large as t is written
-    amax = torch.maximum(t.amax(dim=(1, 3)), -t.amin(dim=(1, 3))).float().clamp_min(torch.finfo(torch.float32).tiny)
-    factor = amax / E4M3_MAX
-    quantized = (t * (1.0 / factor)[:, None, :, None].to(t.dtype)).to(E4M3)
-    return quantized, factor.flatten()
-
-
 def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                               extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False):
     """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's."""
@@ -74,13 +63,13 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
     if layout.text_len:
         gluon_clear_attention(q, k, v, layout, radius, scale, out=out, return_lse=return_lse, queries="text", lse=lse)
-    q8, k8, v8 = (quantize_per_head(t) for t in (q, k, v))
     # V transposed, (batch * heads * head_dim, tokens): the 8-bit wgmma reads P·V's B operand K-major only
-    v_t = v8[0].permute(0, 2, 3, 1).reshape(batch * heads * head_dim, tokens)
-    descale = torch.stack([q8[1], k8[1], v8[1]]).contiguous()  # (3, batch * heads)
+    (q8, q_factor), (k8, k_factor) = quantize_heads(q), quantize_heads(k)
+    v_t, v_factor = quantize_heads(v, transposed=True)
+    descale = torch.stack([q_factor, k_factor, v_factor])  # (3, batch * heads)
     lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, 1, BLOCK)
     image_items = layout.image_tokens // BLOCK
-    args = kernel_arguments((token_descriptor(q8[0], BLOCK), token_descriptor(k8[0], BLOCK),
+    args = kernel_arguments((token_descriptor(q8, BLOCK), token_descriptor(k8, BLOCK),
                              descriptor(v_t, [head_dim, BLOCK])),
                             out, lse, layout, lists, softmax_scale(scale, head_dim), 0, image_items)
     stages, maxnreg = PINGPONG_PROGRAM

@@ -2,6 +2,8 @@
 TensorRT plugin's fields and AOT step, and clean failures of `clear-surgery export`."""
 
 import inspect
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -213,25 +215,44 @@ def test_gpu_aoti_package_runs_in_a_fresh_process(tmp_path):
 
 def test_the_package_compiler_matches_the_libstdcxx_torch_runs_on(monkeypatch):
     """The lent GPU image's case: Inductor's default compiler is a separate, newer GCC, torch runs on the
-    system's libstdc++; the package must be built by a compiler of the loaded library."""
+    system's libstdc++ (GCC 14's 6.0.33); both compilers name that library when asked, so their headers'
+    release decides. A package must be built with headers no newer than the loaded library."""
     from clear_surgery.export import aoti
 
-    system, newer = Path("/usr/lib/libstdc++.so.6.0.33"), Path("/opt/gcc/lib64/libstdc++.so.6.0.34")
-    links = {"/opt/gcc/bin/g++": newer, "/usr/bin/g++": system}
-    monkeypatch.setattr(aoti, "loaded_libstdcxx", lambda: system)
-    monkeypatch.setattr(aoti, "compiler_libstdcxx", links.get)
+    releases = {"/opt/gcc/bin/g++": 15, "/usr/bin/g++": 13}
+    monkeypatch.setattr(aoti, "loaded_libstdcxx", lambda: Path("/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33"))
+    monkeypatch.setattr(aoti, "headers_release", releases.get)
     monkeypatch.setattr(aoti.shutil, "which", lambda name: {"g++": "/opt/gcc/bin/g++", "/usr/bin/g++": "/usr/bin/g++"}
                         .get(name))
     monkeypatch.delenv("CXX", raising=False)
     assert aoti.choose_compiler("/opt/gcc/bin/g++") == "/usr/bin/g++"
     assert aoti.choose_compiler("/usr/bin/g++") == "/usr/bin/g++"
+    releases["/opt/gcc/bin/g++"] = 14  # the library's own release fits
+    assert aoti.choose_compiler("/opt/gcc/bin/g++") == "/opt/gcc/bin/g++"
+    releases["/opt/gcc/bin/g++"] = 15
     monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")  # set by the user: kept, with a warning
     with pytest.warns(UserWarning, match="may crash on load"):
         assert aoti.choose_compiler("/opt/gcc/bin/g++") == "/opt/gcc/bin/g++"
     monkeypatch.delenv("CXX")
-    links["/usr/bin/g++"] = newer  # nothing matches: the default, with a warning
+    releases["/usr/bin/g++"] = 16  # nothing fits: the default, with a warning
     with pytest.warns(UserWarning, match="set CXX"):
         assert aoti.choose_compiler("/opt/gcc/bin/g++") == "/opt/gcc/bin/g++"
+
+
+def test_the_release_of_a_library_and_of_this_machines_compiler():
+    """libstdc++'s file names map to GCC releases (newer ones beyond the table count on); the headers' release
+    is read from the compiler itself (this machine's g++ where it has one)."""
+    from clear_surgery.export import aoti
+
+    assert aoti.library_release(Path("libstdc++.so.6.0.30")) == 12
+    assert aoti.library_release(Path("libstdc++.so.6.0.33")) == 14
+    assert aoti.library_release(Path("libstdc++.so.6.0.36")) == 17
+    assert aoti.library_release(Path("libc++.so.1")) is None
+    assert aoti.headers_release("/nonexistent/g++") is None
+    gxx = shutil.which("g++")
+    if gxx:
+        version = subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout.strip()
+        assert aoti.headers_release(gxx) == int(version.split(".")[0])
 
 
 def _variant(tmp_path, variant):

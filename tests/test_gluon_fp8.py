@@ -80,18 +80,68 @@ class _Launches:
         return lambda *args, **kwargs: self.log.append((self.name, grid, args, kwargs))
 
 
+def _torch_quantize_heads(t, transposed=False):
+    """fp8_quantize.quantize_heads in PyTorch (its Triton passes are checked against this below)."""
+    quantized, factor = quantize_per_head(t)
+    return (quantized.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).contiguous() if transposed else quantized), factor
+
+
+QUANTIZE_CASES = ((1, 37, 3, 16), (2, 130, 2, 64))  # batch, tokens (odd), heads, head_dim
+QUANTIZE_CHECK = """
+import sys, torch
+from clear_surgery.plugins.fp8_quantize import quantize_heads, quantize_per_head, scales
+torch.manual_seed(0)
+device, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+for batch, tokens, heads, dim in %r:
+    t = (torch.randn(batch, tokens, heads, dim) * torch.logspace(-3, 2, heads).view(1, 1, heads, 1)).to(torch.bfloat16)
+    t[0, :, 0] = 0  # a head of zeros: finite scales, zeros out
+    want, want_factor = quantize_per_head(t)
+    if dtype == torch.float32:  # the scaled values before rounding
+        want = t.float() * scales(t.float().abs().amax(dim=(1, 3)))[1].view(batch, 1, heads, 1)
+    for transposed in (False, True):
+        got, factor = quantize_heads(t.to(device), transposed, dtype)
+        expect = want.permute(0, 2, 3, 1).reshape(-1, tokens) if transposed else want
+        assert got.shape == expect.shape and got.is_contiguous() and got.dtype == dtype, (got.shape, expect.shape)
+        bits = torch.uint8 if dtype != torch.float32 else torch.int32
+        assert torch.equal(got.cpu().view(bits), expect.contiguous().view(bits)), (batch, transposed)
+        assert torch.equal(factor.cpu(), want_factor) and bool(torch.isfinite(factor).all())
+print("ok")
+""" % (QUANTIZE_CASES,)
+
+
+def _quantize_check(device: str, dtype: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1") if device == "cpu" else None
+    done = subprocess.run([sys.executable, "-c", QUANTIZE_CHECK, device, dtype], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_quantize_kernels_scale_as_the_pytorch_quantization():
+    """The two Triton passes (largest magnitude per head, then scale, V's written transposed) under
+    TRITON_INTERPRET=1: bit for bit the float32 values quantize_per_head rounds, and its scales (odd token
+    counts, batch 1 and 2, heads a thousandfold apart, a head of zeros). The rounding to e4m3 is compared on
+    the GPU (the interpreter's own e4m3 rounding is off for some values)."""
+    _quantize_check("cpu", "float32")
+
+
 @needs_gluon
-@pytest.mark.parametrize("text_first", [True, False])
-def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_first):
+@pytest.mark.parametrize("text_first,b", [(True, 2), (False, 2), (True, 1)])
+def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_first, b):
     """On CPU, the kernels replaced by recorders: the FP8 launch takes the bf16 launch's mask lists, its
     image queries only (no text items), Q, K and V in e4m3 with their scales, V transposed; the text rows
-    go to the bf16 kernel in the same output buffer."""
+    go to the bf16 kernel in the same output buffer. Batch 1: V's transpose must still be a copy (a view's
+    strides are not TMA's)."""
     log = []
     for module in (gluon_backend, gluon_fp8_backend):
         monkeypatch.setattr(module, "clear_fwd_pingpong_kernel", _Launches("pingpong", log))
         monkeypatch.setattr(module, "gluon_reason", lambda *a, **k: None)
     monkeypatch.setattr(gluon_backend, "clear_fwd_ws_kernel", _Launches("ws", log))
-    b, h, d = 2, 3, 64
+    monkeypatch.setattr(gluon_fp8_backend, "quantize_heads", _torch_quantize_heads)
+    h, d = 3, 64
     layout = TokenLayout(128, text_first, 16, 24, (8, 8))
     q, k, v = (torch.randn(b, layout.seq_len, h, d).to(torch.bfloat16) * (i + 1) for i in range(3))
     gluon_backend.gluon_clear_attention(q, k, v, layout, 5.0)
@@ -120,7 +170,7 @@ def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_fir
         assert torch.allclose(descale[i], want), i
     v8, _ = quantize_per_head(v)
     v_t = fp8["v_desc"].base
-    assert v_t.shape == (b * h * d, layout.seq_len) and list(fp8["v_desc"].block_shape) == [d, BLOCK]
+    assert v_t.shape == (b * h * d, layout.seq_len) and v_t.is_contiguous() and list(fp8["v_desc"].block_shape) == [d, BLOCK]
     assert torch.equal(v_t.view(torch.uint8), v8.permute(0, 2, 3, 1).reshape(b * h * d, -1).view(torch.uint8))
     assert fp8["q_desc"].base.dtype == torch.float8_e4m3fn and fp8["k_desc"].base.dtype == torch.float8_e4m3fn
 
@@ -213,6 +263,11 @@ GPU_CASES = [
     (1, 4, 128, 64, False, 24, 32, 64, (8, 16)),
     (1, 4, 128, 128, True, 24, 32, 32, (8, 8)),
 ]
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_kernels_round_as_pytorch_does():
+    _quantize_check("cuda", "float8_e4m3fn")
 
 
 @pytest.mark.gpu

@@ -89,7 +89,8 @@ def kernel_rows(out: Path) -> list[dict]:
 
 
 PROBE = """
-import json, sys, time, torch
+import faulthandler, json, sys, time, torch
+faulthandler.enable()
 from torch._inductor import aoti_load_package
 runner = aoti_load_package(sys.argv[1])
 results = {}
@@ -136,7 +137,7 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
         inputs[side] = plan.inputs(model, 512, side // 16, side // 16, 1, torch.bfloat16, "cuda")
         torch.save({k: v.cpu() for k, v in inputs[side].items()}, out / f"inputs-{side}.pt")
     t0 = time.perf_counter()
-    export_aoti(prepared, out)
+    report["cxx"] = export_aoti(prepared, out)["cxx"]
     report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
     report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
     print(json.dumps(report), flush=True)
@@ -147,16 +148,17 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
             eager[side] = wrapper(**x).float().cpu()
         report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
     print(json.dumps(report), flush=True)
+    packaged = {}
     done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), "2048", "4096"],
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        report["aoti_error"] = done.stderr[-3000:]
+        report["aoti_error"] = f"exit {done.returncode}: " + done.stderr[-3000:]
         print(report["aoti_error"], flush=True)
     else:
         report.update(json.loads(done.stdout.splitlines()[-1]))
         for side in (2048, 4096):
-            got = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
-            report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
+            packaged[side] = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
+            report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(packaged[side], eager[side])
     print(json.dumps(report), flush=True)
     compiled = torch.compile(wrapper)
     with torch.no_grad():
@@ -165,6 +167,14 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
         torch.cuda.synchronize()
         report["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
         report["compiled_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
+        report["compiled_vs_eager_rel_err_4096"] = rel_err(compiled(**inputs[4096]).float().cpu(), eager[4096])
+        # which of them rounds more: each against the float32 eager model (same weights, widened)
+        model.float()
+        for side, x in inputs.items():
+            truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
+            report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
+            if side in packaged:
+                report[f"aoti_vs_float32_rel_err_{side}"] = rel_err(packaged[side], truth)
     report["total_s"] = round(time.perf_counter() - started, 1)
     for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", "aoti") for s in (2048, 4096)]:
         (out / name).unlink(missing_ok=True)  # too large to bring back

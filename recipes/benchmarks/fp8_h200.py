@@ -8,10 +8,12 @@ one 10-minute device call).
     python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
         attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
-        CLEAR + FP8 linear + FP8 attention. Each: ms and peak GPU memory.
+        CLEAR + FP8 linear + FP8 attention. Each: ms, the GPU memory held before the step (weights and
+        inputs) and its peak.
 Writes OUT/fp8_layer.json or OUT/fp8_step_<size>[_compiled].json (rows also printed as JSON lines).
 """
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -64,8 +66,10 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
         if compiled:
             torch._dynamo.reset()
             run = torch.compile(model)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 2**30  # the weights (and inputs) before the step
         start = time.perf_counter()
         with torch.no_grad(), sdpa_kernel(DENSE_SDPA, set_priority=True):
             run(**inputs)  # warm-up (and compilation)
@@ -75,7 +79,7 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
             ms = time_ms(lambda: run(**inputs), warmup=0, rep=1 if huge else 2)
         emit(rows, dict(res=size, config=label, attention="clear r16" if clear else "dense", linear=linear,
                         fp8_attention=fp8_attention, compiled=compiled, ms=ms, first_run_s=first_s,
-                        peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+                        resident_gib=resident, peak_gib=torch.cuda.max_memory_allocated() / 2**30))
         if clear:
             remove_clear(model)
 
