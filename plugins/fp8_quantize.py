@@ -16,6 +16,32 @@ import triton.language as tl
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3 value
 TOKENS_PER_PROGRAM = 64
+KEY_BLOCK = 64  # the FP8 kernel's keys per block: V's keys are reordered within aligned blocks of this many
+
+
+def p_register_order(block: int = KEY_BLOCK) -> torch.Tensor:
+    """Where key c of an aligned key block sits in the FP8 kernel's P operand: column order(c). Q·Kᵀ leaves
+    each thread two adjacent keys of every 8; the 8-bit wgmma wants four adjacent keys of every 16 from it.
+    The kernel relabels P's columns so that the registers a thread holds already are its operand (no
+    shuffles: gluon_pingpong_kernel._p_operand, a reshape and permute of the key index's bits), and V's keys
+    are stored in the same order, which leaves P·V unchanged. Bits of c, low to high: b, q (2), g0, g1,
+    higher; of order(c): b, g0, q (2), g1, higher."""
+    c = torch.arange(block)
+    return (c >> 5 << 5) | (((c >> 4) & 1) << 4) | (((c >> 1) & 3) << 2) | (((c >> 3) & 1) << 1) | (c & 1)
+
+
+def value_operand(v8: torch.Tensor) -> torch.Tensor:
+    """V (batch, tokens, heads, head_dim) as the FP8 kernel reads it: (batch * heads * head_dim, tokens), the
+    keys of each whole aligned block of KEY_BLOCK in p_register_order (a partial last block as it is)."""
+    batch, tokens, heads, head_dim = v8.shape
+    flat = v8.permute(0, 2, 3, 1).reshape(batch * heads * head_dim, tokens)
+    whole = tokens - tokens % KEY_BLOCK
+    columns = torch.arange(tokens, device=v8.device)
+    order = p_register_order().to(v8.device)
+    columns[:whole] = (columns[:whole] // KEY_BLOCK * KEY_BLOCK) + order.repeat(whole // KEY_BLOCK)
+    out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # contiguous (empty_like keeps a view's strides)
+    out[:, columns] = flat
+    return out
 
 
 def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +83,19 @@ def _scale_kernel(X, INVERSE, OUT, TOKENS, HEADS, HEAD_DIM: tl.constexpr, ROWS: 
     offsets = ((b * TOKENS + rows[:, None]) * HEADS + h) * HEAD_DIM + cols[None, :]
     x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
     quantized = (x * tl.load(INVERSE + bh)).to(OUT.dtype.element_ty)
-    if TRANSPOSED:  # (batch * heads * head_dim, tokens): the FP8 kernel's V
-        offsets = (bh * HEAD_DIM + cols[None, :]) * TOKENS + rows[:, None]
+    if TRANSPOSED:  # (batch * heads * head_dim, tokens), keys in P's register order: the FP8 kernel's V
+        c = rows % 64
+        order = (c & 48) | (((c >> 1) & 3) << 2) | (((c >> 3) & 1) << 1) | (c & 1)  # p_register_order
+        whole = (rows // 64 + 1) * 64 <= TOKENS
+        column = tl.where(whole, rows - c + order, rows)
+        offsets = (bh * HEAD_DIM + cols[None, :]) * TOKENS + column[:, None]
     tl.store(OUT + offsets, quantized, mask=inside)
 
 
 def quantize_heads(t: torch.Tensor, transposed: bool = False, dtype: torch.dtype = E4M3
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_per_head by the two Triton passes. ``transposed``: the result as (batch * heads * head_dim,
-    tokens), one row per (batch, head, channel). ``dtype``: what the scaled values are rounded to (float32 keeps
+    """quantize_per_head by the two Triton passes. ``transposed``: the result laid out as value_operand
+    (the FP8 kernel's V). ``dtype``: what the scaled values are rounded to (float32 keeps
     them as they are: Triton's CPU interpreter rounds some values to e4m3 a power of two low, so the CPU tests
     compare the scaled values and the GPU test the e4m3 bytes)."""
     batch, tokens, heads, head_dim = t.shape

@@ -195,16 +195,20 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
                           extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                           groups: int | None = None, block_n: int = BLOCK, stages: int | None = None,
                           q_in_regs: bool = True, pingpong: bool | None = None, queries: str = "all",
-                          lse: torch.Tensor | None = None):
+                          lse: torch.Tensor | None = None, overlap: bool = False):
     """Same signature and result as reference_attention (inference forward) for the features the backend
     declares (no pooled keys, no text bias: the chooser sends those calls elsewhere). ``groups``: 64-row query
     blocks per program (default: GROUPS); ``block_n``: keys per block (BLOCK_NS); ``stages``: K/V buffers (default: PROGRAM);
     ``q_in_regs``: Q as the register operand of Q·Kᵀ (else read from shared memory by every wgmma);
     ``pingpong``: the ping-pong kernel (None: wherever pingpong_reason allows, if PINGPONG; True: required).
-    ``queries="text"``: the text queries' rows alone (of ``out`` and ``lse``, given: the FP8 backend's other half)."""
+    ``queries="text"``: the text queries' rows alone (of ``out`` and ``lse``, given: the FP8 backend's other half).
+    ``overlap``: the ping-pong kernel's variant that also overlaps each warpgroup's softmax with its own next Q·Kᵀ
+    (two S tiles per warpgroup, Q read from shared memory); an option to measure, not the default."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon backend: does not support pooled_keys or text_bias (choose_backend sends such calls "
                          "to a backend that declares them)")
+    if queries not in ("all", "text"):
+        raise ValueError(f"gluon backend: queries must be 'all' or 'text', got {queries!r}")
     groups = groups or GROUPS
     reason = gluon_reason(q, k, v, layout, radius, groups=groups, block_n=block_n)
     batch, tokens, heads, head_dim = q.shape
@@ -214,6 +218,9 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
     if reason:
         raise ValueError(f"gluon backend: {reason}")
     pingpong = (PINGPONG if pingpong is None else pingpong) and not not_pingpong
+    if overlap and not pingpong:
+        raise ValueError(f"gluon backend: overlap is a variant of the ping-pong kernel, which cannot run this call "
+                         f"({not_pingpong or 'pingpong=False'})")
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = output_buffer(q, out)
     lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, groups, block_n)
@@ -227,7 +234,8 @@ def gluon_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: fl
     if items and pingpong:  # two work items per program; 4 warps of the default partition + 4 + 1 of the workers
         stages, maxnreg = PINGPONG_PROGRAM
         clear_fwd_pingpong_kernel[(items // 2,)](*args, lists.count, BLOCK_N=block_n, HEAD_DIM=head_dim,  # no DESCALE
-                                                 STAGES=stages, STORE_LSE=return_lse, num_warps=4, maxnreg=maxnreg)
+                                                 STAGES=stages, STORE_LSE=return_lse, num_warps=4, maxnreg=maxnreg,
+                                                 OVERLAP=overlap)
     elif items:
         clear_fwd_ws_kernel[(items,)](
             *args, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages or stages_for(groups, block_n), GROUPS=groups,

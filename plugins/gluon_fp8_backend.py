@@ -50,8 +50,11 @@ def gluon_fp8_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) ->
 
 
 def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
-                              extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False):
-    """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's."""
+                              extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
+                              stages: int | None = None, overlap: bool = False):
+    """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's.
+    ``stages``: K/V buffers per warpgroup (default PINGPONG_PROGRAM's; 8-bit blocks leave room for up to 6);
+    ``overlap``: gluon_clear_attention's option, for the FP8 kernel."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon-fp8 backend: does not support pooled_keys or text_bias")
     reason = gluon_fp8_reason(q, k, v, layout, radius, scale)
@@ -63,7 +66,8 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
     if layout.text_len:
         gluon_clear_attention(q, k, v, layout, radius, scale, out=out, return_lse=return_lse, queries="text", lse=lse)
-    # V transposed, (batch * heads * head_dim, tokens): the 8-bit wgmma reads P·V's B operand K-major only
+    # V transposed, (batch * heads * head_dim, tokens): the 8-bit wgmma reads P·V's B operand K-major only; its
+    # keys in P's register order (fp8_quantize.p_register_order)
     (q8, q_factor), (k8, k_factor) = quantize_heads(q), quantize_heads(k)
     v_t, v_factor = quantize_heads(v, transposed=True)
     descale = torch.stack([q_factor, k_factor, v_factor])  # (3, batch * heads)
@@ -72,10 +76,10 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     args = kernel_arguments((token_descriptor(q8, BLOCK), token_descriptor(k8, BLOCK),
                              descriptor(v_t, [head_dim, BLOCK])),
                             out, lse, layout, lists, softmax_scale(scale, head_dim), 0, image_items)
-    stages, maxnreg = PINGPONG_PROGRAM
+    default_stages, maxnreg = PINGPONG_PROGRAM
     clear_fwd_pingpong_kernel[(image_items * batch * heads // 2,)](
-        *args, descale, BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=return_lse, num_warps=4,
-        maxnreg=maxnreg, FP8=True)
+        *args, descale, BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages or default_stages, STORE_LSE=return_lse,
+        num_warps=4, maxnreg=maxnreg, FP8=True, OVERLAP=overlap)
     return (out, lse.transpose(1, 2)) if return_lse else out
 
 

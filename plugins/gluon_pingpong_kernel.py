@@ -12,7 +12,8 @@ With ``FP8`` the same kernel runs Q·Kᵀ and P·V in e4m3 (FlashAttention-3's r
 quantized with one scale per (batch, head) (``DESCALE``: their factors back, (3, batch * heads) float32),
 Q·Kᵀ's scale folds into the softmax's, P is quantized in registers (2**P_SHIFT times larger, so small
 probabilities stay normal numbers) and V's scale multiplies the output, written in bf16. An 8-bit wgmma
-reads its shared-memory operand K-major only, so V arrives transposed (gluon_kernel._load_key_block).
+reads its shared-memory operand K-major only, so V arrives transposed (gluon_kernel._load_key_block), its
+keys in the order P's registers hold them (_p_operand).
 """
 
 from triton.experimental import gluon
@@ -44,6 +45,21 @@ def _turn_wait(turn_mine, t, n_other, WHO: gl.constexpr):
 
 
 @gluon.jit
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """P as P·V's register operand. 8-bit: its columns relabelled (fp8_quantize.p_register_order: within each
+    32 keys, bits (g1, g0, q, b) of the key index become (g1, q, g0, b)) so that the conversion moves no data
+    between threads; V's keys arrive in the same order."""
+    if FP8:
+        rows: gl.constexpr = p.shape[0]
+        cols: gl.constexpr = p.shape[1]
+        relabelled = gl.permute(gl.reshape(p.to(dtype), [rows, cols // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5))
+        operand = gl.convert_layout(gl.reshape(relabelled, [rows, cols]), p_layout)
+    else:
+        operand = gl.convert_layout(p.to(dtype), p_layout)
+    return operand
+
+
+@gluon.jit
 def _v_operand(v_bufs, stage, FP8: gl.constexpr):
     """P·V's B operand, (keys, head_dim): the buffer itself, or the FP8 kernel's transposed one turned back."""
     if FP8:
@@ -58,7 +74,7 @@ def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine,
                        qk_scale, v_descale, MASK_BITS, qgroup, pid_bh, q_start, n_text_blocks, n_unmasked, U_ENTRY,
                        width, O, LSE, stride_ob, stride_on, stride_oh, HEADS, TOKENS, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, WHO: gl.constexpr,
-                       FP8: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                       FP8: gl.constexpr, OVERLAP: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     BLOCK_M: gl.constexpr = 64
     WORDS: gl.constexpr = BLOCK_N // 64
     P_SHIFT: gl.constexpr = 8 * FP8
@@ -71,38 +87,59 @@ def _pingpong_consumer(q_smem, k_bufs, v_bufs, q_ready, ready, empty, turn_mine,
     masked, lo, hi = _mask_words(n_blocks * 0, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width, MASK_BITS, rows,
                                  1, WORDS)
     mbarrier.wait(q_ready, 0)
-    q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=K_WIDTH))
+    q = q_smem  # OVERLAP: read from shared memory by every wgmma (its registers would not fit beside a second S)
+    if not OVERLAP:
+        q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=K_WIDTH))
     mbarrier.wait(ready.index(0), 0)
     t = n_blocks * 0
     _turn_wait(turn_mine, t, n_other, WHO)
     s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if OVERLAP:  # S of block 1 as well (of block 0 again where there is no block 1: unused)
+        nxt = gl.minimum(n_blocks * 0 + 1, n_blocks - 1)
+        mbarrier.wait(ready.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(q, k_bufs.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.arrive(turn_other, count=1)
     t += 1
-    s = warpgroup_mma_wait(0, deps=(s, ))
+    s = warpgroup_mma_wait(1 * OVERLAP, deps=(s, ))
     masked_next, lo_next, hi_next = _mask_words(n_blocks * 0 + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                 MASK_BITS, rows, 1, WORDS)
     p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS, P_SHIFT)
     masked, lo, hi = masked_next, lo_next, hi_next
+    if OVERLAP:
+        s = warpgroup_mma_wait(0, deps=(s_next, ))
     for j in range(1, n_blocks):
-        stage = j % STAGES
-        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        nxt = j
+        if OVERLAP:
+            nxt = gl.minimum(j + 1, n_blocks - 1)  # the last turn's S is the last block's again, unused
+        mbarrier.wait(ready.index(nxt % STAGES), (nxt // STAGES) & 1)
         _turn_wait(turn_mine, t, n_other, WHO)
-        s_tok = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), _v_operand(v_bufs, (j - 1) % STAGES, FP8),
-                                acc, is_async=True)
+        if OVERLAP:  # P·V of block j-1, then S of block j+1: both run while block j's scores go through the softmax
+            acc_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_bufs, (j - 1) % STAGES, FP8),
+                                    acc, is_async=True)
+            s_tok = warpgroup_mma(q, k_bufs.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+        else:  # S of block j, then P·V of block j-1; the softmax waits for S alone
+            s_tok = warpgroup_mma(q, k_bufs.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            acc_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_bufs, (j - 1) % STAGES, FP8),
+                                    acc, is_async=True)
         mbarrier.arrive(turn_other, count=1)
         t += 1
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j is done; P·V of block j-1 may still run
+        if not OVERLAP:
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j is done; P·V of block j-1 may still run
         masked_next, lo_next, hi_next = _mask_words(j + 1, qgroup, n_text_blocks, n_unmasked, U_ENTRY, width,
                                                     MASK_BITS, rows, 1, WORDS)
         p, alpha, m_i, l_i = _softmax_step(s, masked, lo, hi, col_bit, high_half, m_i, l_i, qk_scale, WORDS,
                                            P_SHIFT)
-        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        if OVERLAP:  # both finished before S is carried on: reading a running wgmma's registers serializes them
+            acc, s = warpgroup_mma_wait(0, deps=(acc_tok, s_tok))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)  # block j-1's buffers back to the loader
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         masked, lo, hi = masked_next, lo_next, hi_next
     _turn_wait(turn_mine, t, n_other, WHO)
-    acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), _v_operand(v_bufs, (n_blocks - 1) % STAGES, FP8),
+    acc_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_bufs, (n_blocks - 1) % STAGES, FP8),
                             acc, is_async=True)
     mbarrier.arrive(turn_other, count=1)
     acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
@@ -138,7 +175,7 @@ def clear_fwd_pingpong_kernel(
     TOKENS, HEADS, BH, TEXT_LEN, TEXT_START, IMAGE_LEN, IMAGE_START, qk_scale,
     U_COUNT, U_UNMASKED, U_INDEX, U_ENTRY, MASK_BITS, width, text_items, image_items, DESCALE,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-    num_warps: gl.constexpr, FP8: gl.constexpr = False,
+    num_warps: gl.constexpr, FP8: gl.constexpr = False, OVERLAP: gl.constexpr = False,
 ):
     # the host launches half as many programs as work items (an even number of them)
     p0 = 2 * gl.program_id(0)
@@ -169,10 +206,10 @@ def clear_fwd_pingpong_kernel(
     gl.warp_specialize([
         (_pingpong_consumer, (q0, k0, v0, qr0, ready0, empty0, turn0, turn1, n0, n1, scale0, vscale0, MASK_BITS, g0,
                               bh0, start0, nt, u0, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS,
-                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 0, FP8, s_layout, o_layout)),
+                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 0, FP8, OVERLAP, s_layout, o_layout)),
         (_pingpong_consumer, (q1, k1, v1, qr1, ready1, empty1, turn1, turn0, n1, n0, scale1, vscale1, MASK_BITS, g1,
                               bh1, start1, nt, u1, U_ENTRY, width, O, LSE, stride_ob, stride_on, stride_oh, HEADS,
-                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 1, FP8, s_layout, o_layout)),
+                              TOKENS, BLOCK_N, HEAD_DIM, STAGES, STORE_LSE, 1, FP8, OVERLAP, s_layout, o_layout)),
         (_pingpong_loader, (q_desc, k_desc, v_desc, q0, k0, v0, qr0, ready0, empty0, q1, k1, v1, qr1, ready1, empty1,
                             (bh0 // HEADS) * TOKENS + start0 + g0 * 64, (bh1 // HEADS) * TOKENS + start1 + g1 * 64,
                             (bh0 // HEADS) * TOKENS, (bh1 // HEADS) * TOKENS, (bh0 % HEADS) * HEAD_DIM,

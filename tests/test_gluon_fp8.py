@@ -22,6 +22,7 @@ from clear_surgery.plugins import backends as backend_registry  # noqa: E402
 from clear_surgery.plugins import gluon_backend, gluon_fp8_backend  # noqa: E402
 from clear_surgery.plugins.backends import FP8, Backend, choose_backend, register_backend  # noqa: E402
 from clear_surgery.plugins.gluon_backend import BLOCK  # noqa: E402
+from clear_surgery.plugins.fp8_quantize import p_register_order, value_operand  # noqa: E402
 from clear_surgery.plugins.gluon_fp8_backend import E4M3_MAX, fp8_emulated_attention, quantize_per_head  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_gluon import compile_for_sm90, needs_gluon  # noqa: E402
@@ -66,6 +67,11 @@ def test_fp8_kernel_compiles_for_sm90_with_e4m3_tensor_cores(head_dim):
     assert f"m64n{head_dim}k32.f32.e4m3.e4m3" in ptx  # P·V too
     assert "bf16" not in ptx.split("wgmma")[1][:40]
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # P quantized in registers
+    # P's columns relabelled to the operand's register order: no byte shuffles between threads beyond the bf16
+    # kernel's (its row max and sum); without the relabelling, 32 more shuffles and 32 byte permutes per block
+    bf16 = compile_for_sm90(gluon_backend.clear_fwd_pingpong_kernel, head_dim, BLOCK, BLOCK, dict(constexprs, FP8=False),
+                            maxnreg).asm["ptx"]
+    assert "prmt" not in ptx and ptx.count("shfl.sync") <= bf16.count("shfl.sync")
     # one byte per element: Q blocks and K/V rings take half the bf16 kernel's shared memory
     assert compiled.metadata.shared < (2 * (BLOCK + 2 * stages * BLOCK) * head_dim) * 1.1
 
@@ -83,13 +89,13 @@ class _Launches:
 def _torch_quantize_heads(t, transposed=False):
     """fp8_quantize.quantize_heads in PyTorch (its Triton passes are checked against this below)."""
     quantized, factor = quantize_per_head(t)
-    return (quantized.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).contiguous() if transposed else quantized), factor
+    return (value_operand(quantized) if transposed else quantized), factor
 
 
-QUANTIZE_CASES = ((1, 37, 3, 16), (2, 130, 2, 64))  # batch, tokens (odd), heads, head_dim
+QUANTIZE_CASES = ((1, 37, 3, 16), (2, 130, 2, 64), (1, 192, 2, 16))  # batch, tokens, heads, head_dim
 QUANTIZE_CHECK = """
 import sys, torch
-from clear_surgery.plugins.fp8_quantize import quantize_heads, quantize_per_head, scales
+from clear_surgery.plugins.fp8_quantize import quantize_heads, quantize_per_head, scales, value_operand
 torch.manual_seed(0)
 device, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 for batch, tokens, heads, dim in %r:
@@ -100,7 +106,7 @@ for batch, tokens, heads, dim in %r:
         want = t.float() * scales(t.float().abs().amax(dim=(1, 3)))[1].view(batch, 1, heads, 1)
     for transposed in (False, True):
         got, factor = quantize_heads(t.to(device), transposed, dtype)
-        expect = want.permute(0, 2, 3, 1).reshape(-1, tokens) if transposed else want
+        expect = value_operand(want) if transposed else want
         assert got.shape == expect.shape and got.is_contiguous() and got.dtype == dtype, (got.shape, expect.shape)
         bits = torch.uint8 if dtype != torch.float32 else torch.int32
         assert torch.equal(got.cpu().view(bits), expect.contiguous().view(bits)), (batch, transposed)
@@ -120,6 +126,23 @@ def _quantize_check(device: str, dtype: str):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+def test_relabelled_p_times_reordered_v_is_p_times_v():
+    """The kernel's relabelling of P's columns (_p_operand: reshape to (rows, blocks of 32, 2, 2, 4, 2), swap
+    the middle two) with V's keys in p_register_order (value_operand) leaves P·V unchanged: here in PyTorch,
+    the same index arithmetic, over two key blocks and a partial third."""
+    order = p_register_order()
+    assert sorted(order.tolist()) == list(range(64))  # a permutation within the block
+    p = torch.randn(64, 64, dtype=torch.float64)
+    relabelled = p.reshape(64, 2, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(64, 64)
+    assert torch.equal(relabelled[:, order], p)  # column order(c) of the relabelled P is column c of P
+    v = torch.randn(1, 160, 1, 8, dtype=torch.float64)  # 160 keys: two whole blocks, 32 left as they are
+    v_operand = value_operand(v)  # (head_dim, keys)
+    for block in range(2):
+        keys = slice(64 * block, 64 * block + 64)
+        assert torch.allclose(relabelled @ v_operand[:, keys].T, p @ v[0, keys, 0])
+    assert torch.equal(v_operand[:, 128:], v[0, 128:, 0].T)
+
+
 def test_the_quantize_kernels_scale_as_the_pytorch_quantization():
     """The two Triton passes (largest magnitude per head, then scale, V's written transposed) under
     TRITON_INTERPRET=1: bit for bit the float32 values quantize_per_head rounds, and its scales (odd token
@@ -128,23 +151,31 @@ def test_the_quantize_kernels_scale_as_the_pytorch_quantization():
     _quantize_check("cpu", "float32")
 
 
-@needs_gluon
-@pytest.mark.parametrize("text_first,b", [(True, 2), (False, 2), (True, 1)])
-def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_first, b):
-    """On CPU, the kernels replaced by recorders: the FP8 launch takes the bf16 launch's mask lists, its
-    image queries only (no text items), Q, K and V in e4m3 with their scales, V transposed; the text rows
-    go to the bf16 kernel in the same output buffer. Batch 1: V's transpose must still be a copy (a view's
-    strides are not TMA's)."""
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """The Gluon kernels of both backends replaced by recorders (and the quantization by its PyTorch twin, the
+    CPU cannot launch Triton kernels outside the interpreter): the launches, in order."""
     log = []
     for module in (gluon_backend, gluon_fp8_backend):
         monkeypatch.setattr(module, "clear_fwd_pingpong_kernel", _Launches("pingpong", log))
         monkeypatch.setattr(module, "gluon_reason", lambda *a, **k: None)
     monkeypatch.setattr(gluon_backend, "clear_fwd_ws_kernel", _Launches("ws", log))
     monkeypatch.setattr(gluon_fp8_backend, "quantize_heads", _torch_quantize_heads)
+    return log
+
+
+@needs_gluon
+@pytest.mark.parametrize("text_first,b", [(True, 2), (False, 2), (True, 1)])
+def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(launches, text_first, b):
+    """On CPU, the kernels replaced by recorders: the FP8 launch takes the bf16 launch's mask lists, its
+    image queries only (no text items), Q, K and V in e4m3 with their scales, V transposed; the text rows
+    go to the bf16 kernel in the same output buffer. Batch 1: V's transpose must still be a copy (a view's
+    strides are not TMA's)."""
     h, d = 3, 64
     layout = TokenLayout(128, text_first, 16, 24, (8, 8))
     q, k, v = (torch.randn(b, layout.seq_len, h, d).to(torch.bfloat16) * (i + 1) for i in range(3))
     gluon_backend.gluon_clear_attention(q, k, v, layout, 5.0)
+    log = launches
     bf16_args = log.pop()[2]
     out = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, 5.0)
     (text_name, text_grid, text_args, _), (name, grid, args, kwargs) = log
@@ -171,8 +202,24 @@ def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(monkeypatch, text_fir
     v8, _ = quantize_per_head(v)
     v_t = fp8["v_desc"].base
     assert v_t.shape == (b * h * d, layout.seq_len) and v_t.is_contiguous() and list(fp8["v_desc"].block_shape) == [d, BLOCK]
-    assert torch.equal(v_t.view(torch.uint8), v8.permute(0, 2, 3, 1).reshape(b * h * d, -1).view(torch.uint8))
+    assert torch.equal(v_t.view(torch.uint8), value_operand(v8).view(torch.uint8))
     assert fp8["q_desc"].base.dtype == torch.float8_e4m3fn and fp8["k_desc"].base.dtype == torch.float8_e4m3fn
+
+
+@needs_gluon
+def test_the_overlap_option_reaches_the_ping_pong_kernel_only(launches):
+    """overlap=True launches the ping-pong kernel with OVERLAP (and the FP8 backend with its stages); asked of
+    a call the ping-pong kernel cannot take, it is refused rather than dropped."""
+    layout = TokenLayout(128, True, 16, 24, (8, 8))
+    q = torch.randn(2, layout.seq_len, 3, 64).to(torch.bfloat16)
+    gluon_backend.gluon_clear_attention(q, q, q, layout, 5.0, overlap=True)
+    gluon_fp8_backend.gluon_fp8_clear_attention(q, q, q, layout, 5.0, overlap=True, stages=5)
+    log = launches
+    assert [entry[0] for entry in log] == ["pingpong", "pingpong", "pingpong"]  # bf16; FP8's text rows, image rows
+    assert log[0][3]["OVERLAP"] is True and log[1][3]["OVERLAP"] is False  # the text rows: the plain kernel
+    assert log[2][3]["OVERLAP"] is True and log[2][3]["STAGES"] == 5
+    with pytest.raises(ValueError, match="overlap is a variant of the ping-pong kernel"):
+        gluon_backend.gluon_clear_attention(q, q, q, layout, 5.0, pingpong=False, overlap=True)
 
 
 def test_quantize_per_head_uses_the_range_and_rounds_through_e4m3():
@@ -272,13 +319,14 @@ def test_gpu_quantize_kernels_round_as_pytorch_does():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"case{i}" for i in range(len(GPU_CASES))])
-def test_gpu_fp8_kernel_matches_the_reference_within_the_format(case):
+@pytest.mark.parametrize("options", [{}, {"overlap": True, "stages": 5}], ids=["plain", "overlap"])
+def test_gpu_fp8_kernel_matches_the_reference_within_the_format(case, options):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the FP8 kernel is for Hopper")
     q, k, v, layout, r = _inputs(case, "cuda", seed=3)
     assert BACKENDS["gluon-fp8"].can_run(q, k, v, layout, r, needs={FP8}, raise_error=True)
     poison = torch.full_like(q, float("nan"))
-    out, lse = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, r, out=poison, return_lse=True)
+    out, lse = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, r, out=poison, return_lse=True, **options)
     assert not out.isnan().any()
     exact, exact_lse = reference_attention(q.double(), k.double(), v.double(), layout, r, return_lse=True)
     rows = _image_rows(layout)

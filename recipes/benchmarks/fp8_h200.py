@@ -3,7 +3,8 @@ one 10-minute device call).
 
     python recipes/benchmarks/fp8_h200.py layer --out OUT
         FLUX shapes (24 heads x 128, 512 text tokens), r16, 4096² and 8192²: cuDNN dense bf16, flex-raster
-        (the official path), triton, gluon (ping-pong bf16), gluon-fp8; and gluon-fp8's error against float32
+        (the official path), triton, gluon (ping-pong bf16), gluon-fp8, and both ping-pong kernels' overlap
+        variant (gluon-overlap, gluon-fp8-overlap with 5 stages); and gluon-fp8's error against float32
         on a 1024² slice of heads (its accuracy at the benchmark's shapes).
     python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
@@ -37,7 +38,7 @@ def emit(rows, row):
 
 def layer(out: Path):
     rows = bench_attention([4096, 8192], [16], ["dense-cudnn", "flex-raster", "triton-tiled", "gluon-tiled",
-                                                "gluon-fp8-tiled"])
+                                                "gluon-overlap-tiled", "gluon-fp8-tiled", "gluon-fp8-overlap-tiled"])
     # accuracy at the benchmark's shapes: a 1024² call (64x64 tokens, 512 text), 24 heads, against float32
     layout = TokenLayout(512, True, 64, 64, (8, 8))
     gen = torch.Generator(device="cuda").manual_seed(0)
