@@ -39,6 +39,25 @@ def test_tiny_flux_two_resolutions_and_sdedit_deterministic(tmp_path):
     assert digest(out) != digest(tmp_path / "c.png")
 
 
+def test_compile_gives_the_eager_image(tmp_path):
+    """--compile: the transformer runs through torch.compile (dynamo captured graphs) and the image is the eager
+    one up to the fused kernels' rounding."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    common = ["--model", "builtin:tiny-flux", "--radius", "2", "--height", "64", "--width", "64"]
+    eager, eager_out = gen(tmp_path, "eager.png", *common)
+    assert eager.exit_code == 0, eager.output
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, compiled_out = gen(tmp_path, "compiled.png", *common, "--compile")
+    assert compiled.exit_code == 0, compiled.output
+    assert counters["stats"]["unique_graphs"] > 0  # compiled, not run eagerly
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (eager_out, compiled_out))
+    assert np.abs(a - b).max() <= 3
+    torch._dynamo.reset()
+
+
 def test_generate_from_a_converted_folder_and_sd3(tmp_path):
     assert runner.invoke(app, ["convert", "--model", "builtin:tiny-flux", "--radius", "3", "--out",
                                str(tmp_path / "conv")]).exit_code == 0

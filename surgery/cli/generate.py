@@ -38,6 +38,8 @@ def generate(
                                            "cores, compute capability >= 8.9)"),
     fp8_attention: bool = typer.Option(False, help="CLEAR's image queries in FP8 (e4m3) attention: the gluon-fp8 "
                                        "kernel, Hopper GPUs"),
+    compiled: bool = typer.Option(False, "--compile", help="torch.compile the transformer (the first step compiles; "
+                                 "FP8 linear layers gain only compiled)"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
@@ -84,6 +86,10 @@ def generate(
         quantize_pipeline(pipe, quantize)
         if fp8_attention:
             fp8_attention_pipeline(pipe)
+        if compiled:
+            from clear_surgery.surgery.tools.pipeline import compile_pipeline
+
+            compile_pipeline(pipe)
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:
             with atomic_file(out) as tmp:
