@@ -94,15 +94,23 @@ def choose_compiler(default: str) -> str:
     return default
 
 
-def export_aoti(prepared, out: Path) -> dict:
-    """Write ``out/model.pt2`` for a prepared model (on a CUDA device); returns the manifest's fields."""
+def exported_program(prepared) -> torch.export.ExportedProgram:
+    """The prepared model as torch.export sees it, every CLEAR call the self-contained kernel, the image grid
+    dynamic: what Inductor compiles (``.module()`` runs it uncompiled, to tell the graph's errors from the
+    compiler's)."""
+    with torch.no_grad(), self_contained_attention():
+        return torch.export.export(prepared.wrapper, (), prepared.inputs, dynamic_shapes=prepared.dynamic_shapes,
+                                   strict=False)
+
+
+def export_aoti(prepared, out: Path, program: torch.export.ExportedProgram | None = None) -> dict:
+    """Write ``out/model.pt2`` for a prepared model (on a CUDA device), from ``program`` where it was exported
+    already; returns the manifest's fields."""
     from torch._inductor import aoti_compile_and_package
     from torch._inductor import config as inductor_config
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    with torch.no_grad(), self_contained_attention():
-        program = torch.export.export(prepared.wrapper, (), prepared.inputs, dynamic_shapes=prepared.dynamic_shapes,
-                                      strict=False)
+    program = program or exported_program(prepared)
     cxx = choose_compiler(str(get_cpp_compiler()))
     # the weights beside the compiled model in the package (one blob the runtime reads), not inside the .so: a
     # FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append them to the library for mmap

@@ -11,7 +11,9 @@ text first and last: the PTX, grid and arguments of ``tensorrt_plugin.aot_launch
 JIT-loaded and launched through the CUDA driver (cupy) with TensorRT's ten arguments, against the
 table-driven triton backend (rel. error), timed beside the triton, gluon and triton-aot backends.
 aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
-2048 px and 4096 px against eager; the 4096 px step timed for eager, torch.compile and the package.
+2048 px and 4096 px against eager; the 4096 px step timed for eager, torch.compile and the package. Each
+output's error is also given for the exported graph run uncompiled, torch.compile, and against the float32
+eager model, to tell where a difference comes from.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ print(json.dumps(results))
 
 
 def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
-    from clear_surgery.export.aoti import export_aoti
+    from clear_surgery.export.aoti import export_aoti, exported_program
+    from clear_surgery.plugins.op import self_contained_attention
     from clear_surgery.export.common import prepare
     from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state
     from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
@@ -137,7 +140,8 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
         inputs[side] = plan.inputs(model, 512, side // 16, side // 16, 1, torch.bfloat16, "cuda")
         torch.save({k: v.cpu() for k, v in inputs[side].items()}, out / f"inputs-{side}.pt")
     t0 = time.perf_counter()
-    report["cxx"] = export_aoti(prepared, out)["cxx"]
+    program = exported_program(prepared)
+    report["cxx"] = export_aoti(prepared, out, program)["cxx"]
     report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
     report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
     print(json.dumps(report), flush=True)
@@ -147,6 +151,11 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
         for side, x in inputs.items():
             eager[side] = wrapper(**x).float().cpu()
         report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
+        with self_contained_attention():  # the exported graph run uncompiled: its own error, apart from Inductor's
+            graph = program.module()
+            for side, x in inputs.items():
+                report[f"exported_graph_vs_eager_rel_err_{side}"] = rel_err(graph(**x).float().cpu(), eager[side])
+        del graph
     print(json.dumps(report), flush=True)
     packaged = {}
     done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), "2048", "4096"],
