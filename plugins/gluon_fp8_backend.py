@@ -53,10 +53,16 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
                               extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
                               stages: int | None = None, overlap: bool = False):
     """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's.
-    ``stages``: K/V buffers per warpgroup (default PINGPONG_PROGRAM's; 8-bit blocks leave room for up to 6);
+    ``stages``: K/V buffers per warpgroup (3 to 6; default PINGPONG_PROGRAM's);
     ``overlap``: gluon_clear_attention's option, for the FP8 kernel."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon-fp8 backend: does not support pooled_keys or text_bias")
+    default_stages, maxnreg = PINGPONG_PROGRAM
+    stages = stages or default_stages
+    # 8-bit K and V blocks of 64 keys: 6 stages of both rings fill shared memory at head dim 128; the overlap
+    # variant holds three key blocks at once (P·V of j-1, V of j, Q·Kᵀ of j+1), so it would wait forever on two
+    if not 3 <= stages <= 6:
+        raise ValueError(f"gluon-fp8 backend: stages must be 3 to 6, got {stages}")
     reason = gluon_fp8_reason(q, k, v, layout, radius, scale)
     if reason:
         raise ValueError(f"gluon-fp8 backend: {reason}")
@@ -76,9 +82,8 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     args = kernel_arguments((token_descriptor(q8, BLOCK), token_descriptor(k8, BLOCK),
                              descriptor(v_t, [head_dim, BLOCK])),
                             out, lse, layout, lists, softmax_scale(scale, head_dim), 0, image_items)
-    default_stages, maxnreg = PINGPONG_PROGRAM
     clear_fwd_pingpong_kernel[(image_items * batch * heads // 2,)](
-        *args, descale, BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages or default_stages, STORE_LSE=return_lse,
+        *args, descale, BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=return_lse,
         num_warps=4, maxnreg=maxnreg, FP8=True, OVERLAP=overlap)
     return (out, lse.transpose(1, 2)) if return_lse else out
 

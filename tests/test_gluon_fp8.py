@@ -220,6 +220,10 @@ def test_the_overlap_option_reaches_the_ping_pong_kernel_only(launches):
     assert log[2][3]["OVERLAP"] is True and log[2][3]["STAGES"] == 5
     with pytest.raises(ValueError, match="overlap is a variant of the ping-pong kernel"):
         gluon_backend.gluon_clear_attention(q, q, q, layout, 5.0, pingpong=False, overlap=True)
+    for stages in (2, 7):  # two would deadlock the overlap variant; seven do not fit in shared memory
+        with pytest.raises(ValueError, match=f"stages must be 3 to 6, got {stages}"):
+            gluon_fp8_backend.gluon_fp8_clear_attention(q, q, q, layout, 5.0, overlap=True, stages=stages)
+    assert len(log) == 3  # nothing launched
 
 
 def test_quantize_per_head_uses_the_range_and_rounds_through_e4m3():
