@@ -99,6 +99,8 @@ def quantize_heads(t: torch.Tensor, transposed: bool = False, dtype: torch.dtype
     them as they are: Triton's CPU interpreter rounds some values to e4m3 a power of two low, so the CPU tests
     compare the scaled values and the GPU test the e4m3 bytes)."""
     batch, tokens, heads, head_dim = t.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"quantize_heads: head_dim must be a power of two of at least 16, got {head_dim}")
     t = t.contiguous()
     amax = torch.zeros(batch * heads, dtype=torch.float32, device=t.device)
     grid = (batch * heads, triton.cdiv(tokens, TOKENS_PER_PROGRAM))

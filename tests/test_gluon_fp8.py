@@ -149,6 +149,10 @@ def test_the_quantize_kernels_scale_as_the_pytorch_quantization():
     counts, batch 1 and 2, heads a thousandfold apart, a head of zeros). The rounding to e4m3 is compared on
     the GPU (the interpreter's own e4m3 rounding is off for some values)."""
     _quantize_check("cpu", "float32")
+    from clear_surgery.plugins.fp8_quantize import quantize_heads
+
+    with pytest.raises(ValueError, match="head_dim must be a power of two of at least 16, got 48"):
+        quantize_heads(torch.zeros(1, 8, 2, 48))
 
 
 @pytest.fixture
