@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from clear_surgery.plugins.op import self_contained_attention
+from clear_surgery.surgery.core.dtypes import EAGER_ROUNDING
 
 PACKAGE_FILE = "model.pt2"
 # compilers tried, in order, when Inductor's own does not build against the libstdc++ this process runs
@@ -103,6 +104,14 @@ def exported_program(prepared) -> torch.export.ExportedProgram:
                                    strict=False)
 
 
+def inductor_options(cxx: str) -> dict:
+    """Inductor's settings for a package: it rounds where the eager model rounds (``EAGER_ROUNDING``); the
+    weights go beside the compiled model in the package (one blob the runtime reads), not inside the .so: a
+    FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append them to the library for mmap."""
+    return {"cpp.cxx": (None, cxx), **EAGER_ROUNDING, "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.package_constants_on_disk_format": "binary_blob"}
+
+
 def export_aoti(prepared, out: Path, program: torch.export.ExportedProgram | None = None) -> dict:
     """Write ``out/model.pt2`` for a prepared model (on a CUDA device), from ``program`` where it was exported
     already; returns the manifest's fields."""
@@ -112,10 +121,7 @@ def export_aoti(prepared, out: Path, program: torch.export.ExportedProgram | Non
 
     program = program or exported_program(prepared)
     cxx = choose_compiler(str(get_cpp_compiler()))
-    # the weights beside the compiled model in the package (one blob the runtime reads), not inside the .so: a
-    # FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append them to the library for mmap
-    with inductor_config.patch({"cpp.cxx": (None, cxx), "aot_inductor.package_constants_in_so": False,
-                                "aot_inductor.package_constants_on_disk_format": "binary_blob"}):
+    with inductor_config.patch(inductor_options(cxx)):
         aoti_compile_and_package(program, package_path=str(out / PACKAGE_FILE))
     return {"package": PACKAGE_FILE, "torch_version": torch.__version__, "input_order": list(prepared.inputs),
             "cxx": cxx, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
