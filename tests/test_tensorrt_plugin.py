@@ -71,7 +71,9 @@ def test_every_combination_offers_every_tactic_in_both_dtypes():
 
 def test_the_ptx_takes_exactly_the_arguments_tensorrt_passes(tmp_path):
     """TensorRT's AOT launch passes the input tensors, the extra scalar arguments and the outputs, nothing
-    else; assembled for sm_90a, the kernel declares exactly those (Triton's scratch pointers removed)."""
+    else; assembled for sm_90a, the kernel declares exactly those (Triton's scratch pointers removed). It reads
+    and writes the tensors 16 bytes at a time, as Triton's own launch of it does (compiled without the tensors'
+    alignment it moved 2 bytes per instruction and ran 1.8x slower)."""
     from clear_surgery.plugins.triton_aot import SCALARS, TENSOR_INPUTS, TENSOR_OUTPUTS
 
     with tensorrt_plugin_package() as (trt, trtp):
@@ -80,6 +82,7 @@ def test_the_ptx_takes_exactly_the_arguments_tensorrt_passes(tmp_path):
     expected = len(TENSOR_INPUTS) + len(SCALARS) + len(TENSOR_OUTPUTS)
     for tactic, (name, ptx, evaluated) in built["tactics"].items():
         assert len(evaluated[0][3]) == len(SCALARS)
+        assert "ld.global.v4" in ptx and "st.global.v4" in ptx and "ld.global.b16" not in ptx, tactic
         (tmp_path / "k.ptx").write_text(ptx)
         done = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", str(tmp_path / "k.ptx"), "-o",
                                str(tmp_path / "k.cubin")], capture_output=True, text=True)
