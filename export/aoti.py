@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from clear_surgery.plugins.op import self_contained_attention
-from clear_surgery.surgery.core.dtypes import EAGER_ROUNDING
 
 PACKAGE_FILE = "model.pt2"
 # compilers tried, in order, when Inductor's own does not build against the libstdc++ this process runs
@@ -105,10 +104,16 @@ def exported_program(prepared) -> torch.export.ExportedProgram:
 
 
 def inductor_options(cxx: str) -> dict:
-    """Inductor's settings for a package: it rounds where the eager model rounds (``EAGER_ROUNDING``); the
-    weights go beside the compiled model in the package (one blob the runtime reads), not inside the .so: a
-    FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append them to the library for mmap."""
-    return {"cpp.cxx": (None, cxx), **EAGER_ROUNDING, "aot_inductor.package_constants_in_so": False,
+    """Inductor's settings for a package. The weights go beside the compiled model in the package (one blob the
+    runtime reads), not inside the .so: a FLUX.1-dev-sized model is 22 GiB, and past 2 GB Inductor would append
+    them to the library for mmap.
+
+    Like ``torch.compile``, a package fuses a model's casts away: FLUX computes ``guidance.to(bf16) * 1000``,
+    which the eager bf16 model rounds (3.5 → 3504) and the package does not (3500, as the float32 model), so at
+    guidance 3.5 its output is nearer the float32 model's than the bf16 eager model's is. Inductor's
+    ``emulate_precision_casts`` would round as eager does, but AOTInductor of torch 2.11 fails to compile the
+    kernel's ``triton_op`` with it (an assertion in its pattern matcher)."""
+    return {"cpp.cxx": (None, cxx), "aot_inductor.package_constants_in_so": False,
             "aot_inductor.package_constants_on_disk_format": "binary_blob"}
 
 

@@ -24,11 +24,3 @@ def parse_dtype(name: str | None, option: str = "dtype") -> torch.dtype | None:
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a dtype ('bf16'), or torch's for any other ('float64')."""
     return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
-
-
-# Inductor settings under which compiled code rounds where eager PyTorch rounds. By default a fused kernel keeps
-# intermediates in float32, and a model's own casts stop meaning what they mean eagerly: FLUX computes
-# ``guidance.to(bf16) * 1000``, 3504 eagerly (bf16 rounding) and 3500 fused; the guidance embedding then
-# differs by 0.34 relative, and so did a compiled FLUX.1-dev-width model's output from the eager one's. A
-# compiled model (torch.compile, AOTInductor packages) is to compute what the eager model computes.
-EAGER_ROUNDING = {"emulate_precision_casts": True}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from clear_surgery.surgery.core.dtypes import EAGER_ROUNDING
 from clear_surgery.surgery.core.errors import InvalidValueError
 
 from clear_surgery.hub import load_model, resolve_model
@@ -85,6 +84,6 @@ def compile_pipeline(pipe) -> list[str]:
     for part in ("transformer", "controlnet"):
         model = getattr(pipe, part, None)
         if model is not None:
-            model.compile(options=EAGER_ROUNDING)  # the compiled step computes what the eager one does
+            model.compile()
             done.append(part)
     return done
