@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,35 +63,55 @@ def headers_release(cxx: str) -> int | None:
     return None
 
 
-def choose_compiler(default: str) -> str:
-    """The C++ compiler for a package that must load in this process's libstdc++.
+def links_libstdcxx_dynamically(cxx: str) -> bool | None:
+    """Whether a shared library ``cxx`` builds (as Inductor builds a package's) loads libstdc++ as a shared
+    library (True) or carries its own copy (False); None where the probe does not build."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, library = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        source.write_text('#include <string>\nstd::string probe(const char* s) { return std::string(s) + "!"; }\n')
+        try:
+            done = subprocess.run([cxx, "-shared", "-fPIC", str(source), "-o", str(library)], capture_output=True,
+                                  timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if done.returncode != 0 or not library.exists():
+            return None
+        # a dynamic link names the library in the dynamic section's string table; a static copy does not
+        return b"libstdc++.so.6\x00" in library.read_bytes()
 
-    A package built with newer C++ headers than the libstdc++ torch runs on compiles the newer headers'
-    templates (std::regex, on the model's first construction) against the older library's locale
-    facets, and crashes on load: seen on a GPU image whose Inductor default was a separate GCC while
-    torch ran on the system's libstdc++ (a segfault in the package's parse_device_str; recipes/benchmarks
-    has the backtrace). That GCC named the system's library when asked which one it links, so the headers
-    decide: a compiler fits where its headers' release is no newer than the loaded library's (libstdc++
-    runs code built with its own or older headers). ``default`` (Inductor's choice) is kept where it fits,
-    where either release cannot be read, or where CXX was set explicitly; otherwise the first compiler of
-    OTHER_COMPILERS that fits; a warning where none does."""
+
+def compiler_problem(cxx: str, library: int | None) -> str | None:
+    """Why a package compiled with ``cxx`` would not load in this process (None: nothing known against it)."""
+    release = headers_release(cxx)
+    if release is not None and library is not None and release > library:
+        return f"has GCC {release}'s C++ headers, newer than the libstdc++ this process runs (GCC {library})"
+    if links_libstdcxx_dynamically(cxx) is False:
+        return "links its own copy of libstdc++ into shared libraries"
+    return None
+
+
+def choose_compiler(default: str) -> str:
+    """The C++ compiler for a package that must load in this process, beside the libstdc++ torch runs on.
+
+    Two ways a package crashes on load (std::regex, on the model's first construction, in its
+    parse_device_str): it carries its own copy of libstdc++ (seen on a GPU image whose Inductor default, a
+    separate GCC, linked libstdc++ statically: the crash was inside the package's own copy of libstdc++'s
+    locale facets, next to the process's; recipes/benchmarks has the backtrace), or it was compiled with newer
+    C++ headers than the library it runs with. ``default`` (Inductor's choice) is kept where nothing is known
+    against it or where CXX was set explicitly; otherwise the first compiler of OTHER_COMPILERS without either
+    problem; a warning where none is."""
     loaded = loaded_libstdcxx()
     library = library_release(loaded) if loaded else None
-
-    def fits(cxx: str) -> bool:
-        release = headers_release(cxx)
-        return release is not None and release <= library
-
-    if library is None or headers_release(default) is None or fits(default):
+    problem = compiler_problem(default, library)
+    if problem is None:
         return default
     if not os.environ.get("CXX"):
         for other in OTHER_COMPILERS:
             found = shutil.which(other)
-            if found and fits(found):
+            if found and compiler_problem(found, library) is None:
                 return found
-    warnings.warn(f"the C++ compiler {default} has GCC {headers_release(default)}'s C++ headers, but this process "
-                  f"runs {loaded} (GCC {library}): the AOTInductor package may crash on load (set CXX to a compiler "
-                  "whose headers are no newer)", stacklevel=2)
+    warnings.warn(f"the C++ compiler {default} {problem}: the AOTInductor package may crash on load (set CXX to "
+                  "a compiler without this problem)", stacklevel=2)
     return default
 
 

@@ -244,6 +244,27 @@ def test_the_package_compiler_matches_the_libstdcxx_torch_runs_on(monkeypatch):
         assert aoti.choose_compiler("/opt/gcc/bin/g++") == "/opt/gcc/bin/g++"
 
 
+def test_a_compiler_that_links_its_own_libstdcxx_is_not_chosen(tmp_path, monkeypatch):
+    """The GPU image's case: Inductor's default compiler put a copy of libstdc++ into the package's library
+    (static), whose locale facets crashed on load beside the process's own libstdc++. Seen here with this
+    machine's g++ made to link libstdc++ statically: the probe tells it apart, and the choice moves to g++."""
+    from clear_surgery.export import aoti
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++")
+    static = tmp_path / "static-g++"
+    static.write_text(f'#!/bin/sh\nexec {gxx} -static-libstdc++ "$@"\n')
+    static.chmod(0o755)
+    assert aoti.links_libstdcxx_dynamically(gxx) is True
+    assert aoti.links_libstdcxx_dynamically(str(static)) is False
+    assert aoti.links_libstdcxx_dynamically(str(tmp_path / "missing-g++")) is None
+    assert "its own copy of libstdc++" in aoti.compiler_problem(str(static), None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(aoti, "OTHER_COMPILERS", (str(static), gxx))
+    assert aoti.choose_compiler(str(static)) == gxx
+
+
 def test_the_release_of_a_library_and_of_this_machines_compiler():
     """libstdc++'s file names map to GCC releases (newer ones beyond the table count on); the headers' release
     is read from the compiler itself (this machine's g++ where it has one)."""
