@@ -94,22 +94,25 @@ def choose_compiler(default: str) -> str:
     """The C++ compiler for a package that must load in this process, beside the libstdc++ torch runs on.
 
     Two ways a package crashes on load (std::regex, on the model's first construction, in its
-    parse_device_str): it carries its own copy of libstdc++ (seen on a GPU image whose Inductor default, a
-    separate GCC, linked libstdc++ statically: the crash was inside the package's own copy of libstdc++'s
-    locale facets, next to the process's; recipes/benchmarks has the backtrace), or it was compiled with newer
-    C++ headers than the library it runs with. ``default`` (Inductor's choice) is kept where nothing is known
-    against it or where CXX was set explicitly; otherwise the first compiler of OTHER_COMPILERS without either
-    problem; a warning where none is."""
+    parse_device_str): it carries its own copy of libstdc++, or it was compiled with newer C++ headers than
+    the library it runs with. The first is the lent GPU image's: its CXX, a separate GCC that finds no
+    libstdc++.so to link against, links the static library into the package, whose locale facets then crash
+    beside the process's (recipes/benchmarks has the frames and the probe). ``default`` (Inductor's choice,
+    from CXX where set) is kept where nothing is known against it; otherwise the first compiler of
+    OTHER_COMPILERS without either problem, with a warning where CXX named the replaced one (a package that
+    cannot load is of no use); a warning and ``default`` where none fits."""
     loaded = loaded_libstdcxx()
     library = library_release(loaded) if loaded else None
     problem = compiler_problem(default, library)
     if problem is None:
         return default
-    if not os.environ.get("CXX"):
-        for other in OTHER_COMPILERS:
-            found = shutil.which(other)
-            if found and compiler_problem(found, library) is None:
-                return found
+    for other in OTHER_COMPILERS:
+        found = shutil.which(other)
+        if found and compiler_problem(found, library) is None:
+            if os.environ.get("CXX"):
+                warnings.warn(f"CXX={os.environ['CXX']} {problem}: the package would crash on load; compiling it "
+                              f"with {found} instead", stacklevel=2)
+            return found
     warnings.warn(f"the C++ compiler {default} {problem}: the AOTInductor package may crash on load (set CXX to "
                   "a compiler without this problem)", stacklevel=2)
     return default
