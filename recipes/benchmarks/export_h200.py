@@ -11,15 +11,18 @@ text first and last: the PTX, grid and arguments of ``tensorrt_plugin.aot_launch
 JIT-loaded and launched through the CUDA driver (cupy) with TensorRT's ten arguments, against the
 table-driven triton backend (rel. error), timed beside the triton, gluon and triton-aot backends.
 aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
-2048 px and 4096 px against eager; the 4096 px step timed for eager, torch.compile and the package. Each
-output's error is also given for the exported graph run uncompiled, torch.compile, and against the float32
-eager model, to tell where a difference comes from.
+2048 px and 4096 px against eager, and at 4096 px with guidance 4 (FLUX rounds guidance * 1000 to bf16
+eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not); the 4096 px step timed for eager,
+torch.compile and the package. Each output's error is also given for the exported graph run uncompiled,
+torch.compile, and against the float32 eager model, to tell where a difference comes from. OUT/aoti.json
+grows as the run goes (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +118,10 @@ print(json.dumps(results))
 
 
 def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
+    def checkpoint(report):  # printed and written as it grows: a run cut short keeps what it measured
+        print(json.dumps(report), flush=True)
+        (out / "aoti.json").write_text(json.dumps(report, indent=1) + "\n")
+
     from clear_surgery.export.aoti import export_aoti, exported_program
     from clear_surgery.plugins.op import self_contained_attention
     from clear_surgery.export.common import prepare
@@ -142,56 +149,59 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
     inputs["4096-g4"] = dict(inputs[4096], guidance=torch.full_like(inputs[4096]["guidance"], 4.0))
     for side, x in inputs.items():
         torch.save({k: v.cpu() for k, v in x.items()}, out / f"inputs-{side}.pt")
-    t0 = time.perf_counter()
-    program = exported_program(prepared)
-    report["cxx"] = export_aoti(prepared, out, program)["cxx"]
-    report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
-    report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
-    print(json.dumps(report), flush=True)
-    wrapper = prepared.wrapper
-    eager = {}
-    with torch.no_grad():
-        for side, x in inputs.items():
-            eager[side] = wrapper(**x).float().cpu()
-        report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
-        with self_contained_attention():  # the exported graph run uncompiled: its own error, apart from Inductor's
-            graph = program.module()
-            for side, x in inputs.items():
-                report[f"exported_graph_vs_eager_rel_err_{side}"] = rel_err(graph(**x).float().cpu(), eager[side])
-        del graph
-    print(json.dumps(report), flush=True)
-    packaged = {}
-    done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), *map(str, inputs)],
-                          capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        report["aoti_error"] = f"exit {done.returncode}: " + done.stderr[-3000:]
-        print(report["aoti_error"], flush=True)
-    else:
-        report.update(json.loads(done.stdout.splitlines()[-1]))
-        for side in inputs:
-            packaged[side] = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
-            report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(packaged[side], eager[side])
-    print(json.dumps(report), flush=True)
-    compiled = torch.compile(wrapper)
-    with torch.no_grad():
+    try:
         t0 = time.perf_counter()
-        compiled(**inputs[4096])
-        torch.cuda.synchronize()
-        report["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
-        report["compiled_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
-        for side in (4096, "4096-g4"):
-            report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(compiled(**inputs[side]).float().cpu(), eager[side])
-    with torch.no_grad():
-        # which of them rounds more: each against the float32 eager model (same weights, widened)
-        model.float()
-        for side, x in inputs.items():
-            truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
-            report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
-            if side in packaged:
-                report[f"aoti_vs_float32_rel_err_{side}"] = rel_err(packaged[side], truth)
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", "aoti") for s in inputs]:
-        (out / name).unlink(missing_ok=True)  # too large to bring back
+        program = exported_program(prepared)
+        report["cxx"] = export_aoti(prepared, out, program)["cxx"]
+        report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
+        report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
+        checkpoint(report)
+        wrapper = prepared.wrapper
+        eager = {}
+        with torch.no_grad():
+            for side, x in inputs.items():
+                eager[side] = wrapper(**x).float().cpu()
+            report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
+            with self_contained_attention():  # the exported graph run uncompiled: its own error, apart from Inductor's
+                graph = program.module()
+                for side, x in inputs.items():
+                    report[f"exported_graph_vs_eager_rel_err_{side}"] = rel_err(graph(**x).float().cpu(), eager[side])
+            del graph
+        checkpoint(report)
+        packaged = {}
+        done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), *map(str, inputs)],
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            report["aoti_error"] = f"exit {done.returncode}: " + done.stderr[-3000:]
+            print(report["aoti_error"], flush=True)
+        else:
+            report.update(json.loads(done.stdout.splitlines()[-1]))
+            for side in inputs:
+                packaged[side] = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
+                report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(packaged[side], eager[side])
+        checkpoint(report)
+        compiled = torch.compile(wrapper)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            compiled(**inputs[4096])
+            torch.cuda.synchronize()
+            report["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
+            report["compiled_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
+            for side in (4096, "4096-g4"):
+                got = compiled(**inputs[side]).float().cpu()
+                report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
+        with torch.no_grad():
+            # which of them rounds more: each against the float32 eager model (same weights, widened)
+            model.float()
+            for side, x in inputs.items():
+                truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
+                report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
+                if side in packaged:
+                    report[f"aoti_vs_float32_rel_err_{side}"] = rel_err(packaged[side], truth)
+        report["total_s"] = round(time.perf_counter() - started, 1)
+    finally:  # too large to bring back, also when the run is cut short
+        for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", "aoti") for s in inputs]:
+            (out / name).unlink(missing_ok=True)
     return report
 
 
@@ -203,6 +213,7 @@ def main():
     parser.add_argument("--layers", help="aoti: DOUBLE,SINGLE blocks instead of FLUX.1-dev's 19,38 (same widths)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops it: clean up on the way out
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.what == "kernel":
         result = {**meta, "rows": kernel_rows(args.out)}
