@@ -81,7 +81,8 @@ TACTICS = [(4, 1), (8, 1), (2, 1)]
 # Launches through Triton (the triton-aot backend) and AOTInductor raise the limit themselves: three stages
 # pipeline the key loads (112 KiB at head dim 128).
 LAUNCH_CONFIG = (4, 3)
-# Every tensor's address is a multiple of 16 bytes (PyTorch's and TensorRT's allocations are 256-byte aligned):
+# Every tensor's address is a multiple of 16 bytes (PyTorch's allocations are 256-byte aligned; TensorRT's are
+# assumed to be at least 16-byte aligned, as its own vectorized kernels need):
 # what Triton's own launch checks and specializes on. Without it the compiled kernel loads 2 bytes at a time and
 # cannot pipeline its loads (cp.async needs 16-byte rows): the same kernel ran 1.8x slower launched from its
 # ahead-of-time PTX than launched by Triton (recipes/benchmarks).
