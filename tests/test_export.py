@@ -211,8 +211,8 @@ def test_gpu_aoti_package_runs_in_a_fresh_process(tmp_path):
                               timeout=600)
         assert done.returncode == 0, (manifest, done.stderr[-3000:])
         got = torch.load(tmp_path / "out.pt", weights_only=True).float()
-        print(f"{rows}x{cols} guidance {guidance or 'default'}: package vs float32 {rel_err(got, truth):.2e}, bf16 eager vs float32 "
-              f"{rel_err(want, truth):.2e}, package vs bf16 eager {rel_err(got, want):.2e}")
+        print(f"{rows}x{cols} guidance {guidance or 'default'}: package vs float32 {rel_err(got, truth):.2e}, "
+              f"bf16 eager vs float32 {rel_err(want, truth):.2e}, package vs bf16 eager {rel_err(got, want):.2e}")
         assert got.shape == want.shape and rel_err(got, truth) < max(2 * rel_err(want, truth), 1e-2)
         if guidance is not None:
             assert rel_err(got, want) < 1e-2
