@@ -106,9 +106,10 @@ def choose_compiler(default: str) -> str:
     problem = compiler_problem(default, library)
     if problem is None:
         return default
+    rejected = shutil.which(default)
     for other in OTHER_COMPILERS:
         found = shutil.which(other)
-        if found and compiler_problem(found, library) is None:
+        if found and found != rejected and compiler_problem(found, library) is None:  # (each probe builds a library)
             if os.environ.get("CXX"):
                 warnings.warn(f"CXX={os.environ['CXX']} {problem}: the package would crash on load; compiling it "
                               f"with {found} instead", stacklevel=2)
