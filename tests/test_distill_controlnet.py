@@ -88,26 +88,6 @@ def test_a_recipe_with_a_controlnet_needs_its_control_images(tmp_path):
     assert "data.condition must be one of ['gray', 'edges']" in result.output  # every problem in one error
 
 
-def test_a_stopped_run_resumes_bit_exactly(run, tmp_path, monkeypatch):
-    r = recipe(tmp_path, "stopped", f'data.folder="{run["tmp"] / "data"}"')
-    distiller = Distiller(r, progress=False)
-    step = Distiller.step
-
-    def stop_after_two(self):
-        if self.state.step == 2:  # the checkpoint of step 2 is written: stop as a kill would
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(Distiller, "step", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        distiller.run()
-    monkeypatch.setattr(Distiller, "step", step)
-    resumed = Distiller(r, progress=False).run(resume=True)
-    expected = load_file(str(run["layers"] / "clear_layers.safetensors"))
-    got = load_file(str(resumed / "clear_layers.safetensors"))
-    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
-
-
 def test_a_share_of_batches_heals_without_the_controlnet(run, tmp_path, monkeypatch):
     """model.controlnet_share = 0.5 alternates: every other step heals on the model alone (no residuals, teacher
     and student alike), so one run heals for both relatives."""
@@ -128,3 +108,82 @@ def test_a_share_of_batches_heals_without_the_controlnet(run, tmp_path, monkeypa
     bad = runner.invoke(app, ["distill", "--recipe", str(RECIPE), "--out", str(tmp_path / "o"),
                               "--set", "model.controlnet_share=0"])
     assert bad.exit_code == 2 and "model.controlnet_share must be in (0, 1]" in bad.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(run):
+    """The same run with the ControlNet's attention CLEAR and trained beside the model's."""
+    r = recipe(run["tmp"], "trained", 'model.controlnet_attention="trained"')
+    distiller = Distiller(r, progress=False)
+    return dict(recipe=r, distiller=distiller, layers=distiller.run())
+
+
+def test_a_trained_controlnet_heals_its_own_attention(run, trained_run):
+    from clear_surgery.surgery.tools.controlnets import load_controlnet
+
+    distiller, out = trained_run["distiller"], trained_run["layers"].parent
+    own = load_file(str(out / "clear-layers-controlnet" / "clear_layers.safetensors"))
+    original = load_controlnet(str(ROOT / "recipes/testbed/models/controlnet"), distiller.model).state_dict()
+    assert own and all(name in original for name in own)  # its attention tensors, under its own names
+    changed = [n for n in own if not torch.equal(own[n], original[n].to(own[n].dtype))]
+    assert len(changed) == len(own), "every trained ControlNet tensor moved"
+    config = json.loads((out / "clear-layers-controlnet" / "clear_config.json").read_text())
+    assert config["model_class"] == "FluxControlNetModel" and config["config"]["radius"] == 8
+    assert config["training"]["controlnet"]["attention"] == "trained"
+    # the dense side runs the ControlNet as it was: its residuals equal an untouched ControlNet's
+    batch = distiller._batch([0], distiller.train_set)
+    inputs, _ = distiller._noised(batch, distiller._generators(0, [0]))
+    teacher, student = distiller._controlled(inputs, batch)
+    fresh = load_controlnet(str(ROOT / "recipes/testbed/models/controlnet"), distiller.model)
+    with torch.no_grad():
+        expected = distiller.family.controlnet_residuals(fresh, inputs, batch, 1.0)
+    torch.testing.assert_close(teacher["controlnet_block_samples"][0], expected["controlnet_block_samples"][0])
+    assert (student["controlnet_block_samples"][0] - expected["controlnet_block_samples"][0]).norm() > 0
+    # the model's layers differ from those healed beside a frozen ControlNet: the gradient reached both
+    mine = load_file(str(trained_run["layers"] / "clear_layers.safetensors"))
+    frozen = load_file(str(run["layers"] / "clear_layers.safetensors"))
+    assert set(mine) == set(frozen) and not all(torch.equal(mine[n], frozen[n]) for n in mine)
+
+
+@pytest.mark.parametrize("attention", ["dense", "trained"])
+def test_a_stopped_run_resumes_bit_exactly(run, trained_run, attention, tmp_path, monkeypatch):
+    r = recipe(tmp_path, "stopped", f'data.folder="{run["tmp"] / "data"}"', f'model.controlnet_attention="{attention}"')
+    distiller = Distiller(r, progress=False)
+    step = Distiller.step
+
+    def stop_after_two(self):
+        if self.state.step == 2:  # the checkpoint of step 2 is written: stop as a kill would
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "step", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        distiller.run()
+    monkeypatch.setattr(Distiller, "step", step)
+    resumed = Distiller(r, progress=False).run(resume=True)
+    whole = {"dense": run, "trained": trained_run}[attention]["layers"]
+    folders = ["clear-layers"] + (["clear-layers-controlnet"] if attention == "trained" else [])
+    for folder in folders:
+        expected = load_file(str(whole.parent / folder / "clear_layers.safetensors"))
+        got = load_file(str(resumed.parent / folder / "clear_layers.safetensors"))
+        assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected), folder
+
+
+def test_check_transfer_runs_the_controlnet_with_its_own_layers(trained_run, tmp_path):
+    from clear_surgery.surgery.cli import main
+
+    out = trained_run["layers"].parent
+    common = ["check-transfer", "--target", str(ROOT / "recipes/testbed/models/dev"), "--prompts",
+              str(ROOT / "recipes/testbed/prompts.txt"), "--num-images", "1", "--steps", "2", "--height", "64",
+              "--width", "64", "--controlnet", str(ROOT / "recipes/testbed/models/controlnet"), "--control-images",
+              str(ROOT / "recipes/testbed/conditions"), "--clear-layers", str(out / "clear-layers")]
+    assert main([*common, "--controlnet-layers", str(out / "clear-layers-controlnet"), "-o", str(tmp_path / "a")]) == 0
+    setup = json.loads((tmp_path / "a" / "metrics.json").read_text())["setup"]
+    assert setup["controlnet_attention"] == "trained" and setup["controlnet_layers"].endswith("clear-layers-controlnet")
+    # the model's layers named as the ControlNet's: refused before any image, nothing written
+    result = runner.invoke(app, [*common, "--controlnet-layers", str(out / "clear-layers"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "do not fit the ControlNet's FluxControlNetModel" in result.output, result.output
+    assert not (tmp_path / "b").exists()
+    result = runner.invoke(app, [*common, "--controlnet-attention", "dense", "--controlnet-layers",
+                                 str(out / "clear-layers-controlnet"), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "go together" in result.output, result.output

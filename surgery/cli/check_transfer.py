@@ -31,7 +31,11 @@ def check_transfer(
     controlnet_attention: Optional[str] = typer.Option(None, help="the ControlNet's own attention: layers (CLEAR "
                                                       "with the layers' changes on the blocks it shares with the "
                                                       "target; the default with --clear-layers), clear (zero-shot "
-                                                      "CLEAR; the default without), or dense"),
+                                                      "CLEAR; the default without), dense, or trained (with "
+                                                      "--controlnet-layers)"),
+    controlnet_layers: Optional[str] = typer.Option(None, help="the ControlNet's own CLEAR layers (what distill writes "
+                                                    "to OUT/clear-layers-controlnet when the ControlNet's attention "
+                                                    "trains too); implies --controlnet-attention trained"),
     prompts: Path = typer.Option(..., help="text file, one prompt per line (cycled)"),
     num_images: int = typer.Option(4, min=1, help="image pairs to make"),
     seed: int = typer.Option(0, min=0, help="image i uses seed + i"),
@@ -55,9 +59,13 @@ def check_transfer(
         check(clear_layers is not None or radius is not None,
               "give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
         check((controlnet is None) == (control_images is None), "--controlnet and --control-images go together")
-        controlnet_attention = controlnet_attention or ("layers" if clear_layers else "clear")
-        check(controlnet_attention in ("dense", "clear", "layers"), "--controlnet-attention must be dense, clear or "
-              f"layers, got {controlnet_attention!r}")
+        controlnet_attention = controlnet_attention or ("trained" if controlnet_layers else
+                                                        "layers" if clear_layers else "clear")
+        check(controlnet_attention in ("dense", "clear", "layers", "trained"), "--controlnet-attention must be dense, "
+              f"clear, layers or trained, got {controlnet_attention!r}")
+        check((controlnet_attention == "trained") == (controlnet_layers is not None),
+              "--controlnet-layers and --controlnet-attention trained go together")
+        check(controlnet_layers is None or controlnet is not None, "--controlnet-layers needs --controlnet")
         check(controlnet_attention != "layers" or clear_layers is not None,
               "--controlnet-attention layers needs --clear-layers")
         check_layers_mode(layers_mode, clear_layers)
@@ -71,13 +79,13 @@ def check_transfer(
         settings = TransferSettings(prompts=read_prompts(prompts), num_images=num_images, seed=seed, steps=steps,
                                     guidance=guidance, height=height, width=width, condition=condition)
         check_sources(target, clear_layers)
-        check_sources(controlnet)
+        check_sources(controlnet, controlnet_layers)
         check_sources(layers_base)
         from clear_surgery.surgery.tools.transfer import check_transfer as run
 
         metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
                       control_images=control_images, layers_mode=layers_mode, layers_base=layers_base,
-                      controlnet_attention=controlnet_attention, quantize=quantize,
+                      controlnet_attention=controlnet_attention, controlnet_layers=controlnet_layers, quantize=quantize,
                       allow_radius_change=allow_radius_change, overwrite=overwrite, device=device)
     s = metrics["summary"]
     typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "

@@ -34,8 +34,9 @@ from .quantize import check_quantize, quantize_pipeline
 
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
 # a ControlNet's own attention: dense; CLEAR zero-shot; CLEAR plus the layers' changes on the blocks it
-# shares with the target (a FLUX ControlNet starts as a copy of the first blocks)
-CONTROLNET_ATTENTION = ("dense", "clear", "layers")
+# shares with the target (a FLUX ControlNet starts as a copy of the first blocks); CLEAR with its own trained
+# tensors (--controlnet-layers: what `distill` writes when the ControlNet's attention trains with the model's)
+CONTROLNET_ATTENTION = ("dense", "clear", "layers", "trained")
 DIFF_GAIN = 4  # the difference column shows |original - CLEAR| x 4
 
 
@@ -136,6 +137,7 @@ def _mean(values) -> float:
 def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, clear_layers: str | Path | None = None,
                    radius: float | None = None, controlnet: str | None = None, control_images=None,
                    layers_mode: str = "replace", layers_base: str | None = None, controlnet_attention: str = "clear",
+                   controlnet_layers: str | Path | None = None,
                    allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True,
                    device: str = "cpu", quantize: str | None = None) -> dict:
     """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
@@ -155,10 +157,15 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                                 f"{controlnet_attention!r}")
     if controlnet_attention == "layers" and clear_layers is None:
         raise InvalidValueError("--controlnet-attention layers needs --clear-layers")
+    if (controlnet_attention == "trained") != (controlnet_layers is not None):
+        raise InvalidValueError("--controlnet-layers and --controlnet-attention trained go together")
     if (controlnet is None) != (control_images is None):
         raise InvalidValueError("--controlnet and --control-images go together")
+    if controlnet_layers is not None and controlnet is None:
+        raise InvalidValueError("--controlnet-layers needs --controlnet")
     controls = read_control_images(control_images) if control_images is not None else None  # before any model
     layers: LayersSource | None = resolve_layers(clear_layers) if clear_layers is not None else None
+    controlnet_own = resolve_layers(controlnet_layers) if controlnet_layers is not None else None
     radius = radius if radius is not None else layers.radius
     config = ClearConfig(radius=radius, down_factor=layers.down_factor if layers is not None else None)
 
@@ -186,6 +193,11 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                 n in cn_state and tuple(cn_state[n].shape) == shape for n, shape in layer_shapes(layers.file).items()):
             raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}: use "
                                 "--controlnet-attention clear or dense")
+        if controlnet_own is not None:
+            controlnet_own.check_target(type(pipe.controlnet).__name__, radius, allow_radius_change=allow_radius_change,
+                                        down_factor=config.down_factor)
+            check_layer_fit({n: tuple(t.shape) for n, t in cn_state.items()}, controlnet_own.file,
+                            f"the ControlNet's {type(pipe.controlnet).__name__}", before_rewrite=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -200,6 +212,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             apply_clear(pipe.controlnet, config)
             if controlnet_attention == "layers":
                 apply_layer_deltas(pipe.controlnet, layers.file, base_values_cn, shared_only=True)
+            elif controlnet_own is not None:
+                apply_layer_tensors(pipe.controlnet, controlnet_own.file)
         quantize_pipeline(pipe, quantize)
         clear, clear_latents = _generate(pipe, settings, controls, "CLEAR" if progress else None)
         metrics = _metrics(original, clear, original_latents, clear_latents, settings, controls)
@@ -209,6 +223,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             "mode": ("trained CLEAR layers" + (" (delta)" if base_values is not None else "")) if layers
             else "zero-shot", "layers_base": delta_base.source if delta_base is not None else None, "controlnet": controlnet,
             "controlnet_attention": controlnet_attention if controlnet else None, "quantize": quantize,
+            "controlnet_layers": controlnet_own.describe() if controlnet_own else None,
             "control_images": str(control_images) if control_images else None,
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
             "prompts": [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]}

@@ -41,7 +41,8 @@ class ModelSection:
     revision: str | None = None
     dtype: str | None = None  # dtype the frozen weights are loaded in (None: as stored)
     # heal inside a ControlNet pipeline: the teacher is the dense model with this ControlNet, the student the
-    # CLEAR one with the same ControlNet (frozen), whose own attention is dense or zero-shot CLEAR
+    # CLEAR one with the same ControlNet, whose own attention is dense, zero-shot CLEAR (both frozen), or CLEAR
+    # with its attention tensors (train.trained's selection) trained along with the model's ("trained")
     controlnet: str | None = None
     controlnet_attention: str = "dense"
     # the share of training batches that run with the ControlNet (the others heal on the model alone, on the same
@@ -173,7 +174,7 @@ class DistillRecipe:
         return {k: data[k] for k in ("model", "clear", "train", "loss")} | {"data": _data_identity(self.data)}
 
 
-CONTROLNET_ATTENTION = ("dense", "clear")  # the ControlNet's own attention while the layers heal
+CONTROLNET_ATTENTION = ("dense", "clear", "trained")  # the ControlNet's own attention while the layers heal
 
 
 def _data_identity(data: DataSection) -> dict:

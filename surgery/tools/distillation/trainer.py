@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from clear_surgery.hub import load_model, save_clear_layers, trained_names
+from clear_surgery.hub import load_model, resolve_model, save_clear_layers, trained_names
 from clear_surgery.surgery import apply_clear, dense_attention, get_clear_state, is_clear_tensor
 
 from ..launch import init_from_torchrun
@@ -33,7 +33,24 @@ from .recipe import DistillRecipe
 from .state import TrainingState, checkpoints, load_checkpoint, restore_rng, rng_state, save_checkpoint
 
 LAYERS_FOLDER = "clear-layers"
+CONTROLNET_LAYERS_FOLDER = "clear-layers-controlnet"  # the ControlNet's own, when its attention trains too
+CONTROLNET_PREFIX = "controlnet."  # its tensors' names among the trained ones (optimizer, checkpoints)
 EVAL_SEED_OFFSET = 7919
+
+
+@contextlib.contextmanager
+def swapped_tensors(module, tensors: dict[str, torch.Tensor]):
+    """``module`` runs with ``tensors`` in place of its parameters of those names inside the block (no grad: a
+    frozen copy's forward without a second module in memory)."""
+    params = dict(module.named_parameters())
+    kept = {name: params[name].data for name in tensors}
+    try:
+        for name, value in tensors.items():
+            params[name].data = value
+        yield module
+    finally:
+        for name, value in kept.items():
+            params[name].data = value
 
 
 def lr_lambda(train):
@@ -97,14 +114,18 @@ class Distiller:
         return model.to(self.device)
 
     def _load_controlnet(self):
-        """The ControlNet, frozen, beside the model (teacher and student alike); its own attention dense, or
-        zero-shot CLEAR at the recipe's settings."""
+        """The ControlNet beside the model (teacher and student alike); its own attention dense, or CLEAR at the
+        recipe's settings: zero-shot (frozen), or trained with the model's tensors (_prepare_parameters)."""
         from ..controlnets import load_controlnet
 
         controlnet = load_controlnet(self.recipe.model.controlnet, self.model, "model.controlnet")
-        if self.recipe.model.controlnet_attention == "clear":
+        if self.recipe.model.controlnet_attention in ("clear", "trained"):
             apply_clear(controlnet, self.recipe.clear_config(), backend=self.recipe.clear.backend, verify=False)
         return controlnet.requires_grad_(False).eval().to(self.device)
+
+    @property
+    def controlnet_trains(self) -> bool:
+        return self.controlnet is not None and self.recipe.model.controlnet_attention == "trained"
 
     def _controlled(self, inputs: dict, batch: dict) -> tuple[dict, dict]:
         """(the teacher's, the student's) transformer inputs with the ControlNet's residuals (the inputs as they are
@@ -117,10 +138,16 @@ class Distiller:
             return self.family.controlnet_residuals(self.controlnet, inputs, batch, self.recipe.data.controlnet_scale)
 
         clear = get_clear_state(self.controlnet) is not None
-        with torch.no_grad(), self._amp():
-            with dense_attention(self.controlnet) if clear else contextlib.nullcontext():
+        with self._amp():
+            # the dense side's ControlNet also keeps its original attention tensors (as the teacher does)
+            with torch.no_grad(), dense_attention(self.controlnet) if clear else contextlib.nullcontext(), \
+                    swapped_tensors(self.controlnet, self.controlnet_teacher_tensors):
                 teacher = {**inputs, **residuals()}
-            return teacher, ({**inputs, **residuals()} if clear else teacher)
+            if not clear:
+                return teacher, teacher
+            # a trained ControlNet's residuals carry the gradient to its tensors
+            with contextlib.nullcontext() if self.controlnet_trains else torch.no_grad():
+                return teacher, {**inputs, **residuals()}
 
     def _prepare_parameters(self):
         model = self.model
@@ -143,6 +170,16 @@ class Distiller:
             named[n].data = named[n].data.float()
             named[n].requires_grad_(True)
         self.trained = {n: named[n] for n in self.trained_names}
+        self.controlnet_teacher_tensors = {}
+        if self.controlnet_trains:  # the ControlNet's attention tensors, by the same selection, beside the model's
+            own = dict(self.controlnet.named_parameters())
+            names = trained_names(self.controlnet, self.recipe.train.trained)
+            self.controlnet_teacher_tensors = {n: own[n].detach().clone() for n in names if not is_clear_tensor(n)}
+            for n in names:
+                own[n].data = own[n].data.float()
+                own[n].requires_grad_(True)
+                self.trained[CONTROLNET_PREFIX + n] = own[n]
+            self.trained_names = list(self.trained)
         if self.recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -239,6 +276,11 @@ class Distiller:
                 (parts["loss"] / accum).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+        if self.world > 1 and self.controlnet_trains:  # the ControlNet is not inside DDP: average its gradients
+            for name, param in self.trained.items():
+                if name.startswith(CONTROLNET_PREFIX) and param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= self.world
         if t.max_grad_norm is not None:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.trained.values()), t.max_grad_norm))
         self.optimizer.step()
@@ -330,11 +372,18 @@ class Distiller:
         return self.save_layers(final) if self.rank == 0 else None
 
     def save_layers(self, final_mse: float) -> Path:
+        """OUT/clear-layers (the model's); with a trained ControlNet also OUT/clear-layers-controlnet, its own
+        (written first: the model's folder marks the run finished)."""
         self.capture.remove()
         zero_shot = MetricsLog.first_eval(self.out)
         for param in self.trained.values():  # back to the model's own dtype for release
             param.data = param.data.to(self.frozen_dtype)
-        get_clear_state(self.model).provenance = self.provenance(zero_shot, final_mse)
+        provenance = self.provenance(zero_shot, final_mse)
+        if self.controlnet_trains:
+            get_clear_state(self.controlnet).provenance = provenance
+            save_clear_layers(self.controlnet, self.out / CONTROLNET_LAYERS_FOLDER, trained=self.recipe.train.trained,
+                              base_model=resolve_model(self.recipe.model.controlnet).record(), overwrite=True)
+        get_clear_state(self.model).provenance = provenance
         return save_clear_layers(self.model, self.out / LAYERS_FOLDER, trained=self.recipe.train.trained,
                                  base_model=self.recipe.teacher_ref().base().record(), overwrite=True)
 
@@ -372,7 +421,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if overwrite and rank == 0:
-            for name in (LAYERS_FOLDER, "checkpoints", METRICS_FILE, "tensorboard"):
+            for name in (LAYERS_FOLDER, CONTROLNET_LAYERS_FOLDER, "checkpoints", METRICS_FILE, "tensorboard"):
                 path = recipe.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if recipe.data.generates and rank == 0:
