@@ -143,7 +143,7 @@ if triton is not None:
 if clear_fwd_ws_kernel is not None:
     # Warp-specialized Hopper kernel: plain CLEAR of one image (gluon_reason says which layouts)
     register_backend(Backend("gluon", gluon_clear_attention, gluon_reason, recompute_backward(flex_clear_attention),
-                             frozenset({LSE, BACKWARD}), {"cuda": 40}))
+                             frozenset({LSE, BACKWARD, IMAGE_ONLY}), {"cuda": 40}))
     # Its FP8 twin (image queries in e4m3; inference only): runs only calls that ask for FP8 attention
     register_backend(Backend("gluon-fp8", gluon_fp8_clear_attention, gluon_fp8_reason, features=frozenset({LSE, FP8}),
                              priority={"cuda": 50}))

@@ -125,7 +125,7 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
     from clear_surgery.export.aoti import export_aoti, exported_program
     from clear_surgery.plugins.op import self_contained_attention
     from clear_surgery.export.common import prepare
-    from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state
+    from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, set_backend
     from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 
     config = TINY_FLUX_DEV if tiny else FLUX_DEV
@@ -190,9 +190,12 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
             for side in (4096, "4096-g4"):
                 got = compiled(**inputs[side]).float().cpu()
                 report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
+        checkpoint(report)
         with torch.no_grad():
-            # which of them rounds more: each against the float32 eager model (same weights, widened)
+            # which of them rounds more: each against the float32 eager model (same weights, widened; the Triton
+            # kernel takes bf16 and fp16 only, so "auto" picks a float32 backend)
             model.float()
+            set_backend(model, "auto")
             for side, x in inputs.items():
                 truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
                 report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
