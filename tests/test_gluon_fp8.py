@@ -109,8 +109,17 @@ for batch, tokens, heads, dim in %r:
         expect = value_operand(want) if transposed else want
         assert got.shape == expect.shape and got.is_contiguous() and got.dtype == dtype, (got.shape, expect.shape)
         bits = torch.uint8 if dtype != torch.float32 else torch.int32
-        assert torch.equal(got.cpu().view(bits), expect.contiguous().view(bits)), (batch, transposed)
-        assert torch.equal(factor.cpu(), want_factor) and bool(torch.isfinite(factor).all())
+        got_bits, want_bits = got.cpu().view(bits).flatten(), expect.contiguous().view(bits).flatten()
+        if not torch.equal(got_bits, want_bits):  # say which values differ: a GPU run may be the only witness
+            wrong = (got_bits != want_bits).nonzero().flatten()
+            scaled = (t.float() * scales(t.float().abs().amax(dim=(1, 3)))[1].view(batch, 1, heads, 1))
+            scaled = (value_operand(scaled) if transposed else scaled).flatten()
+            raise AssertionError(f"case {(batch, tokens, heads, dim)}, transposed={transposed}: {len(wrong)} of "
+                                 f"{got_bits.numel()} differ; scaled value, got, want: "
+                                 + ", ".join(f"{scaled[i].item():.9g} {got_bits[i].item():#x} {want_bits[i].item():#x}"
+                                             for i in wrong[:8].tolist()))
+        assert torch.equal(factor.cpu(), want_factor), (factor.cpu(), want_factor)
+        assert bool(torch.isfinite(factor).all())
 print("ok")
 """ % (QUANTIZE_CASES,)
 
