@@ -187,3 +187,33 @@ def test_check_transfer_runs_the_controlnet_with_its_own_layers(trained_run, tmp
     result = runner.invoke(app, [*common, "--controlnet-attention", "dense", "--controlnet-layers",
                                  str(out / "clear-layers-controlnet"), "-o", str(tmp_path / "c")])
     assert result.exit_code == 2 and "go together" in result.output, result.output
+
+
+@pytest.mark.timeout(300)
+def test_a_trained_controlnet_under_ddp_matches_one_process(run, tmp_path):
+    """torchrun, gloo on CPU: the ControlNet is not inside DDP, so its gradients are averaged by hand; 2 processes
+    x batch 1 train both layer sets like 1 process x batch 2."""
+    import os
+    import subprocess
+    import sys
+
+    sets = [*sum((["--set", s] for s in SMALL), []), "--set", f'data.folder="{run["tmp"] / "data"}"',
+            "--set", f'model.teacher="{ROOT / "recipes/testbed/models/dev"}"',
+            "--set", f'model.controlnet="{ROOT / "recipes/testbed/models/controlnet"}"',
+            "--controlnet-attention", "trained", "--set", "train.eval_every=0"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for name, launch, batch in (("ddp", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"], 1),
+                                ("one", ["-m"], 2)):
+        done = subprocess.run([sys.executable, *launch, "clear_surgery.surgery.cli", "distill", "--recipe", str(RECIPE),
+                               "--out", str(tmp_path / name), *sets, "--set", f"train.batch_size={batch}"],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    from clear_surgery.hub import load_model
+
+    for folder, base in (("clear-layers", "dev"), ("clear-layers-controlnet", "controlnet")):
+        original = load_model(str(ROOT / "recipes/testbed/models" / base))[0].state_dict()
+        a, b = (load_file(str(tmp_path / name / folder / "clear_layers.safetensors")) for name in ("ddp", "one"))
+        assert set(a) == set(b)
+        for name in a:
+            update = (b[name] - original[name]).abs().max()  # what training moved, against the two runs' difference
+            assert update > 0 and (a[name] - b[name]).abs().max() <= 1e-3 * update + 1e-6, (folder, name)
