@@ -2,11 +2,14 @@
 
 The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache) and is only ever
 handed to huggingface_hub: never printed, logged or written. The folder is validated first and
-never modified; the model card uploaded is rendered again from clear_config.json with the repo id.
+never modified; the model card uploaded is rendered again from clear_config.json with the repo id, and
+clear_config.json goes up without the base model's absolute local path (kept in the folder only as a hint for
+finding that base on this machine).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,16 @@ from .download import check_repo_id
 from .model_card import render_model_card
 
 LARGE_FOLDER_BYTES = 20 * 1024**3  # above this, the resumable large-folder upload is used
+RENDERED = ("README.md", CLEAR_CONFIG_NAME)  # uploaded as rendered for the repo, not as the folder has them
+
+
+def published_config(meta: dict) -> bytes:
+    """clear_config.json as it is uploaded: the same record without the local base model's absolute path (where
+    the folder was made: meaningless on the Hub, and not the user's to publish unasked)."""
+    meta = dict(meta)
+    if isinstance(meta.get("base_model"), dict):
+        meta["base_model"] = {k: v for k, v in meta["base_model"].items() if k != "absolute_hint"}
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
 
 
 @dataclass
@@ -68,19 +81,20 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     meta = read_json(plan.folder / CLEAR_CONFIG_NAME)
-    card = CommitOperationAdd("README.md", render_model_card(meta, repo_id, online=True).encode())
+    rendered = [CommitOperationAdd("README.md", render_model_card(meta, repo_id, online=True).encode()),
+                CommitOperationAdd(CLEAR_CONFIG_NAME, published_config(meta))]
     message = commit_message or f"Upload {plan.kind} with clear-surgery (r = {meta['config']['radius']:g})"
     if plan.total_bytes > LARGE_FOLDER_BYTES:
-        # everything but the card in huggingface_hub's large-upload path (resumable, several commits,
-        # where this huggingface_hub has it); then the card rendered for this repo
+        # everything but the card and clear_config.json in huggingface_hub's large-upload path (resumable,
+        # several commits, where this huggingface_hub has it); then those two, rendered for this repo
         large = getattr(api, "upload_large_folder", None)
         if large is not None:
             large(repo_id=repo_id, folder_path=plan.folder, repo_type="model", revision=revision, private=private,
-                  ignore_patterns=["README.md", ".*"])
+                  ignore_patterns=[*RENDERED, ".*"])
         else:
             api.upload_folder(repo_id=repo_id, folder_path=plan.folder, revision=revision, commit_message=message,
-                              ignore_patterns=["README.md", ".*"])
-        return api.create_commit(repo_id, [card], commit_message=message, revision=revision)
-    operations = [card] + [CommitOperationAdd(path, str(plan.folder / path)) for path, _ in plan.files
-                           if path != "README.md"]
+                              ignore_patterns=[*RENDERED, ".*"])
+        return api.create_commit(repo_id, rendered, commit_message=message, revision=revision)
+    operations = rendered + [CommitOperationAdd(path, str(plan.folder / path)) for path, _ in plan.files
+                             if path not in RENDERED]
     return api.create_commit(repo_id, operations, commit_message=message, revision=revision)

@@ -163,6 +163,22 @@ def test_push_to_hub_uploads_the_folder_through_huggingface_hub(tmp_path):
     assert all(TOKEN.encode() not in p.read_bytes() for p in (tmp_path / "full").iterdir())
 
 
+def test_push_leaves_the_local_base_models_absolute_path_behind(tmp_path):
+    """A folder made from a local base records that base relative to itself and, as a hint, its absolute path;
+    the upload keeps the record but not the path of the machine it was made on."""
+    base = tmp_path / "my-models" / "flux"
+    save_clear_layers(_trained(), tmp_path / "layers", base_model={"id": str(base), "model_class": "FluxTransformer2DModel"})
+    local = json.loads((tmp_path / "layers" / "clear_config.json").read_text())
+    assert local["base_model"]["absolute_hint"] == str(base)  # the folder itself keeps it
+    with FakeHub() as hub:
+        done = _push(hub.url, str(tmp_path / "layers"), "--repo-id", "me/tiny-layers")
+        assert done.returncode == 0, done.stderr
+        received = hub.files["me/tiny-layers@main"]
+    assert all(str(tmp_path).encode() not in content for content in received.values())
+    sent = json.loads(received["clear_config.json"])
+    assert sent == {**local, "base_model": {k: v for k, v in local["base_model"].items() if k != "absolute_hint"}}
+
+
 def test_large_folder_upload_sends_the_card_for_the_repo(tmp_path, monkeypatch):
     """Above the large-upload threshold the weights go through huggingface_hub's folder upload and the
     card, rendered for the repo (not the folder's REPO_ID placeholder), in a commit of its own."""
