@@ -40,5 +40,11 @@ for r in 8 4; do
     check controlnet-dense-$name-r$r "${dev[@]}" "${cn[@]}" --clear-layers "$folder" --controlnet-attention dense
     check dev-$name-r$r "${dev[@]}" --clear-layers "$folder"
   done
+  # the ControlNet's attention CLEAR and trained with the layers (--controlnet-attention trained): its own layers
+  folder=$T/layers/r$r-controlnet-trained
+  if [ -d "$folder" ]; then
+    check controlnet-cntrained-r$r "${dev[@]}" "${cn[@]}" --clear-layers "$folder/model" --controlnet-layers "$folder/controlnet"
+    check dev-cntrained-r$r "${dev[@]}" --clear-layers "$folder/model"
+  fi
 done
 python $T/summarize.py $R

@@ -25,6 +25,9 @@ ROWS = (
     ("dev + ControlNet (attention dense), layers healed half with the ControlNet", "controlnet-dense-zero-shot",
      "controlnet-dense-cnhalf"),
     ("dev alone, layers healed half with the ControlNet", "dev-zero-shot", "dev-cnhalf"),
+    ("dev + ControlNet (attention CLEAR), layers and the ControlNet's attention healed together",
+     "controlnet-zero-shot", "controlnet-cntrained"),
+    ("dev alone, layers healed with the ControlNet's attention trained too", "dev-zero-shot", "dev-cntrained"),
 )
 
 
