@@ -13,6 +13,9 @@ accumulation): the accuracy tests derive the kernel's tolerance from it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from .gluon_backend import (
@@ -49,12 +52,28 @@ def gluon_fp8_reason(q, k, v, layout: TokenLayout, radius: float, scale=None) ->
     return pingpong_reason(layout, q.shape[0] * q.shape[2], 1, BLOCK, True, None, "image")
 
 
+@functools.cache
+def _text_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second stream of ``device`` that has waited for everything enqueued so far on the current one."""
+    side = _text_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
+
+
 def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                               extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
-                              stages: int | None = None, overlap: bool = False):
+                              stages: int | None = None, overlap: bool = False, concurrent_text: bool = False):
     """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's.
     ``stages``: K/V buffers per warpgroup (3 to 6; default PINGPONG_PROGRAM's);
-    ``overlap``: gluon_clear_attention's option, for the FP8 kernel."""
+    ``overlap``: gluon_clear_attention's option, for the FP8 kernel.
+    ``concurrent_text``: the text rows on a second CUDA stream, beside the quantization and the image rows. The
+    text rows are few programs that each walk every key (FLUX at 4096²: 96 programs for 132 SMs, 1032 key
+    blocks each): alone they leave SMs idle for their whole length, while in the bf16 kernel's single launch the
+    image programs fill those SMs. An option to measure, not yet the default."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon-fp8 backend: does not support pooled_keys or text_bias")
     default_stages, maxnreg = PINGPONG_PROGRAM
@@ -70,14 +89,18 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = output_buffer(q, out)
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device) if return_lse else out
+    # the mask lists both launches read, built (once, cached) on this stream before another stream may read them
+    lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, 1, BLOCK)
+    side = side_stream(q.device) if concurrent_text and layout.text_len and q.is_cuda else None
     if layout.text_len:
-        gluon_clear_attention(q, k, v, layout, radius, scale, out=out, return_lse=return_lse, queries="text", lse=lse)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            gluon_clear_attention(q, k, v, layout, radius, scale, out=out, return_lse=return_lse, queries="text",
+                                  lse=lse)
     # V transposed, (batch * heads * head_dim, tokens): the 8-bit wgmma reads P·V's B operand K-major only; its
     # keys in P's register order (fp8_quantize.p_register_order)
     (q8, q_factor), (k8, k_factor) = quantize_heads(q), quantize_heads(k)
     v_t, v_factor = quantize_heads(v, transposed=True)
     descale = torch.stack([q_factor, k_factor, v_factor])  # (3, batch * heads)
-    lists = group_lists(layout.height, layout.width, layout.tile, float(radius), q.device, 1, BLOCK)
     image_items = layout.image_tokens // BLOCK
     args = kernel_arguments((token_descriptor(q8, BLOCK), token_descriptor(k8, BLOCK),
                              descriptor(v_t, [head_dim, BLOCK])),
@@ -85,6 +108,8 @@ def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale
     clear_fwd_pingpong_kernel[(image_items * batch * heads // 2,)](
         *args, descale, BLOCK_N=BLOCK, HEAD_DIM=head_dim, STAGES=stages, STORE_LSE=return_lse,
         num_warps=4, maxnreg=maxnreg, FP8=True, OVERLAP=overlap)
+    if side is not None:  # what comes after this call waits for the text rows too
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return (out, lse.transpose(1, 2)) if return_lse else out
 
 

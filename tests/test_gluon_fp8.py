@@ -220,6 +220,19 @@ def test_fp8_launches_the_bf16_kernels_lists_and_text_rows(launches, text_first,
 
 
 @needs_gluon
+def test_text_rows_on_a_second_stream_launch_as_on_one(launches):
+    """concurrent_text changes where the text rows' launch is enqueued, not what is launched (on the CPU, where
+    there are no streams, it runs on one)."""
+    layout = TokenLayout(128, False, 16, 24, (8, 8))
+    q = torch.randn(2, layout.seq_len, 3, 64).to(torch.bfloat16)
+    gluon_fp8_backend.gluon_fp8_clear_attention(q, q, q, layout, 5.0)
+    gluon_fp8_backend.gluon_fp8_clear_attention(q, q, q, layout, 5.0, concurrent_text=True)
+    log = launches
+    assert [(name, grid) for name, grid, _, _ in log[:2]] == [(name, grid) for name, grid, _, _ in log[2:]]
+    assert [kwargs for *_, kwargs in log[:2]] == [kwargs for *_, kwargs in log[2:]]
+
+
+@needs_gluon
 def test_the_overlap_option_reaches_the_ping_pong_kernel_only(launches):
     """overlap=True launches the ping-pong kernel with OVERLAP (and the FP8 backend with its stages); asked of
     a call the ping-pong kernel cannot take, it is refused rather than dropped."""
@@ -373,3 +386,20 @@ def test_gpu_auto_runs_fp8_only_when_asked():
         leaf = q.clone().requires_grad_(True)
         attention(leaf, k, v, **kwargs, fp8=True).sum().backward()
         assert leaf.grad is not None and leaf.grad.isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [0, 1], ids=["flux-1024", "batch2-text-last"])
+def test_gpu_text_rows_on_a_second_stream_give_the_same_bytes(case):
+    """concurrent_text: the text rows' launch on a second stream, beside the quantization and the image rows,
+    writes the same output and log-sum-exp, bit for bit, as one stream (both kernels are deterministic), every
+    time, and what the caller runs next waits for it (the output is read right after, on the caller's stream)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the FP8 kernel is for Hopper")
+    q, k, v, layout, r = _inputs(GPU_CASES[case], "cuda", seed=5)
+    want, want_lse = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, r, return_lse=True)
+    for _ in range(5):
+        poison = torch.full_like(q, float("nan"))
+        got, lse = gluon_fp8_backend.gluon_fp8_clear_attention(q, k, v, layout, r, out=poison, return_lse=True,
+                                                               concurrent_text=True)
+        assert torch.equal(got, want) and torch.equal(lse, want_lse)

@@ -4,8 +4,9 @@ one 10-minute device call).
     python recipes/benchmarks/fp8_h200.py layer --out OUT
         FLUX shapes (24 heads x 128, 512 text tokens), r16, 4096² and 8192²: cuDNN dense bf16, flex-raster
         (the official path), triton, gluon (ping-pong bf16), gluon-fp8, and both ping-pong kernels' overlap
-        variant (gluon-overlap, gluon-fp8-overlap with 5 stages); and gluon-fp8's error against float32
-        on a 1024² slice of heads (its accuracy at the benchmark's shapes).
+        variant (gluon-overlap, gluon-fp8-overlap with 5 stages), gluon-fp8 with its text rows on a second
+        stream (gluon-fp8-concurrent); the parts of an FP8 call alone (its text rows, the quantization); and
+        gluon-fp8's error against float32 on a 1024² slice of heads (its accuracy at the benchmark's shapes).
     python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
         attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
@@ -23,6 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clear_surgery.plugins import TokenLayout, reference_attention
+from clear_surgery.plugins.fp8_quantize import quantize_heads
+from clear_surgery.plugins.gluon_backend import gluon_clear_attention
 from clear_surgery.plugins.gluon_fp8_backend import gluon_fp8_clear_attention
 from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear, set_backend
 from clear_surgery.surgery.tools.bench import analyze_flux_dev, bench_attention, build_flux_dev, flux_inputs, time_ms
@@ -38,7 +41,18 @@ def emit(rows, row):
 
 def layer(out: Path):
     rows = bench_attention([4096, 8192], [16], ["dense-cudnn", "flex-raster", "triton-tiled", "gluon-tiled",
-                                                "gluon-overlap-tiled", "gluon-fp8-tiled", "gluon-fp8-overlap-tiled"])
+                                                "gluon-overlap-tiled", "gluon-fp8-tiled", "gluon-fp8-overlap-tiled",
+                                                "gluon-fp8-concurrent-tiled"])
+    # the parts of an FP8 call, each launched alone: its text rows (the bf16 kernel), the quantization of Q, K, V
+    for size in (4096, 8192):
+        side = size // 16
+        layout = TokenLayout(512, True, side, side, (8, 8))
+        q, k, v = (torch.randn(1, layout.seq_len, 24, 128, device="cuda").to(torch.bfloat16) for _ in range(3))
+        rows.append(dict(res=size, part="text rows alone (bf16 ping-pong kernel)", ms=time_ms(
+            lambda: gluon_clear_attention(q, k, v, layout, 16, queries="text"), warmup=2, rep=5)))
+        rows.append(dict(res=size, part="quantize Q, K and V (V transposed)", ms=time_ms(
+            lambda: (quantize_heads(q), quantize_heads(k), quantize_heads(v, transposed=True)), warmup=2, rep=5)))
+        del q, k, v
     # accuracy at the benchmark's shapes: a 1024² call (64x64 tokens, 512 text), 24 heads, against float32
     layout = TokenLayout(512, True, 64, 64, (8, 8))
     gen = torch.Generator(device="cuda").manual_seed(0)

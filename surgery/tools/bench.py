@@ -152,6 +152,8 @@ LAYER_BACKENDS = {
     # the ping-pong kernels' variant with each warpgroup's softmax overlapping its own next Q·Kᵀ (to measure)
     "gluon-overlap-tiled": _clear(partial(gluon_clear_attention, pingpong=True, overlap=True), (8, 8)),
     "gluon-fp8-overlap-tiled": _clear(partial(gluon_fp8_clear_attention, overlap=True, stages=5), (8, 8)),
+    # the FP8 backend with its text rows on a second stream, beside the quantization and the image rows (to measure)
+    "gluon-fp8-concurrent-tiled": _clear(partial(gluon_fp8_clear_attention, concurrent_text=True), (8, 8)),
     "flex-tiled-down4": _clear_down("flex", 4),  # the official clear_local_<r>_down_4 variant
     "triton-tiled-down4": _clear_down("triton", 4),
 }
