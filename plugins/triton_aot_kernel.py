@@ -100,11 +100,17 @@ def clear_fwd_aot_kernel(
         # one branch-free loop over the box of key tiles, every block masked from token positions (tiles no
         # query sees are masked whole): a loop without branches is one Triton can pipeline
         for i in range(0, (row_hi - row_lo + 1) * box_cols):
-            k_start, k_count, _, _, _, _ = _tile((row_lo + i // box_cols) * n_cols + col_lo + i % box_cols,
-                                                 GH, GW, TH, TW)
+            k_start, k_count, ky0, _, kx0, kx1 = _tile((row_lo + i // box_cols) * n_cols + col_lo + i % box_cols,
+                                                       GH, GW, TH, TW)
+            # the key tile's tokens in row order from its corner: row n // width, column n % width, without a
+            # vector integer division (each one is a long instruction sequence per element, per block): n + 0.5
+            # times 1 / width stays within 64 * 2**-23 of the exact quotient, at least 1 / (2 TW) from an integer
+            width = kx1 - kx0 + 1
+            row = ((offs_n.to(tl.float32) + 0.5) * (1.0 / width.to(tl.float32))).to(tl.int32)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_img, v_img, stride_n, stride_n, k_start,
                                           k_start + k_count, offs_n, offs_d, qy, qx, R2, GH, GW, TH, TW, True, True,
-                                          True, UPCAST_DOT)
+                                          True, UPCAST_DOT, KY=ky0 + row, KX=kx0 + offs_n - row * width,
+                                          KEY_POSITIONS=True)
 
     out = acc / l_i[:, None]
     tl.store(O + base + (q_first + offs_m)[:, None] * stride_n + offs_d[None, :], out.to(O.dtype.element_ty),

@@ -40,7 +40,9 @@ def _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, l
                   qy, qx, R2, GH, GW, TH, TW,
                   MASK_BOUNDS: tl.constexpr, MASK_WINDOW: tl.constexpr, TILED: tl.constexpr,
                   UPCAST_DOT: tl.constexpr, TABLE=None, offs_m=None, MASK_TABLE: tl.constexpr = False,
-                  BIAS=None, ADD_BIAS: tl.constexpr = False, POSY=None, POSX=None, POS_TABLE: tl.constexpr = False):
+                  BIAS=None, ADD_BIAS: tl.constexpr = False, POSY=None, POSX=None, POS_TABLE: tl.constexpr = False,
+                  KY=None, KX=None, KEY_POSITIONS: tl.constexpr = False):
+    """One key block. KEY_POSITIONS: the keys' (y, x) given (KY, KX), not derived from their token indices."""
     kn = start + offs_n
     # k is loaded as (BLOCK_N, HEAD_DIM) rows and transposed for the dot
     if MASK_BOUNDS:
@@ -58,7 +60,10 @@ def _attend_block(acc, l_i, m_i, q, k_seg, v_seg, stride_kn, stride_vn, start, l
         keep = tl.load(TABLE + offs_m[:, None] * offs_n.shape[0] + offs_n[None, :])
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_WINDOW:
-        ky, kx = _positions(tl.minimum(kn, limit - 1), GH, GW, TH, TW, TILED, POSY, POSX, POS_TABLE)
+        if KEY_POSITIONS:
+            ky, kx = KY, KX
+        else:
+            ky, kx = _positions(tl.minimum(kn, limit - 1), GH, GW, TH, TW, TILED, POSY, POSX, POS_TABLE)
         dy = qy[:, None] - ky[None, :]
         dx = qx[:, None] - kx[None, :]
         s = tl.where(dy * dy + dx * dx <= R2, s, float("-inf"))  # R2: largest visible integer d²

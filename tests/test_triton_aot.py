@@ -29,6 +29,21 @@ def test_self_contained_kernel_matches_reference_under_the_interpreter():
     check_under_interpreter(INTERPRET_CASES, "triton-aot")
 
 
+def test_the_key_loop_computes_positions_without_integer_division():
+    """Compiled for sm_90 (no GPU needed): the key tiles' token positions come from each tile's corner and
+    width, not from dividing token indices by the grid (a 32-bit integer division is a long instruction sequence,
+    and it ran per element of every key block: 61 div.s32 in the PTX). What stays are per-program and per-tile
+    scalars and the query positions, computed once."""
+    import re
+
+    from clear_surgery.plugins.triton_aot import aot_kernel, spec_for
+
+    for tactic in (None, 0):
+        ptx = aot_kernel(spec_for(128, torch.bfloat16, 16.0, True, tactic=tactic)).ptx
+        divisions = len(re.findall(r"^\s*(?:div|rem)\.[su]32", ptx, re.M))
+        assert divisions <= 20, (tactic, divisions)
+
+
 def test_backend_refuses_raster_order_with_a_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the device is no reason
     q = torch.randn(1, 4 + 12, 1, 16)
