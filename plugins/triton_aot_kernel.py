@@ -25,8 +25,12 @@ from .triton_kernel import _attend_block, _attend_segment, _positions
 def _tile(t, GH, GW, TH: tl.constexpr, TW: tl.constexpr):
     """Tile ``t`` of the tile grid: its first token (tile order), token count, and row/column extents."""
     n_cols = (GW + TW - 1) // TW
-    band = t // n_cols
-    chunk = t % n_cols
+    return _tile_at(t // n_cols, t % n_cols, GH, GW, TH, TW)
+
+
+@triton.jit
+def _tile_at(band, chunk, GH, GW, TH: tl.constexpr, TW: tl.constexpr):
+    """The tile in row ``band``, column ``chunk`` of the tile grid, as ``_tile`` gives it."""
     band_h = tl.minimum(GH - band * TH, TH)
     chunk_w = tl.minimum(GW - chunk * TW, TW)
     start = band * TH * GW + chunk * band_h * TW
@@ -100,8 +104,7 @@ def clear_fwd_aot_kernel(
         # one branch-free loop over the box of key tiles, every block masked from token positions (tiles no
         # query sees are masked whole): a loop without branches is one Triton can pipeline
         for i in range(0, (row_hi - row_lo + 1) * box_cols):
-            k_start, k_count, ky0, _, kx0, kx1 = _tile((row_lo + i // box_cols) * n_cols + col_lo + i % box_cols,
-                                                       GH, GW, TH, TW)
+            k_start, k_count, ky0, _, kx0, kx1 = _tile_at(row_lo + i // box_cols, col_lo + i % box_cols, GH, GW, TH, TW)
             # the key tile's tokens in row order from its corner: row n // width, column n % width, without a
             # vector integer division (each one is a long instruction sequence per element, per block): n + 0.5
             # times 1 / width stays within 64 * 2**-23 of the exact quotient, at least 1 / (2 TW) from an integer

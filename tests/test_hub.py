@@ -167,7 +167,8 @@ def test_push_leaves_the_local_base_models_absolute_path_behind(tmp_path):
     """A folder made from a local base records that base relative to itself and, as a hint, its absolute path;
     the upload keeps the record but not the path of the machine it was made on."""
     base = tmp_path / "my-models" / "flux"
-    save_clear_layers(_trained(), tmp_path / "layers", base_model={"id": str(base), "model_class": "FluxTransformer2DModel"})
+    save_clear_layers(_trained(), tmp_path / "layers",
+                      base_model={"id": str(base), "model_class": "FluxTransformer2DModel"})
     local = json.loads((tmp_path / "layers" / "clear_config.json").read_text())
     assert local["base_model"]["absolute_hint"] == str(base)  # the folder itself keeps it
     with FakeHub() as hub:
