@@ -32,8 +32,9 @@ def distill(
     condition: Optional[str] = typer.Option(None, "--condition", help="the condition made from each control image: "
                                             "gray | edges (overrides data.condition)"),
     controlnet_attention: Optional[str] = typer.Option(None, "--controlnet-attention", help="the ControlNet's own "
-                                                       "attention while the layers heal: dense | clear (zero-shot) | trained (CLEAR, its "
-                                                       "attention tensors trained too: OUT/clear-layers-controlnet)"),
+                                                       "attention while the layers heal: dense | clear (zero-shot) | "
+                                                       "trained (CLEAR, its attention tensors trained too: "
+                                                       "OUT/clear-layers-controlnet)"),
 ):
     """Heal a CLEAR model against its dense teacher; writes CLEAR layers to OUT/clear-layers.
 
