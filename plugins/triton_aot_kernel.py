@@ -104,7 +104,8 @@ def clear_fwd_aot_kernel(
         # one branch-free loop over the box of key tiles, every block masked from token positions (tiles no
         # query sees are masked whole): a loop without branches is one Triton can pipeline
         for i in range(0, (row_hi - row_lo + 1) * box_cols):
-            k_start, k_count, ky0, _, kx0, kx1 = _tile_at(row_lo + i // box_cols, col_lo + i % box_cols, GH, GW, TH, TW)
+            k_start, k_count, ky0, _, kx0, kx1 = _tile_at(row_lo + i // box_cols, col_lo + i % box_cols,
+                                                          GH, GW, TH, TW)
             # the key tile's tokens in row order from its corner: row n // width, column n % width, without a
             # vector integer division (each one is a long instruction sequence per element, per block): n + 0.5
             # times 1 / width stays within 64 * 2**-23 of the exact quotient, at least 1 / (2 TW) from an integer

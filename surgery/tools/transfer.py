@@ -194,8 +194,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             raise TransferError(f"the ControlNet shares no tensor with the layers {layers.describe()}: use "
                                 "--controlnet-attention clear or dense")
         if controlnet_own is not None:
-            controlnet_own.check_target(type(pipe.controlnet).__name__, radius, allow_radius_change=allow_radius_change,
-                                        down_factor=config.down_factor)
+            controlnet_own.check_target(type(pipe.controlnet).__name__, radius,
+                                        allow_radius_change=allow_radius_change, down_factor=config.down_factor)
             check_layer_fit({n: tuple(t.shape) for n, t in cn_state.items()}, controlnet_own.file,
                             f"the ControlNet's {type(pipe.controlnet).__name__}", before_rewrite=True)
     pipe.to(device)
