@@ -58,7 +58,9 @@ def scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     once here so that kernel and reference agree. A head below 2**-64 (zeros) is scaled as if its largest
     magnitude were 2**-64: both factors stay finite (0 times an infinite inverse would be NaN)."""
     amax = amax.clamp_min(2.0**-64)
-    return amax / E4M3_MAX, E4M3_MAX / amax
+    # divided by a tensor, not a Python number: on a GPU, PyTorch divides by a CPU scalar as a product with its
+    # float reciprocal (one bit off the quotient at times), where the CPU divides exactly
+    return amax / torch.full_like(amax, E4M3_MAX), E4M3_MAX / amax
 
 
 @triton.jit

@@ -66,14 +66,15 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 def gluon_fp8_clear_attention(q, k, v, layout: TokenLayout, radius: float, scale: float | None = None, *,
                               extra=None, text_bias=None, out: torch.Tensor | None = None, return_lse: bool = False,
-                              stages: int | None = None, overlap: bool = False, concurrent_text: bool = False):
+                              stages: int | None = None, overlap: bool = False, concurrent_text: bool = True):
     """reference_attention's signature; the image rows in FP8 arithmetic, the text rows as the bf16 kernel's.
     ``stages``: K/V buffers per warpgroup (3 to 6; default PINGPONG_PROGRAM's);
     ``overlap``: gluon_clear_attention's option, for the FP8 kernel.
     ``concurrent_text``: the text rows on a second CUDA stream, beside the quantization and the image rows. The
     text rows are few programs that each walk every key (FLUX at 4096²: 96 programs for 132 SMs, 1032 key
     blocks each): alone they leave SMs idle for their whole length, while in the bf16 kernel's single launch the
-    image programs fill those SMs. An option to measure, not yet the default."""
+    image programs fill those SMs. On by default: on an H200 it took a FLUX layer at r16 from 5.26 to 4.80 ms at
+    4096² and from 20.05 to 18.56 ms at 8192², with the same bytes out (``False``: one stream)."""
     if extra is not None or text_bias is not None:
         raise ValueError("gluon-fp8 backend: does not support pooled_keys or text_bias")
     default_stages, maxnreg = PINGPONG_PROGRAM

@@ -148,11 +148,12 @@ LAYER_BACKENDS = {
     "triton-raster": _clear(triton_clear_attention, None),
     "triton-tiled": _clear(triton_clear_attention, "kernel"),
     "gluon-tiled": _clear(gluon_clear_attention, (8, 8)),  # the warp-specialized Hopper kernel (sm_90)
-    "gluon-fp8-tiled": _clear(gluon_fp8_clear_attention, (8, 8)),  # its FP8 twin: image queries in e4m3
+    # its FP8 twin (image queries in e4m3), text rows and image rows on one stream
+    "gluon-fp8-tiled": _clear(partial(gluon_fp8_clear_attention, concurrent_text=False), (8, 8)),
     # the ping-pong kernels' variant with each warpgroup's softmax overlapping its own next Q·Kᵀ (to measure)
     "gluon-overlap-tiled": _clear(partial(gluon_clear_attention, pingpong=True, overlap=True), (8, 8)),
     "gluon-fp8-overlap-tiled": _clear(partial(gluon_fp8_clear_attention, overlap=True, stages=5), (8, 8)),
-    # the FP8 backend with its text rows on a second stream, beside the quantization and the image rows (to measure)
+    # the FP8 backend as it runs by default: its text rows on a second stream, beside the quantization and image rows
     "gluon-fp8-concurrent-tiled": _clear(partial(gluon_fp8_clear_attention, concurrent_text=True), (8, 8)),
     "flex-tiled-down4": _clear_down("flex", 4),  # the official clear_local_<r>_down_4 variant
     "triton-tiled-down4": _clear_down("triton", 4),
