@@ -1,7 +1,7 @@
 """FP8 on a Hopper GPU: the layer table and the FLUX.1-dev-shaped step table, one mode per call (each fits in
 one 10-minute device call).
 
-    python recipes/benchmarks/fp8_h200.py layer --out OUT
+    python recipes/benchmarks/fp8_h200.py layer [--backends gluon-tiled,gluon-fp8-tiled] --out OUT
         FLUX shapes (24 heads x 128, 512 text tokens), r16, 4096² and 8192²: cuDNN dense bf16, flex-raster
         (the official path), triton, gluon (ping-pong bf16), gluon-fp8, and both ping-pong kernels' overlap
         variant (gluon-overlap, gluon-fp8-overlap with 5 stages), gluon-fp8 with its text rows on a second
@@ -39,10 +39,12 @@ def emit(rows, row):
     print(json.dumps(row), flush=True)
 
 
-def layer(out: Path):
-    rows = bench_attention([4096, 8192], [16], ["dense-cudnn", "flex-raster", "triton-tiled", "gluon-tiled",
-                                                "gluon-overlap-tiled", "gluon-fp8-tiled", "gluon-fp8-overlap-tiled",
-                                                "gluon-fp8-concurrent-tiled"])
+LAYER_ROWS = ["dense-cudnn", "flex-raster", "triton-tiled", "gluon-tiled", "gluon-overlap-tiled", "gluon-fp8-tiled",
+              "gluon-fp8-overlap-tiled", "gluon-fp8-concurrent-tiled"]
+
+
+def layer(out: Path, backends: list[str]):
+    rows = bench_attention([4096, 8192], [16], backends)
     # the parts of an FP8 call, each launched alone: its text rows (the bf16 kernel), the quantization of Q, K, V
     for size in (4096, 8192):
         side = size // 16
@@ -125,9 +127,10 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--backends", default=",".join(LAYER_ROWS), help="layer: the rows to time (comma-separated)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "layer":
-        layer(args.out)
+        layer(args.out, args.backends.split(","))
     else:
         step(args.out, args.size, args.compile, not args.no_dense)
