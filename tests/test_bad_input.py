@@ -55,6 +55,8 @@ CASES = [
                                                    "--control-images", TB_CONDITIONS, "--controlnet-attention",
                                                    "layers"], "--controlnet-attention layers needs --clear-layers",
      True),
+    ("transfer-dense-cache-file", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--dense-cache",
+                                   f"{W}/official/clear_local_4.safetensors"], "--dense-cache", True),
     ("transfer-no-prompts", ["check-transfer", "--target", TB_DEV, "-r", "4", "--prompts", f"{W}/none.txt", "-o",
                              f"{W}/report"], "prompt file", True),
     ("transfer-bad-control-image", [*TRANSFER, "--target", TB_DEV, "-r", "4", "--controlnet", TB_CN,

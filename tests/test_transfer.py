@@ -119,6 +119,36 @@ def test_check_transfer_with_layers_and_controlnet(tmp_path):
     assert 0 < s["condition_mse_clear"] < 0.05  # ... and still does with CLEAR attention
 
 
+def test_dense_cache_makes_the_dense_images_once(tmp_path, monkeypatch):
+    from clear_surgery.surgery.tools import transfer
+
+    made = []
+    generate = transfer._generate
+    monkeypatch.setattr(transfer, "_generate", lambda pipe, s, controls, progress:
+                        made.append(progress) or generate(pipe, s, controls, progress))
+    cache, dev = tmp_path / "cache", str(MODELS / "dev")
+    first = _run(tmp_path / "a", "--target", dev, "--radius", "4", "--dense-cache", str(cache))
+    second = _run(tmp_path / "b", "--target", dev, "--radius", "8", "--dense-cache", str(cache))
+    assert made == ["dense", "CLEAR", "CLEAR"]  # the second check found the dense images of the first
+    assert (first["setup"]["dense_images"], second["setup"]["dense_images"]) == ("made in this run",
+                                                                                "from the dense cache")
+    uncached = _run(tmp_path / "c", "--target", dev, "--radius", "8")
+    assert uncached["per_image"] == second["per_image"]  # the cached dense images are the ones a run makes
+    # what the dense images depend on misses the cache: another seed, another model, a changed weight file
+    _run(tmp_path / "d", "--target", dev, "--radius", "8", "--seed", "4", "--dense-cache", str(cache))
+    _run(tmp_path / "e", "--target", str(MODELS / "schnell"), "--radius", "8", "--dense-cache", str(cache))
+    assert made.count("dense") == 4 and len(list(cache.glob("dense-*.safetensors"))) == 3
+    model = tmp_path / "dev"
+    import shutil
+
+    shutil.copytree(MODELS / "dev", model)
+    _run(tmp_path / "f", "--target", str(model), "--radius", "8", "--dense-cache", str(cache))
+    weights = next((model / "transformer").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _run(tmp_path / "g", "--target", str(model), "--radius", "8", "--dense-cache", str(cache))
+    assert made.count("dense") == 6
+
+
 def test_layer_deltas_add_what_the_layers_changed(tmp_path):
     from safetensors.torch import save_file
 

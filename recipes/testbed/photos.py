@@ -2,6 +2,7 @@
 each with a caption naming it, and random crops of them.
 
     python recipes/testbed/photos.py --out photos.safetensors   # pack them (for a machine without scikit-image)
+    python recipes/testbed/photos.py --conditions 256 --out recipes/testbed/conditions-256   # ControlNet conditions
 """
 
 from __future__ import annotations
@@ -122,10 +123,32 @@ class CropPool:
         return torch.where(flip[:, None, None, None], images.flip(-1), images), self.labels[pick]
 
 
+def save_conditions(folder, size: int, seed: int = 7) -> None:
+    """One grayscale crop per photo, ``size`` pixels a side, as PNGs named after the photo (NN-name.png, in
+    caption order): the ControlNet's conditions in distillation and the transfer checks."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = PhotoCrops(load_photos(short_side=2 * size), size, seed=seed)
+    for index, (name, _) in enumerate(PHOTOS):
+        rgb = (crops.crop(index) + 1) * 127.5
+        luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R BT.601, as train.gray
+        pixels = luma.round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{index:02d}-{name.removesuffix('.jpg')}.png")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--short-side", type=int, default=SHORT_SIDE, help="pixels (twice the training size: 128 "
                         "for the 64 px testbed, 512 for 256 px)")
+    parser.add_argument("--conditions", type=int, metavar="SIZE",
+                        help="write one grayscale crop per photo, SIZE pixels a side, into the folder --out")
     args = parser.parse_args()
-    save_photos(args.out, args.short_side)
+    if args.conditions:
+        save_conditions(args.out, args.conditions)
+    else:
+        save_photos(args.out, args.short_side)

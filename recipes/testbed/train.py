@@ -47,7 +47,11 @@ def token_side() -> int:
     return SIZE // 2 ** VAE_BLOCKS[SIZE]
 TEXT_LEN = 16
 STEPS = dict(vae=3000, dev=8000, guidance=2500, schnell=3000, controlnet=3000)
-BATCH = dict(vae=64, dev=256, guidance=256, schnell=256, controlnet=256)
+# batches per size: at 256 px a quarter of the images (four times the tokens each), so that a step sees as many
+# tokens as at 64 px and a stage's time cap buys as many steps; the VAE gets twice the pixels of the 64 px batch
+BATCHES = {64: dict(vae=64, dev=256, guidance=256, schnell=256, controlnet=256),
+           256: dict(vae=8, dev=64, guidance=64, schnell=64, controlnet=64)}
+BATCH = BATCHES[SIZE]
 LR = dict(vae=1e-3, dev=5e-4, guidance=2e-4, schnell=2e-4, controlnet=3e-4)
 DEV_GUIDANCE, DEV_STEPS, SCHNELL_STEPS = 3.5, 28, 4
 GUIDANCE_RANGE = (1.0, 5.0)
@@ -372,10 +376,10 @@ def train_controlnet(dev, vae, crops, text, args, record):
 
 def set_size(size: int) -> None:
     """Train (and sample) at ``size`` pixels a side (a key of VAE_BLOCKS)."""
-    global SIZE
+    global SIZE, BATCH
     if size not in VAE_BLOCKS:
         raise ValueError(f"--size must be one of {sorted(VAE_BLOCKS)}, got {size}")
-    SIZE = size
+    SIZE, BATCH = size, BATCHES[size]
 
 
 def save(module, folder: Path):

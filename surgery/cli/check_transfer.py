@@ -49,6 +49,9 @@ def check_transfer(
     quantize: Optional[str] = typer.Option(None, help="fp8: the CLEAR side's linear layers in FP8 (torchao; a GPU "
                                            "with FP8 tensor cores): what CLEAR + FP8 loses against the dense model as "
                                            "stored (with --radius inf: what FP8 alone loses)"),
+    dense_cache: Optional[Path] = typer.Option(None, help="a folder that keeps the dense images: a later check with "
+                                               "the same target (same weight files), ControlNet, conditions, "
+                                               "prompts, seeds, settings and device reuses them"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder (written atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing report folder"),
 ):
@@ -69,6 +72,8 @@ def check_transfer(
         check(controlnet_attention != "layers" or clear_layers is not None,
               "--controlnet-attention layers needs --clear-layers")
         check_layers_mode(layers_mode, clear_layers)
+        check(dense_cache is None or not dense_cache.exists() or dense_cache.is_dir(),
+              f"--dense-cache {dense_cache} is a file; give a folder (made if missing)")
         device = run_device("--device", device)
         from clear_surgery.surgery.tools.quantize import check_quantize
 
@@ -86,7 +91,8 @@ def check_transfer(
         metrics = run(target, out, settings, clear_layers=clear_layers, radius=radius, controlnet=controlnet,
                       control_images=control_images, layers_mode=layers_mode, layers_base=layers_base,
                       controlnet_attention=controlnet_attention, controlnet_layers=controlnet_layers, quantize=quantize,
-                      allow_radius_change=allow_radius_change, overwrite=overwrite, device=device)
+                      allow_radius_change=allow_radius_change, overwrite=overwrite, device=device,
+                      dense_cache=dense_cache)
     s = metrics["summary"]
     typer.echo(f"{metrics['setup']['mode']} r={metrics['setup']['radius']:g}: PSNR {s['psnr']:.2f} dB, "
                f"SSIM {s['ssim']:.4f}, latent MSE {s['latent_mse']:.4g}"

@@ -5,7 +5,9 @@ tensors in place, or zero-shot at ``radius`` when no layers are given). One mode
 dense images are made first and the target is converted in place afterwards.
 
 The report folder holds metrics.json, report.md, grid.png (original | CLEAR | difference) and the
-images themselves."""
+images themselves. A ``dense_cache`` folder keeps the dense images (and final latents) so that the next check
+of the same target with the same prompts, seeds, conditions and settings skips them: a study of several
+layer sets or radii makes the dense images once."""
 
 from __future__ import annotations
 
@@ -132,6 +134,54 @@ def _mean(values) -> float:
     return math.inf if any(v == math.inf for v in values) else sum(values) / len(values)
 
 
+# --- the dense images, kept for the next check -------------------------------------------------------
+
+def _fingerprint(source) -> object:
+    """A model argument as the cache key sees it: a local folder by its files' names, sizes and times (a
+    retrained model in the same place is a different model); anything else (Hub id, built-in) as given."""
+    if source is None or not Path(source).exists():
+        return source
+    folder = Path(source).resolve()
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    return [str(folder), [(str(p.relative_to(folder) if p != folder else p.name), p.stat().st_size,
+                           p.stat().st_mtime_ns) for p in files]]
+
+
+def _dense_key(ref: ModelRef, controlnet, controls, settings: TransferSettings, device: str) -> str:
+    """What the dense images depend on, hashed: target, ControlNet, condition pixels, settings, device, torch."""
+    import hashlib
+    import json
+
+    condition_hash = hashlib.sha256()
+    for image in controls or ():
+        condition_hash.update(f"{image.size}".encode() + image.tobytes())
+    key = {"target": _fingerprint(ref.pipeline or ref.folder) or ref.source, "subfolder": ref.subfolder,
+           "revision": ref.revision, "controlnet": _fingerprint(controlnet),
+           "conditions": condition_hash.hexdigest() if controls else None,
+           "settings": dataclasses.asdict(settings), "device": str(device), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _load_dense(cache: Path, key: str):
+    from safetensors.torch import load_file
+
+    path = cache / f"dense-{key}.safetensors"
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    return tensors["images"], tensors["latents"]
+
+
+def _save_dense(cache: Path, key: str, images: torch.Tensor, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"dense-{key}.safetensors"
+    partial = path.with_name(path.name + ".partial")  # renamed when whole: a killed run leaves no bad entry
+    save_file({"images": images.contiguous(), "latents": latents.contiguous()}, str(partial))
+    partial.replace(path)
+
+
 # --- the check ------------------------------------------------------------------------------------
 
 def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, clear_layers: str | Path | None = None,
@@ -139,7 +189,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
                    layers_mode: str = "replace", layers_base: str | None = None, controlnet_attention: str = "clear",
                    controlnet_layers: str | Path | None = None,
                    allow_radius_change: bool = False, overwrite: bool = False, progress: bool = True,
-                   device: str = "cpu", quantize: str | None = None) -> dict:
+                   device: str = "cpu", quantize: str | None = None,
+                   dense_cache: str | Path | None = None) -> dict:
     """Generate with the dense target and with CLEAR (``clear_layers``' tensors, or zero-shot at
     ``radius``), compare, and write the report folder ``out``. Returns the metrics.
 
@@ -147,7 +198,8 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     the layers were made from); delta: the target's own tensors plus what the layers changed in
     their base model (``layers_base``, default the base their folder records) -- for a relative
     whose attention weights moved in its own training (schnell from dev). ``device``: where the pipelines run.
-    ``quantize`` ("fp8"): the CLEAR side's linear layers in FP8 (the dense side stays as stored)."""
+    ``quantize`` ("fp8"): the CLEAR side's linear layers in FP8 (the dense side stays as stored).
+    ``dense_cache``: a folder where the dense images are kept and looked up (see the module's docstring)."""
     check_quantize("quantize", quantize, device)
     if clear_layers is None and radius is None:
         raise InvalidValueError("give --clear-layers (trained CLEAR layers) or --radius (zero-shot CLEAR)")
@@ -202,7 +254,14 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
     pipe.set_progress_bar_config(disable=True)
 
     with atomic_directory(out, overwrite) as tmp:
-        original, original_latents = _generate(pipe, settings, controls, "dense" if progress else None)
+        key = _dense_key(ref, controlnet, controls, settings, device) if dense_cache is not None else None
+        cached = _load_dense(Path(dense_cache), key) if key else None
+        if cached is not None:
+            original, original_latents = cached
+        else:
+            original, original_latents = _generate(pipe, settings, controls, "dense" if progress else None)
+            if key:
+                _save_dense(Path(dense_cache), key, original, original_latents)
         apply_clear(transformer, config)
         if base_values is not None:
             apply_layer_deltas(transformer, layers.file, base_values)
@@ -225,6 +284,7 @@ def check_transfer(target: str, out: str | Path, settings: TransferSettings, *, 
             "controlnet_attention": controlnet_attention if controlnet else None, "quantize": quantize,
             "controlnet_layers": controlnet_own.describe() if controlnet_own else None,
             "control_images": str(control_images) if control_images else None,
+            "dense_images": "from the dense cache" if cached is not None else "made in this run",
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompts"},
             "prompts": [settings.prompts[i % len(settings.prompts)] for i in range(settings.num_images)]}
         _write_report(Path(tmp), metrics, original, clear)
