@@ -86,6 +86,30 @@ def test_the_call_into_torchao_selects_exactly_the_targets(monkeypatch):
     assert seen["chosen"] == sorted(q.fp8_targets(model))
 
 
+def test_fp8_weights_take_the_place_of_the_bf16_ones(monkeypatch):
+    """What FP8 does to the weights' memory, checked on this CPU (torchao's hardware check lifted: only the
+    conversion runs, no FP8 matmul): each target's bf16 weight becomes e4m3 values (1 byte each) and one float32
+    factor per row, and nothing keeps the bf16 tensor alive (a model's resident weights shrink by about half
+    of what the targets held)."""
+    import gc
+    import weakref
+
+    quant_api = pytest.importorskip("torchao.quantization.quant_api")
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    monkeypatch.setattr(q, "fp8_reason", lambda device: None)
+    model = load_builtin("tiny-flux", dtype=torch.bfloat16)
+    targets = q.fp8_targets(model)
+    originals = {name: weakref.ref(model.get_submodule(name).weight) for name in targets}
+    shapes = {name: model.get_submodule(name).weight.shape for name in targets}
+    assert q.quantize_linear_layers(model, "fp8") == sorted(targets)
+    gc.collect()
+    assert [name for name, ref in originals.items() if ref() is not None] == []
+    for name in targets:
+        weight = model.get_submodule(name).weight
+        assert weight.qdata.dtype == torch.float8_e4m3fn and weight.qdata.shape == shapes[name]
+        assert weight.scale.dtype == torch.float32 and weight.scale.numel() == shapes[name][0]
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_linear_layers_with_clear_tile_layout_and_compile():
     if q.fp8_reason("cuda"):

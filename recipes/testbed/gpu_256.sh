@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The 256 x 256 testbed's GPU work, as it ran (one GPU, from the repository root, the package installed):
+# The 256 x 256 testbed's GPU work (one GPU, from the repository root, the package installed):
 #   bash recipes/testbed/gpu_256.sh train OUT     # photos (short side 512), train.py --size 256 -> models-256/
 #   bash recipes/testbed/gpu_256.sh distill OUT   # CLEAR layers from models-256/dev -> layers-256/
 #   bash recipes/testbed/gpu_256.sh transfer OUT  # SIZE=256 run_transfer.sh on the GPU -> results-256/
 # OUT receives what a GPU machine hands back: the models or the layers as tar parts of 15 MB, and the logs.
-# Unpack here with: cat OUT/NAME.tar.part-* | tar -xf -
+# Unpack in recipes/testbed with: cat OUT/NAME.tar.part-* | tar -xf -
 # DEADLINE (seconds, default 540) stops starting distillations that would not finish in one 10-minute call;
 # DEVICE (default cuda) and EXTRA (more distill options, e.g. a CPU smoke run's --set train.steps=2) for trials.
 set -euo pipefail
 T=recipes/testbed
 stage=$1 out=$2
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # the parts are written from recipes/testbed
 pack() {  # pack NAME PATHS...: a tar of PATHS split into 15 MB parts under OUT
   local name=$1; shift
   tar -cf - "$@" | split -b 15M - "$out/$name.tar.part-"
@@ -19,9 +19,9 @@ case $stage in
 train)
   python $T/photos.py --short-side 512 --out /tmp/photos-512.safetensors
   python $T/train.py --size 256 --photos /tmp/photos-512.safetensors --out $T/models-256 --device cuda \
-    --max-minutes "${MAX_MINUTES:-1.3}" 2>&1 | tee /tmp/train.log
+    --max-minutes "${MAX_MINUTES:-1.4}" 2>&1 | tee /tmp/train.log
   grep -v "it/s]\|step/s]" /tmp/train.log > $T/models-256/train.log || true  # the progress bars' redraws left out
-  pack models-256 $T/models-256
+  cd $T && pack models-256 models-256
   ;;
 distill)
   start=$SECONDS deadline=${DEADLINE:-540}
@@ -45,6 +45,8 @@ distill)
     --set 'data.folder="/tmp/samples-cn"'
   run r8-controlnet-trained 100 --recipe $T/distill-r8-controlnet.toml "${dev[@]}" "${cn[@]}" \
     --set 'data.folder="/tmp/samples-cn"' --controlnet-attention trained
+  run r8-controlnet-half 100 --recipe $T/distill-r8-controlnet.toml "${dev[@]}" "${cn[@]}" \
+    --set 'data.folder="/tmp/samples-cn"' --set model.controlnet_share=0.5
   run r4-controlnet 90 --recipe $T/distill-r8-controlnet.toml "${dev[@]}" "${cn[@]}" \
     --set 'data.folder="/tmp/samples-cn"' --set clear.radius=4
   run r16-controlnet 90 --recipe $T/distill-r8-controlnet.toml "${dev[@]}" "${cn[@]}" \
