@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def _save_dense(cache: Path, key: str, images: torch.Tensor, latents: torch.Tens
 
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"dense-{key}.safetensors"
-    partial = path.with_name(path.name + ".partial")  # renamed when whole: a killed run leaves no bad entry
+    # renamed when whole, one name per process: a killed run leaves no bad entry, two checks at once no mix
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     save_file({"images": images.contiguous(), "latents": latents.contiguous()}, str(partial))
     partial.replace(path)
 
