@@ -13,7 +13,9 @@ table-driven triton backend (rel. error), timed beside the triton, gluon and tri
 aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
 2048 px and 4096 px against eager, and at 4096 px with guidance 4 (FLUX rounds guidance * 1000 to bf16
 eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not); the 4096 px step timed for eager,
-torch.compile and the package. Each output's error is also given for the exported graph run uncompiled,
+torch.compile and the package (eager and compiled on the triton backend, whose kernel the package's is a
+self-contained copy of; then both again on "auto", the Gluon kernel on Hopper, what a user's model runs by
+default and the package cannot hold: AOTInductor embeds Triton kernels only). Each output's error is also given for the exported graph run uncompiled,
 torch.compile, and against the float32 eager model, to tell where a difference comes from. OUT/aoti.json
 grows as the run goes (a run cut short keeps what it measured).
 """
@@ -190,6 +192,18 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
             for side in (4096, "4096-g4"):
                 got = compiled(**inputs[side]).float().cpu()
                 report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
+        checkpoint(report)
+        # what a user's compiled model runs by default: backend "auto" (on Hopper the Gluon kernel, which the
+        # package cannot hold: AOTInductor embeds Triton kernels only), eager and compiled, same inputs
+        set_backend(model, "auto")
+        torch._dynamo.reset()
+        compiled = torch.compile(wrapper)
+        with torch.no_grad():
+            report["eager_auto_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
+            compiled(**inputs[4096])
+            report["compiled_auto_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
+            report["compiled_auto_vs_eager_rel_err_4096-g4"] = rel_err(compiled(**inputs["4096-g4"]).float().cpu(),
+                                                                      eager["4096-g4"])
         checkpoint(report)
         with torch.no_grad():
             # which of them rounds more: each against the float32 eager model (same weights, widened; the Triton
