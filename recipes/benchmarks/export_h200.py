@@ -15,7 +15,7 @@ aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a
 eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not); the 4096 px step timed for eager,
 torch.compile and the package (eager and compiled on the triton backend, whose kernel the package's is a
 self-contained copy of; then both again on "auto", the Gluon kernel on Hopper, what a user's model runs by
-default and the package cannot hold: AOTInductor embeds Triton kernels only). Each output's error is also given for the exported graph run uncompiled,
+default; the package holds the self-contained Triton kernel only). Each output's error is also given for the exported graph run uncompiled,
 torch.compile, and against the float32 eager model, to tell where a difference comes from. OUT/aoti.json
 grows as the run goes (a run cut short keeps what it measured).
 """
@@ -193,8 +193,8 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
                 got = compiled(**inputs[side]).float().cpu()
                 report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
         checkpoint(report)
-        # what a user's compiled model runs by default: backend "auto" (on Hopper the Gluon kernel, which the
-        # package cannot hold: AOTInductor embeds Triton kernels only), eager and compiled, same inputs
+        # what a user's compiled model runs by default: backend "auto" (on Hopper the Gluon kernel; the package
+        # holds the self-contained Triton kernel only), eager and compiled, same inputs
         set_backend(model, "auto")
         torch._dynamo.reset()
         compiled = torch.compile(wrapper)
