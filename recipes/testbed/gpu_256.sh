@@ -19,7 +19,7 @@ case $stage in
 train)
   python $T/photos.py --short-side 512 --out /tmp/photos-512.safetensors
   python $T/train.py --size 256 --photos /tmp/photos-512.safetensors --out $T/models-256 --device cuda \
-    --max-minutes "${MAX_MINUTES:-1.4}" 2>&1 | tee /tmp/train.log
+    --max-minutes "${MAX_MINUTES:-1.2}" 2>&1 | tee /tmp/train.log
   grep -v "it/s]\|step/s]" /tmp/train.log > $T/models-256/train.log || true  # the progress bars' redraws left out
   cd $T && pack models-256 models-256
   ;;
@@ -30,6 +30,9 @@ distill)
   cn=(--set 'model.controlnet="recipes/testbed/models-256/controlnet"' --set 'data.control_images="conditions-256"')
   run() {  # run NAME SECONDS_NEEDED ARGS...: one distillation into layers-256/NAME, if it fits before the deadline
     local name=$1 need=$2; shift 2
+    if [ -z "${FORCE:-}" ] && [ -f $T/layers-256/$name/clear-layers/clear_layers.safetensors ]; then
+      echo "== $name: exists (FORCE=1 redoes it)"; return
+    fi
     if (( SECONDS - start + need > deadline )); then echo "== $name: skipped (deadline)"; return; fi
     echo "== $name ($((SECONDS - start)) s)"
     mkdir -p $T/layers-256/$name
@@ -57,7 +60,8 @@ distill)
 transfer)
   SIZE=256 DEVICE=cuda JOBS=${JOBS:-6} bash $T/run_transfer.sh
   cd $T && pack results-256 results-256/README.md results-256/summary.json \
-    $(find results-256 -name metrics.json -o -name report.md -o -name grid.png)
+    $(find results-256 -name metrics.json -o -name report.md)
+  pack results-256-grids $(find results-256 -name grid.png)  # larger: apart, so the numbers come back first
   ;;
 *) echo "usage: $0 train|distill|transfer OUT" >&2; exit 2 ;;
 esac
