@@ -123,6 +123,12 @@ class CropPool:
         return torch.where(flip[:, None, None, None], images.flip(-1), images), self.labels[pick]
 
 
+def gray(images: torch.Tensor) -> torch.Tensor:
+    """Luminance (ITU-R BT.601) of (n, 3, h, w) images, repeated to 3 channels: the ControlNet's condition."""
+    y = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    return y[:, None].expand(-1, 3, -1, -1)
+
+
 def save_conditions(folder, size: int, seed: int = 7) -> None:
     """One grayscale crop per photo, ``size`` pixels a side, as PNGs named after the photo (NN-name.png, in
     caption order): the ControlNet's conditions in distillation and the transfer checks."""
@@ -134,8 +140,7 @@ def save_conditions(folder, size: int, seed: int = 7) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     crops = PhotoCrops(load_photos(short_side=2 * size), size, seed=seed)
     for index, (name, _) in enumerate(PHOTOS):
-        rgb = (crops.crop(index) + 1) * 127.5
-        luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R BT.601, as train.gray
+        luma = gray((crops.crop(index)[None] + 1) * 127.5)[0, 0]
         pixels = luma.round().clamp(0, 255).to(torch.uint8).numpy()
         Image.fromarray(pixels, mode="L").save(folder / f"{index:02d}-{name.removesuffix('.jpg')}.png")
 

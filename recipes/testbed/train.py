@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from photos import CAPTIONS, CropPool, PhotoCrops, load_photos, read_photos  # noqa: E402
+from photos import CAPTIONS, CropPool, PhotoCrops, gray, load_photos, read_photos  # noqa: E402
 
 SIZE = 64  # training and sampling resolution (pixels), --size: 64 (the committed testbed) or 256
 # the VAE's down blocks per size (each after the first halves the side) so that FLUX's 2x2 packing gives a
@@ -163,12 +163,6 @@ def random_guidance(n: int, device) -> torch.Tensor:
     """Guidance scales the guidance embedding and the ControlNet train on: uniform in GUIDANCE_RANGE."""
     low, high = GUIDANCE_RANGE
     return low + (high - low) * torch.rand(n, device=device)
-
-
-def gray(images):
-    """Luminance (ITU-R BT.601), repeated to 3 channels: the ControlNet's condition."""
-    y = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
-    return y[:, None].expand(-1, 3, -1, -1)
 
 
 class Stage:
