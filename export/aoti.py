@@ -1,13 +1,19 @@
 """AOTInductor: the converted model compiled ahead of time into one ``.pt2`` package that
-``torch._inductor.aoti_load_package`` runs in any process, without this project installed.
+``torch._inductor.aoti_load_package`` runs; the model is exported with the image grid dynamic within the size
+profile. Where its CLEAR attention runs:
 
-Every CLEAR attention call becomes ``clear::attention_aot`` (the self-contained Triton kernel as a
-``triton_op``), so the kernel itself is compiled into the package; the model is exported with the image
-grid dynamic within the size profile. Compiling a CUDA package needs a CUDA GPU.
+- "embedded": every call becomes ``clear::attention_aot`` (the self-contained Triton kernel as a ``triton_op``),
+  so the kernel itself is compiled into the package, which runs in any process with torch, without this project.
+  Compiling it needs a CUDA GPU.
+- "registered": every call stays ``clear::attention``, which the package calls through torch's dispatcher: the
+  loading process must have the op (``import clear_surgery.plugins``; ``load_package`` does) and runs the backend
+  the model was converted with at run time ("auto": the fastest there, e.g. the Gluon kernel on Hopper, which
+  Inductor cannot compile into a package). CPU packages too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -119,11 +125,12 @@ def choose_compiler(default: str) -> str:
     return default
 
 
-def exported_program(prepared) -> torch.export.ExportedProgram:
-    """The prepared model as torch.export sees it, every CLEAR call the self-contained kernel, the image grid
-    dynamic: what Inductor compiles (``.module()`` runs it uncompiled, to tell the graph's errors from the
-    compiler's)."""
-    with torch.no_grad(), self_contained_attention():
+def exported_program(prepared, attention: str = "embedded") -> torch.export.ExportedProgram:
+    """The prepared model as torch.export sees it, the image grid dynamic, every CLEAR call the self-contained
+    kernel ("embedded") or the ``clear::attention`` op ("registered"): what Inductor compiles (``.module()`` runs
+    it uncompiled, to tell the graph's errors from the compiler's)."""
+    route = self_contained_attention() if attention == "embedded" else contextlib.nullcontext()
+    with torch.no_grad(), route:
         return torch.export.export(prepared.wrapper, (), prepared.inputs, dynamic_shapes=prepared.dynamic_shapes,
                                    strict=False)
 
@@ -142,23 +149,30 @@ def inductor_options(cxx: str) -> dict:
             "aot_inductor.package_constants_on_disk_format": "binary_blob"}
 
 
-def export_aoti(prepared, out: Path, program: torch.export.ExportedProgram | None = None) -> dict:
-    """Write ``out/model.pt2`` for a prepared model (on a CUDA device), from ``program`` where it was exported
-    already; returns the manifest's fields."""
+def export_aoti(prepared, out: Path, program: torch.export.ExportedProgram | None = None,
+                attention: str = "embedded") -> dict:
+    """Write ``out/model.pt2`` for a prepared model (on a CUDA device; "registered" attention: or the CPU), from
+    ``program`` where it was exported already (with the same ``attention``); returns the manifest's fields."""
     from torch._inductor import aoti_compile_and_package
     from torch._inductor import config as inductor_config
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    program = program or exported_program(prepared)
+    program = program or exported_program(prepared, attention)
     cxx = choose_compiler(str(get_cpp_compiler()))
     with inductor_config.patch(inductor_options(cxx)):
         aoti_compile_and_package(program, package_path=str(out / PACKAGE_FILE))
-    return {"package": PACKAGE_FILE, "torch_version": torch.__version__, "input_order": list(prepared.inputs),
-            "cxx": cxx, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    on_gpu = next(prepared.model.parameters()).is_cuda
+    fields = {"package": PACKAGE_FILE, "torch_version": torch.__version__, "input_order": list(prepared.inputs),
+              "cxx": cxx, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "attention": attention}
+    if attention == "registered":
+        fields["load"] = ("import clear_surgery.plugins before torch._inductor.aoti_load_package (the package calls "
+                          "clear::attention)")
+    return fields
 
 
 def load_package(path: str | Path):
-    """The compiled model of a package: call it with the manifest's inputs, by name."""
+    """The compiled model of a package: call it with the manifest's inputs, by name. (This module's import has
+    registered ``clear::attention``, which packages with "registered" attention call.)"""
     from torch._inductor import aoti_load_package
 
     return aoti_load_package(str(path))

@@ -18,6 +18,10 @@ from clear_surgery.surgery.core.dtypes import DTYPES, parse_dtype  # noqa: F401 
 from clear_surgery.surgery.core.errors import InvalidValueError, MissingHardwareError
 
 FORMATS = ("onnx", "tensorrt", "aoti")
+# where an AOTInductor package's CLEAR attention runs: "embedded", the self-contained Triton kernel compiled into
+# the package (it loads in any process with torch); "registered", a call of the ``clear::attention`` op, so the
+# loading process imports clear_surgery first and runs its fastest backend (the Gluon kernel on Hopper)
+AOTI_ATTENTION = ("embedded", "registered")
 MANIFEST_FILE = "manifest.json"
 
 
@@ -25,11 +29,16 @@ class ExportError(InvalidValueError):
     pass
 
 
-def check_options(fmt: str, sizes: dict, dtype: str | None) -> None:
+def check_options(fmt: str, sizes: dict, dtype: str | None, aoti_attention: str | None = None) -> None:
     """What can be checked without the model: the format and whether this machine can make it, the
-    dtype, and the sizes' syntax and order (their multiple depends on the model: checked after loading)."""
+    dtype, and the sizes' syntax and order (their multiple depends on the model: checked after loading).
+    ``aoti_attention`` (None: the default, "embedded"): where a package's attention runs (``AOTI_ATTENTION``)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if aoti_attention is not None and aoti_attention not in AOTI_ATTENTION:
+        raise ExportError(f"--aoti-attention must be one of {', '.join(AOTI_ATTENTION)}, got {aoti_attention!r}")
+    if aoti_attention is not None and fmt != "aoti":
+        raise ExportError(f"--aoti-attention is an option of --format aoti, not of --format {fmt}")
     parse_dtype(dtype, "--dtype")
     parsed = {k: parse_size(v, f"--{k}-size") if isinstance(v, str) else tuple(v) for k, v in sizes.items()}
     for side, name in ((0, "height"), (1, "width")):
@@ -41,8 +50,9 @@ def check_options(fmt: str, sizes: dict, dtype: str | None) -> None:
         from .tensorrt import tensorrt_version
 
         tensorrt_version()  # fails now, not after the export, when TensorRT is missing
-    if fmt == "aoti" and not torch.cuda.is_available():
-        raise MissingHardwareError("--format aoti compiles for the GPU the package will run on: it needs a CUDA GPU")
+    if fmt == "aoti" and aoti_attention in (None, "embedded") and not torch.cuda.is_available():
+        raise MissingHardwareError("--format aoti compiles the CLEAR kernel for the GPU the package will run on: it "
+                                   "needs a CUDA GPU (--aoti-attention registered also builds CPU packages)")
 
 
 def parse_size(text: str, option: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 TensorRT plugin's fields and AOT step, and clean failures of `clear-surgery export`."""
 
 import inspect
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,6 +120,10 @@ def test_plugin_tactics_cover_bf16_and_fp16():
     (["CONVERTED", "--format", "onnx", "--dtype", "int8"], "--dtype: unknown dtype 'int8'; choose one of bf16, fp16, fp32"),
     (["CONVERTED", "--format", "tensorrt"], "TensorRT is not installed"),
     (["CONVERTED", "--format", "onnnx"], "--format must be one of onnx, tensorrt, aoti"),
+    (["CONVERTED", "--format", "aoti", "--aoti-attention", "inline"],
+     "--aoti-attention must be one of embedded, registered, got 'inline'"),
+    (["CONVERTED", "--format", "onnx", "--aoti-attention", "registered"],
+     "--aoti-attention is an option of --format aoti, not of --format onnx"),
 ])
 def test_bad_exports_fail_with_one_message_and_leave_nothing(tmp_path, args, message):
     if message == "TensorRT is not installed":
@@ -145,6 +150,48 @@ def test_aoti_without_a_gpu_is_refused(tmp_path):
     with pytest.raises(MissingHardwareError, match="needs a CUDA GPU"):
         export_model(str(converted(tmp_path, "tiny-flux")), tmp_path / "out", "aoti", sizes=SIZES)
     assert not (tmp_path / "out").exists()
+
+
+CPU_PROBE = """
+import sys, torch
+from clear_surgery.export.aoti import load_package
+package = load_package(sys.argv[1])
+calls = torch.load(sys.argv[2], weights_only=True)
+torch.save([package(**inputs) for inputs in calls], sys.argv[3])
+"""
+
+
+def test_registered_attention_package_runs_on_cpu_in_a_fresh_process(tmp_path):
+    """--aoti-attention registered: the package calls clear::attention through torch's dispatcher (here on the CPU,
+    where the embedded Triton kernel cannot run); loaded in another process it gives the eager model's output at
+    two resolutions, neither the one it was traced at; without clear_surgery imported, torch refuses to load it."""
+    import sys
+
+    from clear_surgery.surgery import get_clear_state
+
+    folder = converted(tmp_path, "tiny-flux")
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--format", "aoti",
+                                      "--aoti-attention", "registered", "--min-size", "32x32", "--opt-size", "48x64",
+                                      "--max-size", "128x128", "--text-len", "7", "--out", str(tmp_path / "aoti")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "aoti" / "manifest.json").read_text())
+    assert manifest["attention"] == "registered" and manifest["device"] == "cpu"
+    model, _ = load_model(str(folder))
+    plan = get_clear_state(model).family.export_plan
+    calls = [plan.inputs(model, 7, rows, cols, 1, torch.float32, "cpu") for rows, cols in ((3, 4), (8, 5))]
+    with torch.no_grad():
+        wanted = [plan.wrap(model).eval()(**inputs) for inputs in calls]
+    torch.save(calls, tmp_path / "inputs.pt")
+    package = str(tmp_path / "aoti" / "model.pt2")
+    done = subprocess.run([sys.executable, "-c", CPU_PROBE, package, str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for got, want in zip(torch.load(tmp_path / "out.pt", weights_only=True), wanted, strict=True):
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        assert got.shape == want.shape and rel_err(got, want) < 1e-4
+    bare = subprocess.run([sys.executable, "-c", f"from torch._inductor import aoti_load_package; "
+                                                 f"aoti_load_package({package!r})"], capture_output=True, text=True)
+    assert bare.returncode != 0 and "clear::attention" in bare.stderr
 
 
 def test_reference_session_runs_the_node_as_the_reference(tmp_path):

@@ -12,12 +12,13 @@ JIT-loaded and launched through the CUDA driver (cupy) with TensorRT's ten argum
 table-driven triton backend (rel. error), timed beside the triton, gluon and triton-aot backends.
 aoti: the model exported for 2048..4096 px, compiled into model.pt2, loaded in a fresh process, run at
 2048 px and 4096 px against eager, and at 4096 px with guidance 4 (FLUX rounds guidance * 1000 to bf16
-eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not); the 4096 px step timed for eager,
-torch.compile and the package (eager and compiled on the triton backend, whose kernel the package's is a
-self-contained copy of; then both again on "auto", the Gluon kernel on Hopper, what a user's model runs by
-default; the package holds the self-contained Triton kernel only). Each output's error is also given for the exported graph run uncompiled,
-torch.compile, and against the float32 eager model, to tell where a difference comes from. OUT/aoti.json
-grows as the run goes (a run cut short keeps what it measured).
+eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not). Two packages, one after the other:
+"embedded" (the self-contained Triton kernel compiled in) and "registered" (calls of clear::attention on
+backend "auto", the Gluon kernel on Hopper). The 4096 px step timed for each package, and for eager and
+torch.compile on the triton backend (whose kernel the embedded package's is a self-contained copy of) and on
+"auto" (what a user's converted model runs by default), all in the same run. Each output's error is also given
+for the exported graph run uncompiled, torch.compile, and (--float32) against the float32 eager model, to tell
+where a difference comes from. OUT/aoti.json grows as the run goes (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -98,35 +99,35 @@ def kernel_rows(out: Path) -> list[dict]:
 PROBE = """
 import faulthandler, json, sys, time, torch
 faulthandler.enable()
-from torch._inductor import aoti_load_package
-runner = aoti_load_package(sys.argv[1])
-results = {}
-for name in sys.argv[3:]:
+from clear_surgery.export.aoti import load_package  # registers clear::attention (registered packages call it)
+runner = load_package(sys.argv[1])
+tag, results = sys.argv[3], {}
+for name in sys.argv[4:]:
     inputs = {k: v.cuda() for k, v in torch.load(f"{sys.argv[2]}/inputs-{name}.pt", weights_only=True).items()}
     out = runner(**inputs)
-    torch.save(out.cpu(), f"{sys.argv[2]}/aoti-{name}.pt")
+    torch.save(out.cpu(), f"{sys.argv[2]}/{tag}-{name}.pt")
     if name == "4096":
-        for _ in range(1):
-            runner(**inputs)
+        runner(**inputs)
         torch.cuda.synchronize()
         times = []
         for _ in range(3):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record(); runner(**inputs); e.record(); torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
-        results["aoti_ms_4096"] = sorted(times)[1]
+        results[f"{tag}_ms_4096"] = sorted(times)[1]
 print(json.dumps(results))
 """
 
 
-def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
+def aoti_rows(out: Path, tiny: bool, layers: str | None = None, attentions=("embedded", "registered"),
+              float32: bool = False) -> dict:
     def checkpoint(report):  # printed and written as it grows: a run cut short keeps what it measured
         print(json.dumps(report), flush=True)
         (out / "aoti.json").write_text(json.dumps(report, indent=1) + "\n")
 
     from clear_surgery.export.aoti import export_aoti, exported_program
-    from clear_surgery.plugins.op import self_contained_attention
     from clear_surgery.export.common import prepare
+    from clear_surgery.plugins.op import self_contained_attention
     from clear_surgery.surgery import ClearConfig, apply_clear, get_clear_state, set_backend
     from clear_surgery.surgery.tools.bench import FLUX_DEV, TINY_FLUX_DEV, analyze_flux_dev, build_flux_dev
 
@@ -143,7 +144,7 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
                 verify=False)
     prepared = prepare(model, sizes, dtype=None, text_len=512, kernel_tile=True, device="cuda")
     report["tile"] = get_clear_state(model).runtime.tile
-    plan = prepared.plan
+    plan, wrapper = prepared.plan, prepared.wrapper
     inputs = {}
     for side in (2048, 4096):
         inputs[side] = plan.inputs(model, 512, side // 16, side // 16, 1, torch.bfloat16, "cuda")
@@ -151,73 +152,71 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None) -> dict:
     inputs["4096-g4"] = dict(inputs[4096], guidance=torch.full_like(inputs[4096]["guidance"], 4.0))
     for side, x in inputs.items():
         torch.save({k: v.cpu() for k, v in x.items()}, out / f"inputs-{side}.pt")
+    packaged = {}
     try:
-        t0 = time.perf_counter()
-        program = exported_program(prepared)
-        report["cxx"] = export_aoti(prepared, out, program)["cxx"]
-        report["export_and_compile_s"] = round(time.perf_counter() - t0, 1)
-        report["package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
-        checkpoint(report)
-        wrapper = prepared.wrapper
-        eager = {}
         with torch.no_grad():
-            for side, x in inputs.items():
-                eager[side] = wrapper(**x).float().cpu()
-            report["eager_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
-            with self_contained_attention():  # the exported graph run uncompiled: its own error, apart from Inductor's
-                graph = program.module()
-                for side, x in inputs.items():
-                    report[f"exported_graph_vs_eager_rel_err_{side}"] = rel_err(graph(**x).float().cpu(), eager[side])
-            del graph
-        checkpoint(report)
-        packaged = {}
-        done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), *map(str, inputs)],
-                              capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            report["aoti_error"] = f"exit {done.returncode}: " + done.stderr[-3000:]
-            print(report["aoti_error"], flush=True)
-        else:
+            eager = {side: wrapper(**x).float().cpu() for side, x in inputs.items()}
+        for attention in attentions:  # each package: exported, compiled, loaded and timed in a fresh process
+            # the embedded package copies the triton backend's kernel; a registered one calls the op with the
+            # backend baked into the graph: "auto" (the Gluon kernel on Hopper), as a user's converted model has
+            set_backend(model, "triton" if attention == "embedded" else "auto")
+            t0 = time.perf_counter()
+            program = exported_program(prepared, attention)
+            report[f"cxx_{attention}"] = export_aoti(prepared, out, program, attention)["cxx"]
+            report[f"{attention}_export_and_compile_s"] = round(time.perf_counter() - t0, 1)
+            report[f"{attention}_package_gib"] = round((out / "model.pt2").stat().st_size / 2**30, 2)
+            if attention == "embedded":
+                with torch.no_grad(), self_contained_attention():  # the graph uncompiled: its own error
+                    graph = program.module()
+                    for side, x in inputs.items():
+                        report[f"exported_graph_vs_eager_rel_err_{side}"] = rel_err(graph(**x).float().cpu(),
+                                                                                    eager[side])
+                    del graph
+            del program
+            checkpoint(report)
+            done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), attention,
+                                   *map(str, inputs)], capture_output=True, text=True, timeout=900)
+            (out / "model.pt2").unlink()
+            if done.returncode != 0:
+                report[f"{attention}_error"] = f"exit {done.returncode}: " + done.stderr[-3000:]
+                print(report[f"{attention}_error"], flush=True)
+                continue
             report.update(json.loads(done.stdout.splitlines()[-1]))
             for side in inputs:
-                packaged[side] = torch.load(out / f"aoti-{side}.pt", weights_only=True).float()
-                report[f"aoti_vs_eager_rel_err_{side}"] = rel_err(packaged[side], eager[side])
-        checkpoint(report)
-        compiled = torch.compile(wrapper)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            compiled(**inputs[4096])
-            torch.cuda.synchronize()
-            report["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
-            report["compiled_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
-            for side in (4096, "4096-g4"):
-                got = compiled(**inputs[side]).float().cpu()
-                report[f"compiled_vs_eager_rel_err_{side}"] = rel_err(got, eager[side])
-        checkpoint(report)
-        # what a user's compiled model runs by default: backend "auto" (on Hopper the Gluon kernel; the package
-        # holds the self-contained Triton kernel only), eager and compiled, same inputs
-        set_backend(model, "auto")
-        torch._dynamo.reset()
-        compiled = torch.compile(wrapper)
-        with torch.no_grad():
-            report["eager_auto_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
-            compiled(**inputs[4096])
-            report["compiled_auto_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
-            report["compiled_auto_vs_eager_rel_err_4096-g4"] = rel_err(compiled(**inputs["4096-g4"]).float().cpu(),
-                                                                      eager["4096-g4"])
-        checkpoint(report)
-        with torch.no_grad():
-            # which of them rounds more: each against the float32 eager model (same weights, widened; the Triton
-            # kernel takes bf16 and fp16 only, so "auto" picks a float32 backend)
-            model.float()
-            set_backend(model, "auto")
-            for side, x in inputs.items():
-                truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
-                report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
-                if side in packaged:
-                    report[f"aoti_vs_float32_rel_err_{side}"] = rel_err(packaged[side], truth)
+                packaged[attention, side] = torch.load(out / f"{attention}-{side}.pt", weights_only=True).float()
+                report[f"{attention}_vs_eager_rel_err_{side}"] = rel_err(packaged[attention, side], eager[side])
+            checkpoint(report)
+        for backend in ("triton", "auto"):  # eager and torch.compile in the same run, on both backends
+            set_backend(model, backend)
+            torch._dynamo.reset()
+            compiled = torch.compile(wrapper)
+            with torch.no_grad():
+                report[f"eager_{backend}_ms_4096"] = ms(lambda: wrapper(**inputs[4096]))
+                t0 = time.perf_counter()
+                compiled(**inputs[4096])
+                torch.cuda.synchronize()
+                report[f"compile_{backend}_first_call_s"] = round(time.perf_counter() - t0, 1)
+                report[f"compiled_{backend}_ms_4096"] = ms(lambda: compiled(**inputs[4096]))
+                for side in (4096, "4096-g4"):
+                    report[f"compiled_{backend}_vs_eager_rel_err_{side}"] = rel_err(
+                        compiled(**inputs[side]).float().cpu(), eager[side])
+            checkpoint(report)
+        if float32:
+            with torch.no_grad():
+                # which of them rounds more: each against the float32 eager model (same weights, widened; the Triton
+                # kernel takes bf16 and fp16 only, so "auto" picks a float32 backend)
+                model.float()
+                set_backend(model, "auto")
+                for side, x in inputs.items():
+                    truth = wrapper(**{k: v.float() if v.is_floating_point() else v for k, v in x.items()}).cpu()
+                    report[f"eager_bf16_vs_float32_rel_err_{side}"] = rel_err(eager[side], truth)
+                    for attention in attentions:
+                        if (attention, side) in packaged:
+                            report[f"{attention}_vs_float32_rel_err_{side}"] = rel_err(packaged[attention, side],
+                                                                                       truth)
         report["total_s"] = round(time.perf_counter() - started, 1)
     finally:  # too large to bring back, also when the run is cut short
-        for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", "aoti") for s in inputs]:
+        for name in ["model.pt2"] + [f"{p}-{s}.pt" for p in ("inputs", *attentions) for s in inputs]:
             (out / name).unlink(missing_ok=True)
     return report
 
@@ -228,6 +227,9 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--layers", help="aoti: DOUBLE,SINGLE blocks instead of FLUX.1-dev's 19,38 (same widths)")
+    parser.add_argument("--attention", default="embedded,registered",
+                        help="aoti: the packages to build, by where their attention runs (export --aoti-attention)")
+    parser.add_argument("--float32", action="store_true", help="aoti: also each output against the float32 model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops it: clean up on the way out
@@ -235,7 +237,7 @@ def main():
     if args.what == "kernel":
         result = {**meta, "rows": kernel_rows(args.out)}
     else:
-        result = {**meta, **aoti_rows(args.out, args.tiny, args.layers)}
+        result = {**meta, **aoti_rows(args.out, args.tiny, args.layers, tuple(args.attention.split(",")), args.float32)}
     (args.out / f"{args.what}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -74,6 +74,7 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
     model = build_flux_dev("cuda")
     inputs = flux_inputs(model, size)
     rows = []
+    name = f"fp8_step_{size}{'_compiled' if compiled else ''}.json"
 
     def measure(label, clear: bool, fp8_attention: bool = False, linear: str = "bf16"):
         if clear:
@@ -97,6 +98,7 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
         emit(rows, dict(res=size, config=label, attention="clear r16" if clear else "dense", linear=linear,
                         fp8_attention=fp8_attention, compiled=compiled, ms=ms, first_run_s=first_s,
                         resident_gib=resident, peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+        (out / name).write_text(json.dumps(rows, indent=1))  # as it grows: a run cut short keeps what it measured
         if clear:
             remove_clear(model)
 
@@ -114,7 +116,6 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
         for base in ("dense bf16", "dense + FP8 linear"):
             if base in by:
                 row[f"x vs {base}"] = by[base] / row["ms"]
-    name = f"fp8_step_{size}{'_compiled' if compiled else ''}.json"
     (out / name).write_text(json.dumps(rows, indent=1))
     for row in rows:
         print(json.dumps(row), flush=True)

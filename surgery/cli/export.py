@@ -28,6 +28,11 @@ def export_command(
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to start from"),
     kernel_tile: bool = typer.Option(False, help="onnx: write the engine kernel's tile token layout, so that a "
                                                  "TensorRT engine can be built from the file elsewhere"),
+    aoti_attention: Optional[str] = typer.Option(
+        None, help="aoti: where CLEAR attention runs. embedded (default): the Triton kernel compiled into the package, "
+                   "which loads without clear-surgery (CUDA GPU needed); registered: the package calls the "
+                   "clear::attention op, so the loading process imports clear_surgery first and runs its fastest "
+                   "kernel (on Hopper the Gluon one); CPU packages too"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
     """Export a converted model for deployment: ONNX with ClearAttention nodes, a TensorRT engine running
@@ -39,7 +44,7 @@ def export_command(
         from clear_surgery.export.common import check_before_loading, check_options
 
         sizes = {"min": min_size, "opt": opt_size, "max": max_size}
-        check_options(out_format, sizes, dtype)
+        check_options(out_format, sizes, dtype, aoti_attention)
         check_sources(model)
         check_before_loading(model, sizes)  # from the model's configs: before any progress output
         from clear_surgery.export import export_model
@@ -48,7 +53,7 @@ def export_command(
         with stages("export", total=count) as step:
             data = export_model(model, out, out_format, sizes=sizes, dtype=dtype, batch=batch, text_len=text_len,
                                 overwrite=overwrite, timing_cache=timing_cache, kernel_tile=kernel_tile,
-                                progress=step)
+                                aoti_attention=aoti_attention, progress=step)
             step.finish("done")
     sizes = data["sizes"]
     typer.echo(f"exported {data['model_class']} ({len(data['sites'])} CLEAR sites, r={data['clear_config']['radius']:g}) "
