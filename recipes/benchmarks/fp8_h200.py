@@ -7,7 +7,7 @@ one 10-minute device call).
         variant (gluon-overlap, gluon-fp8-overlap with 5 stages), gluon-fp8 with its text rows on a second
         stream (gluon-fp8-concurrent); the parts of an FP8 call alone (its text rows, the quantization); and
         gluon-fp8's error against float32 on a 1024² slice of heads (its accuracy at the benchmark's shapes).
-    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] --out OUT
+    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] [--configs KEYS] --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
         attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
         CLEAR + FP8 linear + FP8 attention. Each: ms, the GPU memory held before the step (weights and
@@ -69,7 +69,13 @@ def layer(out: Path, backends: list[str]):
     (out / "fp8_layer.json").write_text(json.dumps(rows, indent=1))
 
 
-def step(out: Path, size: int, compiled: bool, dense: bool):
+# --configs keys of the step table's rows, in the order they run
+STEP_CONFIGS = {"dense": "dense bf16", "clear": "CLEAR bf16", "clear-fp8attn": "CLEAR + FP8 attention",
+                "dense-fp8lin": "dense + FP8 linear", "clear-fp8lin": "CLEAR + FP8 linear",
+                "clear-fp8lin-fp8attn": "CLEAR + FP8 linear + FP8 attention"}
+
+
+def step(out: Path, size: int, compiled: bool, dense: bool, configs: list[str] | None = None):
     report = analyze_flux_dev()
     model = build_flux_dev("cuda")
     inputs = flux_inputs(model, size)
@@ -77,6 +83,8 @@ def step(out: Path, size: int, compiled: bool, dense: bool):
     name = f"fp8_step_{size}{'_compiled' if compiled else ''}.json"
 
     def measure(label, clear: bool, fp8_attention: bool = False, linear: str = "bf16"):
+        if configs and label not in [STEP_CONFIGS[key] for key in configs]:
+            return  # (a compiled row's first call compiles for ~2 minutes: the table is split over calls)
         if clear:
             apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), analysis=report, verify=False)
             set_backend(model, "auto", fp8_attention=fp8_attention)
@@ -128,10 +136,15 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--configs", help="step: only these rows, comma-separated keys of " + ", ".join(STEP_CONFIGS))
     parser.add_argument("--backends", default=",".join(LAYER_ROWS), help="layer: the rows to time (comma-separated)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "layer":
         layer(args.out, args.backends.split(","))
     else:
-        step(args.out, args.size, args.compile, not args.no_dense)
+        configs = args.configs.split(",") if args.configs else None
+        unknown = sorted(set(configs or ()) - set(STEP_CONFIGS))
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(STEP_CONFIGS)}")
+        step(args.out, args.size, args.compile, not args.no_dense, configs)
