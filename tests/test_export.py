@@ -178,7 +178,8 @@ def test_registered_attention_package_runs_on_cpu_in_a_fresh_process(tmp_path):
     assert manifest["attention"] == "registered" and manifest["device"] == "cpu"
     model, _ = load_model(str(folder))
     plan = get_clear_state(model).family.export_plan
-    calls = [plan.inputs(model, 7, rows, cols, 1, torch.float32, "cpu") for rows, cols in ((3, 4), (8, 5))]
+    # traced at 48 x 64 px (3 x 4 tokens); run at two other grids of the size range
+    calls = [plan.inputs(model, 7, rows, cols, 1, torch.float32, "cpu") for rows, cols in ((5, 2), (8, 5))]
     with torch.no_grad():
         wanted = [plan.wrap(model).eval()(**inputs) for inputs in calls]
     torch.save(calls, tmp_path / "inputs.pt")
