@@ -38,7 +38,7 @@ distill)
     mkdir -p $T/layers-256/$name
     clear-surgery distill --out $T/layers-256/$name --overwrite "$@" ${EXTRA:-} > /tmp/distill-$name.log 2>&1 \
       || echo "== $name FAILED"
-    grep -v "it/s]\|step/s]" /tmp/distill-$name.log | tee $T/layers-256/$name/distill.log | tail -3
+    grep -v "it/s]\|step/s]\|sample/s]" /tmp/distill-$name.log | tee $T/layers-256/$name/distill.log | tail -3
   }
   # dev's samples made once (data.folder) for the three radii, the ControlNet pipeline's for its runs
   run r8 120 --recipe $T/distill-r8.toml "${dev[@]}" --set 'data.folder="/tmp/samples-dev"'
