@@ -32,6 +32,31 @@ def test_tiled_model_under_torch_compile_equals_eager(name):
     assert rel_err(model_call(compiled, inputs), eager) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_regional_compilation_shares_one_graph_per_block_class(name):
+    """diffusers' compile_repeated_blocks on a converted model: as many graphs as on the stock model (the
+    processors' per-layer names must not become guards: past dynamo's recompile limit of 8, FLUX.1-dev's 57
+    blocks would silently run eager), and equal to eager."""
+    from torch._dynamo.utils import counters
+
+    model = load_builtin(name)
+    inputs = example_inputs(model, text_len=6, grid=(6, 8), batch=1)
+    graphs = {}
+    for converted in (False, True):
+        if converted:
+            apply_clear(model, ClearConfig(radius=2.5, token_layout="tiled", tile_shape=[2, 4]))
+        eager = model_call(model, inputs)
+        torch._dynamo.reset()
+        counters.clear()
+        for block in model.modules():  # compile_repeated_blocks (SD3's model does not declare its blocks)
+            if type(block).__name__ in (model._repeated_blocks or ["JointTransformerBlock"]):
+                block.compile(backend="eager")
+        assert rel_err(model_call(model, inputs), eager) < 1e-6
+        graphs[converted] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs[True] == graphs[False], graphs
+
+
 def test_tiled_controlnet_residuals_and_pipeline():
     pipe = tiny_pipeline("tiny-flux-controlnet")
     pipe.set_progress_bar_config(disable=True)

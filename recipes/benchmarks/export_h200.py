@@ -16,14 +16,15 @@ eagerly, which Inductor fuses away: 4000 is a bf16 number, 3500 is not). Two pac
 "embedded" (the self-contained Triton kernel compiled in) and "registered" (calls of clear::attention on
 backend "auto", the Gluon kernel on Hopper). The 4096 px step timed for each package, and for eager and
 torch.compile on the triton backend (whose kernel the embedded package's is a self-contained copy of) and on
-"auto" (what a user's converted model runs by default), all in the same run. Each output's error is also given
-for the exported graph run uncompiled, torch.compile, and (--float32) against the float32 eager model, to tell
-where a difference comes from. OUT/aoti.json grows as the run goes (a run cut short keeps what it measured).
+"auto" (what a user's converted model runs by default), each beside its package, all in the same run. Each
+output's error is also given for the exported graph run uncompiled, torch.compile, and (--float32) against
+the float32 eager model, to tell where a difference comes from. OUT/aoti.json grows as the run goes (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import subprocess
@@ -173,6 +174,8 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None, attentions=("emb
                                                                                     eager[side])
                     del graph
             del program
+            gc.collect()
+            torch.cuda.empty_cache()  # at full depth the loading process needs another 22 GiB of the GPU
             checkpoint(report)
             done = subprocess.run([sys.executable, "-c", PROBE, str(out / "model.pt2"), str(out), attention,
                                    *map(str, inputs)], capture_output=True, text=True, timeout=900)
@@ -186,7 +189,8 @@ def aoti_rows(out: Path, tiny: bool, layers: str | None = None, attentions=("emb
                 packaged[attention, side] = torch.load(out / f"{attention}-{side}.pt", weights_only=True).float()
                 report[f"{attention}_vs_eager_rel_err_{side}"] = rel_err(packaged[attention, side], eager[side])
             checkpoint(report)
-        for backend in ("triton", "auto"):  # eager and torch.compile in the same run, on both backends
+        # eager and torch.compile in the same run, on each package's backend (embedded: the triton backend's kernel)
+        for backend in sorted({"embedded": "triton", "registered": "auto"}[a] for a in attentions):
             set_backend(model, backend)
             torch._dynamo.reset()
             compiled = torch.compile(wrapper)

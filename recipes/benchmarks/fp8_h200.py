@@ -7,12 +7,14 @@ one 10-minute device call).
         variant (gluon-overlap, gluon-fp8-overlap with 5 stages), gluon-fp8 with its text rows on a second
         stream (gluon-fp8-concurrent); the parts of an FP8 call alone (its text rows, the quantization); and
         gluon-fp8's error against float32 on a 1024² slice of heads (its accuracy at the benchmark's shapes).
-    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile] [--no-dense] [--configs KEYS] --out OUT
+    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile [regional]] [--no-dense] [--configs KEYS] --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
         attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
         CLEAR + FP8 linear + FP8 attention. Each: ms, the GPU memory held before the step (weights and
-        inputs) and its peak.
-Writes OUT/fp8_layer.json or OUT/fp8_step_<size>[_compiled].json (rows also printed as JSON lines).
+        inputs) and its peak. --compile compiles the whole model (each row's first call ~2 minutes at full depth);
+        --compile regional compiles each repeated block (diffusers' compile_repeated_blocks: two graphs, one per
+        block class, shared by every block), so a whole table fits in one 10-minute call.
+Writes OUT/fp8_layer.json or OUT/fp8_step_<size>[_compiled|_regional].json (rows also printed as JSON lines).
 """
 import argparse
 import gc
@@ -70,28 +72,31 @@ def layer(out: Path, backends: list[str]):
 
 
 # --configs keys of the step table's rows, in the order they run
-STEP_CONFIGS = {"dense": "dense bf16", "clear": "CLEAR bf16", "clear-fp8attn": "CLEAR + FP8 attention",
+STEP_CONFIGS = {"dense-eager": "dense bf16 eager", "dense": "dense bf16", "clear": "CLEAR bf16", "clear-fp8attn": "CLEAR + FP8 attention",
                 "dense-fp8lin": "dense + FP8 linear", "clear-fp8lin": "CLEAR + FP8 linear",
                 "clear-fp8lin-fp8attn": "CLEAR + FP8 linear + FP8 attention"}
 
 
-def step(out: Path, size: int, compiled: bool, dense: bool, configs: list[str] | None = None):
+def step(out: Path, size: int, compiled: str | None, dense: bool, configs: list[str] | None = None):
     report = analyze_flux_dev()
     model = build_flux_dev("cuda")
     inputs = flux_inputs(model, size)
     rows = []
-    name = f"fp8_step_{size}{'_compiled' if compiled else ''}.json"
+    name = f"fp8_step_{size}{'_' + compiled.replace('full', 'compiled') if compiled else ''}.json"
 
-    def measure(label, clear: bool, fp8_attention: bool = False, linear: str = "bf16"):
+    def measure(label, clear: bool, fp8_attention: bool = False, linear: str = "bf16", eager: bool = False):
         if configs and label not in [STEP_CONFIGS[key] for key in configs]:
             return  # (a compiled row's first call compiles for ~2 minutes: the table is split over calls)
         if clear:
             apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), analysis=report, verify=False)
             set_backend(model, "auto", fp8_attention=fp8_attention)
         run = model
-        if compiled:
-            torch._dynamo.reset()
-            run = torch.compile(model)
+        if compiled and not eager:
+            torch._dynamo.reset()  # (regional: the blocks stay marked for compilation and compile again)
+            if compiled == "regional":
+                model.compile_repeated_blocks()
+            else:
+                run = torch.compile(model)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -104,13 +109,15 @@ def step(out: Path, size: int, compiled: bool, dense: bool, configs: list[str] |
             huge = size >= 8192 and not clear
             ms = time_ms(lambda: run(**inputs), warmup=0, rep=1 if huge else 2)
         emit(rows, dict(res=size, config=label, attention="clear r16" if clear else "dense", linear=linear,
-                        fp8_attention=fp8_attention, compiled=compiled, ms=ms, first_run_s=first_s,
+                        fp8_attention=fp8_attention, compiled=None if eager else compiled, ms=ms, first_run_s=first_s,
                         resident_gib=resident, peak_gib=torch.cuda.max_memory_allocated() / 2**30))
         (out / name).write_text(json.dumps(rows, indent=1))  # as it grows: a run cut short keeps what it measured
         if clear:
             remove_clear(model)
 
     if dense:
+        if compiled:  # the goals' baseline: what a user runs without CLEAR or FP8
+            measure("dense bf16 eager", False, eager=True)
         measure("dense bf16", False)
     measure("CLEAR bf16", True)
     measure("CLEAR + FP8 attention", True, fp8_attention=True)
@@ -121,7 +128,7 @@ def step(out: Path, size: int, compiled: bool, dense: bool, configs: list[str] |
     measure("CLEAR + FP8 linear + FP8 attention", True, fp8_attention=True, linear="fp8")
     by = {r["config"]: r["ms"] for r in rows}
     for row in rows:
-        for base in ("dense bf16", "dense + FP8 linear"):
+        for base in ("dense bf16 eager", "dense bf16", "dense + FP8 linear"):
             if base in by:
                 row[f"x vs {base}"] = by[base] / row["ms"]
     (out / name).write_text(json.dumps(rows, indent=1))
@@ -134,7 +141,8 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=["layer", "step"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="full", choices=["full", "regional"],
+                        help="torch.compile the whole model (full, the default) or each repeated block (regional)")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--configs", help="step: only these rows, comma-separated keys of " + ", ".join(STEP_CONFIGS))
     parser.add_argument("--backends", default=",".join(LAYER_ROWS), help="layer: the rows to time (comma-separated)")
