@@ -39,9 +39,11 @@ def test_tiny_flux_two_resolutions_and_sdedit_deterministic(tmp_path):
     assert digest(out) != digest(tmp_path / "c.png")
 
 
-def test_compile_gives_the_eager_image(tmp_path):
+@pytest.mark.parametrize("flag", ["--compile", "--compile-regional"])
+def test_compile_gives_the_eager_image(tmp_path, flag):
     """--compile: the transformer runs through torch.compile (dynamo captured graphs) and the image is the eager
-    one up to the fused kernels' rounding."""
+    one up to the fused kernels' rounding. --compile-regional: the same, each block compiled (the blocks' graphs
+    are shared: fewer than the model's blocks)."""
     import numpy as np
     from torch._dynamo.utils import counters
 
@@ -50,9 +52,12 @@ def test_compile_gives_the_eager_image(tmp_path):
     assert eager.exit_code == 0, eager.output
     torch._dynamo.reset()
     counters.clear()
-    compiled, compiled_out = gen(tmp_path, "compiled.png", *common, "--compile")
+    compiled, compiled_out = gen(tmp_path, "compiled.png", *common, flag)
     assert compiled.exit_code == 0, compiled.output
     assert counters["stats"]["unique_graphs"] > 0  # compiled, not run eagerly
+    if flag == "--compile-regional":
+        blocks = load_pipeline("builtin:tiny-flux").transformer
+        assert counters["stats"]["unique_graphs"] < len(blocks.transformer_blocks) + len(blocks.single_transformer_blocks)
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (eager_out, compiled_out))
     assert np.abs(a - b).max() <= 3
     torch._dynamo.reset()

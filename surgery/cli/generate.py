@@ -40,6 +40,9 @@ def generate(
                                        "kernel, Hopper GPUs"),
     compiled: bool = typer.Option(False, "--compile", help="torch.compile the transformer (the first step compiles; "
                                  "FP8 linear layers gain only compiled)"),
+    compile_regional: bool = typer.Option(False, "--compile-regional", help="torch.compile each repeated block "
+                                          "instead of the whole transformer (diffusers' compile_repeated_blocks: "
+                                          "the first step compiles one graph per block class)"),
     nproc: int = typer.Option(1, min=1, help="patch parallel: split the image into row bands over N processes "
                                              "(launched with torchrun; one GPU each where there are GPUs)"),
 ):
@@ -86,10 +89,10 @@ def generate(
         quantize_pipeline(pipe, quantize)
         if fp8_attention:
             fp8_attention_pipeline(pipe)
-        if compiled:
+        if compiled or compile_regional:
             from clear_surgery.surgery.tools.pipeline import compile_pipeline
 
-            compile_pipeline(pipe)
+            compile_pipeline(pipe, regional=compile_regional)
         image = run(pipe, settings, progress=rank == 0 and None)
         if rank == 0:
             with atomic_file(out) as tmp:

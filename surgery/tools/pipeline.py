@@ -75,15 +75,22 @@ def with_reference_image(pipe):
     return diffusers.FluxKontextPipeline(**pipe.components)
 
 
-def compile_pipeline(pipe) -> list[str]:
+def compile_pipeline(pipe, regional: bool = False) -> list[str]:
     """``torch.compile`` the pipeline's transformer (and ControlNet) in place, after any FP8 or attention setting:
     the first step compiles, later ones run the fused kernels. FP8 linear layers need it to gain: eagerly,
     torchao quantizes each activation in kernels of its own (a slower step than bf16 on an H100,
-    recipes/benchmarks). Returns the parts compiled."""
+    recipes/benchmarks). ``regional``: compile each repeated block instead (diffusers' ``compile_repeated_blocks``,
+    for models that declare their blocks; others compile whole): one graph per block class, shared by every
+    block, so the first step compiles a few graphs instead of the whole model. Returns the parts compiled."""
     done = []
     for part in ("transformer", "controlnet"):
         model = getattr(pipe, part, None)
-        if model is not None:
+        if model is None:
+            continue
+        if regional and getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks()
+            done.append(f"{part} (regional)")
+        else:
             model.compile()
             done.append(part)
     return done
