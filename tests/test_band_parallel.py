@@ -157,16 +157,17 @@ def test_patch_parallel_model_equals_one_process(world):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=f"{name}, tile {tile}, rank {rank} of {world}")
 
 
-def _fp8_model(tile=(2, 4)):
+def _fp8_model(patch=setattr, tile=(2, 4)):
     """tiny-flux in bf16, CLEAR in the tile layout, its linear layers in FP8 through torchao: on this CPU with
-    torchao's hardware check lifted (its float8 matmul runs here; the GPU test runs the real one)."""
+    torchao's hardware check lifted (its float8 matmul runs here; the GPU test runs the real one). ``patch``:
+    how to lift it (in the test's own process, monkeypatch.setattr, so that other tests see the check)."""
     pytest.importorskip("torchao")
     from torchao.quantization import quant_api
 
     from clear_surgery.surgery.tools import quantize
 
-    quant_api._check_hardware_support = lambda granularity: None
-    quantize.fp8_reason = lambda device: None
+    patch(quant_api, "_check_hardware_support", lambda granularity: None)
+    patch(quantize, "fp8_reason", lambda device: None)
     model, inputs = _model_inputs("tiny-flux")
     model = model.to(torch.bfloat16)  # torchao's row-wise FP8 takes bf16 weights
     inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
@@ -188,12 +189,12 @@ def _fp8_worker(rank, world, init_file, results):
         dist.destroy_process_group()
 
 
-def test_patch_parallel_fp8_linear_model_equals_one_process():
+def test_patch_parallel_fp8_linear_model_equals_one_process(monkeypatch):
     """FP8 linear layers (torchao tensor subclasses for weights, row-wise scales: one per token, so a band's tokens
     quantize as they do in the whole) under patch parallelism: each rank's output is the one-process FP8 model's,
     up to bf16's rounding of the band-parallel sums (0.0066 relative; the bf16 model alone: 0.0048)."""
     results = _spawn(_fp8_worker, 2)
-    model, inputs = _fp8_model()
+    model, inputs = _fp8_model(monkeypatch.setattr)
     with torch.no_grad():
         whole = model(**inputs)[0]
     assert type(model.transformer_blocks[0].ff.net[2].weight).__name__ != "Parameter"  # FP8 weights in place
