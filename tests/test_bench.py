@@ -51,6 +51,29 @@ def test_step_bench_on_a_tiny_flux(tmp_path):
     assert (tmp_path / "step.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compiled_step_bench_compiles_each_configuration(monkeypatch):
+    """bench --compile-regional: the dense and the CLEAR step each timed on blocks compiled afresh (graphs
+    captured for both; dynamo's caches reset between them)."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    real = bench.compiled_for_timing
+
+    def counting(model, how):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return real(model, how)
+
+    monkeypatch.setattr(bench, "compiled_for_timing", counting)
+    torch._dynamo.reset()
+    counters.clear()
+    config = dict(bench.TINY_FLUX_DEV, in_channels=16)
+    rows = bench.bench_step([128], 2, backend="reference", device="cpu", config=config, compiled="regional")
+    graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert rows[0]["compiled"] == "regional" and rows[0]["dense_ms"] > 0 and rows[0]["clear_ms"] > 0
+    assert graphs[0] == 0 and graphs[1] > graphs[0] and graphs[2] > graphs[1]  # dense compiled, then CLEAR
+
+
 def test_bench_cli_writes_json_and_png(tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", "--out", str(out), "--sizes", "96", "--radii", "2",

@@ -34,6 +34,10 @@ def bench(
                                            "cores, compute capability >= 8.9)"),
     fp8_attention: bool = typer.Option(False, help="the CLEAR step's image queries in FP8 attention (gluon-fp8, "
                                        "Hopper); add gluon-fp8-tiled to --backends for the layer"),
+    compiled: bool = typer.Option(False, "--compile", help="time the step under torch.compile (each configuration "
+                                  "compiled by its warm-up call; FP8 linear layers gain only compiled)"),
+    compile_regional: bool = typer.Option(False, "--compile-regional", help="the same with each repeated block "
+                                          "compiled (compile_repeated_blocks): minutes less of compiling"),
     heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
@@ -60,6 +64,7 @@ def bench(
         with atomic_directory(out, overwrite) as tmp:
             b.run_bench(tmp, size_list, radius_list, chosen, heads=heads, head_dim=head_dim, text=text, device=device,
                         step_sizes=step_size_list, step_radius=step_radius, dense_step_max=dense_step_max,
-                        quantize=quantize, fp8_attention=fp8_attention, echo=typer.echo)
+                        quantize=quantize, fp8_attention=fp8_attention,
+                        compiled="regional" if compile_regional else "full" if compiled else None, echo=typer.echo)
     typer.echo(f"wrote {out}/attention.json{', step.json' if step else ''}, bench.png")
 

@@ -290,8 +290,25 @@ def flux_inputs(model, size, text=512, batch=1):
     return example_inputs(model, text_len=text, grid=(side, side), batch=batch)
 
 
+def compiled_for_timing(model, how: str | None):
+    """``model`` as a step is timed: itself (None), ``torch.compile``d whole ("full") or with each repeated block
+    compiled ("regional", diffusers' compile_repeated_blocks). Compiled afresh for each configuration (dynamo's
+    caches reset): a model's graphs change with CLEAR, and past dynamo's recompile limit the blocks would run
+    uncompiled."""
+    if how is None:
+        return model
+    torch._dynamo.reset()
+    if how == "regional":
+        model.compile_repeated_blocks()
+        return model
+    return torch.compile(model)
+
+
 def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_max=8192, device="cuda",
-               config=None, quantize: str | None = None, fp8_attention: bool = False) -> list[dict]:
+               config=None, quantize: str | None = None, fp8_attention: bool = False,
+               compiled: str | None = None) -> list[dict]:
+    """Per size: the dense and the CLEAR step of a FLUX.1-dev-shaped transformer (random weights), ms.
+    ``compiled``: None (eager), "full" or "regional" (compiled_for_timing; the warm-up call compiles)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear, set_backend
@@ -308,19 +325,21 @@ def bench_step(sizes, radius, *, backend="triton", token_layout="tiled", dense_m
         # FP8 attention is a wish that "auto" grants (a named bf16 backend would not)
         row = dict(res=size, tokens=inputs["hidden_states"].shape[1] + 512, radius=radius,
                    backend="auto" if fp8_attention else backend,
-                   token_layout=token_layout, quantize=quantize, fp8_attention=fp8_attention)
+                   token_layout=token_layout, quantize=quantize, fp8_attention=fp8_attention, compiled=compiled)
         with torch.no_grad():
             if size <= dense_max:
                 # ~95 s per dense step at 8192² on an H200: one cold run there (at 4096² cold read
                 # 0.3 s above warm, about 0.3% of an 8192² step)
                 huge = size >= 8192
+                run = compiled_for_timing(model, compiled)
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                   SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
-                    row["dense_ms"] = time_ms(lambda: model(**inputs), warmup=0 if huge else 1,
+                    row["dense_ms"] = time_ms(lambda: run(**inputs), warmup=0 if huge and not compiled else 1,
                                               rep=1 if huge else 2 if size >= 4096 else 3)
             apply_clear(model, ClearConfig(radius=radius, token_layout=token_layout), analysis=report, verify=False)
             set_backend(model, row["backend"], fp8_attention=fp8_attention)
-            row["clear_ms"] = time_ms(lambda: model(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
+            run = compiled_for_timing(model, compiled)
+            row["clear_ms"] = time_ms(lambda: run(**inputs), warmup=1, rep=2 if size >= 4096 else 3)
             remove_clear(model)
         if "dense_ms" in row:
             row["speedup"] = row["dense_ms"] / row["clear_ms"]
@@ -389,7 +408,7 @@ def attention_table(rows) -> str:
 
 def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int, text: int, device: str,
               step_sizes, step_radius: float, dense_step_max: int, quantize: str | None = None,
-              fp8_attention: bool = False, echo=print) -> None:
+              fp8_attention: bool = False, compiled: str | None = None, echo=print) -> None:
     """The attention table (``attention.json``, printed), the step (``step.json``, when ``step_sizes``) and
     ``bench.png`` into ``folder``."""
     meta = {"device": torch_device_name(device), "torch": torch_version()}
@@ -399,6 +418,6 @@ def run_bench(folder: Path, sizes, radii, backends, *, heads: int, head_dim: int
     step_rows = []
     if step_sizes:
         step_rows = bench_step(step_sizes, step_radius, dense_max=dense_step_max, device=device, quantize=quantize,
-                               fp8_attention=fp8_attention)
+                               fp8_attention=fp8_attention, compiled=compiled)
         (folder / "step.json").write_text(json.dumps({**meta, "rows": step_rows}, indent=1) + "\n")
     plot(rows, step_rows, folder / "bench.png")
