@@ -127,3 +127,20 @@ def test_gpu_fp8_linear_layers_with_clear_tile_layout_and_compile():
     err = ((fp8 - bf16).norm() / bf16.norm()).item()
     assert err < 0.1, err  # e4m3 keeps 3 mantissa bits: a few percent through a tiny model
     assert ((compiled - fp8).norm() / fp8.norm()).item() < 0.05
+
+
+def test_fp8_weights_of_flux_dev_from_its_config():
+    """README's figure: on FLUX.1-dev's real config (built on the meta device), the family rule turns 8.6 B of its
+    11.9 B parameters to FP8: 14.2 GiB of weights (one byte each, one float32 factor per row) instead of 22.2."""
+    from diffusers import FluxTransformer2DModel
+
+    from clear_surgery.surgery.tools.bench import FLUX_DEV
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV)
+    weights = [model.get_submodule(name).weight for name in q.fp8_targets(model)]
+    total = sum(p.numel() for p in model.parameters())
+    fp8 = sum(w.numel() for w in weights)
+    gib = ((total - fp8) * 2 + fp8 + sum(w.shape[0] for w in weights) * 4) / 2**30
+    assert round(fp8 / 1e9, 1) == 8.6 and round(total / 1e9, 1) == 11.9
+    assert round(total * 2 / 2**30, 1) == 22.2 and round(gib, 1) == 14.2
