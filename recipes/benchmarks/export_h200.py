@@ -20,7 +20,8 @@ backend "auto", the Gluon kernel on Hopper). The 4096 px step timed for each pac
 torch.compile on the triton backend (whose kernel the embedded package's is a self-contained copy of) and on
 "auto" (what a user's converted model runs by default), each beside its package, all in the same run. Each
 output's error is also given for the exported graph run uncompiled, torch.compile, and (--float32) against
-the float32 eager model, to tell where a difference comes from. OUT/aoti.json grows as the run goes (a run cut short keeps what it measured).
+the float32 eager model, to tell where a difference comes from. OUT/aoti.json grows as the run goes (a run
+cut short keeps what it measured).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ one 10-minute device call).
         variant (gluon-overlap, gluon-fp8-overlap with 5 stages), gluon-fp8 with its text rows on a second
         stream (gluon-fp8-concurrent); the parts of an FP8 call alone (its text rows, the quantization); and
         gluon-fp8's error against float32 on a 1024² slice of heads (its accuracy at the benchmark's shapes).
-    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile [regional]] [--no-dense] [--configs KEYS] --out OUT
+    python recipes/benchmarks/fp8_h200.py step --size 4096 [--compile [regional]] [--no-dense] [--configs KEYS] \
+        --out OUT
         one step of a FLUX.1-dev-shaped transformer (random weights): dense bf16, CLEAR r16 bf16, CLEAR + FP8
         attention; then the linear layers in FP8 (torchao, in place): dense + FP8 linear, CLEAR + FP8 linear,
         CLEAR + FP8 linear + FP8 attention. Each: ms, the GPU memory held before the step (weights and
@@ -30,7 +31,8 @@ from clear_surgery.plugins.fp8_quantize import quantize_heads
 from clear_surgery.plugins.gluon_backend import gluon_clear_attention
 from clear_surgery.plugins.gluon_fp8_backend import gluon_fp8_clear_attention
 from clear_surgery.surgery import ClearConfig, apply_clear, remove_clear, set_backend
-from clear_surgery.surgery.tools.bench import analyze_flux_dev, bench_attention, build_flux_dev, flux_inputs, time_ms
+from clear_surgery.surgery.tools.bench import (analyze_flux_dev, bench_attention, build_flux_dev, compiled_for_timing,
+                                               flux_inputs, time_ms)
 from clear_surgery.surgery.tools.quantize import quantize_linear_layers
 
 DENSE_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -90,13 +92,7 @@ def step(out: Path, size: int, compiled: str | None, dense: bool, configs: list[
         if clear:
             apply_clear(model, ClearConfig(radius=16, token_layout="tiled"), analysis=report, verify=False)
             set_backend(model, "auto", fp8_attention=fp8_attention)
-        run = model
-        if compiled and not eager:
-            torch._dynamo.reset()  # (regional: the blocks stay marked for compilation and compile again)
-            if compiled == "regional":
-                model.compile_repeated_blocks()
-            else:
-                run = torch.compile(model)
+        run = compiled_for_timing(model, None if eager else compiled)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -154,7 +154,8 @@ class ClearProcessorBase(torch.nn.Module):
         # the keys hold every token (the queries may be the image's alone: an image-query-only call)
         # the layer's name only where a route step reads it: every block then traces to the same graph (a
         # compiler guards on each string it reads; diffusers' compile_repeated_blocks shares one graph per block class)
-        call = AttentionCall(self.name if runtime.routes else "", query, key, value, key.shape[1] - height * width - sum(h * w for h, w in images),
+        site = self.name if runtime.routes else ""
+        call = AttentionCall(site, query, key, value, key.shape[1] - height * width - sum(h * w for h, w in images),
                              self.text_first, height, width, self.radius, runtime.backend, images, runtime.tile, scale,
                              attention_mask, self.spatial_weight if self.down_factor else None,
                              fp8=runtime.fp8_attention)
