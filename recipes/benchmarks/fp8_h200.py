@@ -14,7 +14,7 @@ one 10-minute device call).
         CLEAR + FP8 linear + FP8 attention. Each: ms, the GPU memory held before the step (weights and
         inputs) and its peak. --compile compiles the whole model (each row's first call ~2 minutes at full depth);
         --compile regional compiles each repeated block (diffusers' compile_repeated_blocks: two graphs, one per
-        block class, shared by every block), so a whole table fits in one 10-minute call.
+        block class, shared by every block), meant to fit a whole table into one 10-minute call (not run yet).
 Writes OUT/fp8_layer.json or OUT/fp8_step_<size>[_compiled|_regional].json (rows also printed as JSON lines).
 """
 import argparse

@@ -37,7 +37,7 @@ def bench(
     compiled: bool = typer.Option(False, "--compile", help="time the step under torch.compile (each configuration "
                                   "compiled by its warm-up call; FP8 linear layers gain only compiled)"),
     compile_regional: bool = typer.Option(False, "--compile-regional", help="the same with each repeated block "
-                                          "compiled (compile_repeated_blocks): minutes less of compiling"),
+                                          "compiled (compile_repeated_blocks): a few small graphs, not the whole model"),
     heads: int = typer.Option(24, min=1), head_dim: int = typer.Option(128, min=1), text: int = typer.Option(512, min=1),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
 ):
