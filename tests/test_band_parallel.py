@@ -117,10 +117,10 @@ def _clear(model, tile):
     apply_clear(model, config, backend="reference", verify=False)  # the rewrite is tested elsewhere
 
 
-def _model_inputs(name, seed=0):
+def _model_inputs(name, seed=0, dtype=None):
     from clear_surgery.surgery import example_inputs, load_builtin
 
-    model = load_builtin(name)
+    model = load_builtin(name, dtype=dtype)
     torch.manual_seed(seed)
     return model, example_inputs(model, 7, MODEL_GRID, batch=2)
 
@@ -168,9 +168,7 @@ def _fp8_model(patch=setattr, tile=(2, 4)):
 
     patch(quant_api, "_check_hardware_support", lambda granularity: None)
     patch(quantize, "fp8_reason", lambda device: None)
-    model, inputs = _model_inputs("tiny-flux")
-    model = model.to(torch.bfloat16)  # torchao's row-wise FP8 takes bf16 weights
-    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    model, inputs = _model_inputs("tiny-flux", dtype=torch.bfloat16)  # torchao's row-wise FP8 takes bf16 weights
     _clear(model, tile)
     assert quantize.quantize_linear_layers(model, "fp8")
     return model, inputs
