@@ -88,3 +88,18 @@ def test_model_without_joint_attention_says_what_was_found():
 def test_unknown_model_family():
     with pytest.raises(ValueError, match="not a model family clear-surgery knows"):
         analyze(SelfAttentionOnly())
+
+
+def test_the_trace_skips_stack_traces_and_restores_the_switch(monkeypatch):
+    """Capturing each node's Python stack trace is a quarter of an analysis trace's time, and nothing reads it."""
+    from torch.fx import config
+
+    seen, export = [], torch.export.export
+
+    def spy(*args, **kwargs):
+        seen.append(config.do_not_emit_stack_traces)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", spy)
+    analyze(load_builtin("tiny-flux"))
+    assert seen == [True] and config.do_not_emit_stack_traces is False

@@ -308,11 +308,12 @@ def test_bad_input(workspace, request, capsys, monkeypatch, argv, message, cheap
 
 NO_NETWORK = """
 import socket
+import time
 
 
 def unreachable(*args, **kwargs):
     with open({log!r}, "a") as f:
-        f.write(repr(args[1:2] or args[:1]) + "\\n")
+        f.write(f"{{time.time()}} {{args[1:2] or args[:1]!r}}\\n")
     raise OSError(101, "Network is unreachable")
 
 socket.socket.connect = unreachable
@@ -346,37 +347,43 @@ def test_offline_hub_fails_fast_and_says_what_to_do(tmp_path, argv):
     if "push-to-hub" in argv:
         assert main(["convert", "-m", "builtin:tiny-flux", "-r", "4", "-o", str(tmp_path / "conv")]) == 0
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    start = time.perf_counter()
     done = subprocess.run([cli_exe(), *argv], capture_output=True, text=True, env=env, timeout=120)
-    seconds = time.perf_counter() - start
+    ended = time.time()
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr
     assert "Traceback" not in done.stderr and "Retrying" not in done.stderr, done.stderr
     assert "cannot be reached" in errors[0], errors[0]
     assert ("HF_HUB_OFFLINE=1" if argv[0] != "push-to-hub" else "--dry-run") in errors[0], errors[0]
-    assert seconds < 10, f"{seconds:.1f} s"
     assert log.exists()  # the guard was in force, and was hit
+    # fast from the first connection attempt to the exit (no retries, no timeouts), however long the imports took
+    first_attempt = min(float(line.split()[0]) for line in log.read_text().splitlines())
+    assert ended - first_attempt < 5, f"{ended - first_attempt:.1f} s after the first attempt"
     assert not (tmp_path / "out").exists()
 
 
 def test_local_conversion_makes_no_network_request(tmp_path):
-    """A local model converted and saved, a CLEAR folder checked for upload: not one connection attempt."""
+    """A local model converted and saved, a CLEAR folder checked for upload, the Python API with a Hub model as
+    the base (its card's license is looked up in the cache only): not one connection attempt. One fresh process
+    runs them all (the guard holds process-wide), so the suite pays for one start-up."""
     env, log = _offline_env(tmp_path)
     load_builtin("tiny-flux").save_pretrained(tmp_path / "dense")
-    for argv in (["convert", "--model", str(tmp_path / "dense"), "--radius", "4", "--out", str(tmp_path / "conv")],
-                 ["convert", "--model", "builtin:tiny-flux", "--radius", "4", "--format", "layers", "--out",
-                  str(tmp_path / "layers")],
-                 ["push-to-hub", str(tmp_path / "conv"), "--repo-id", "me/tiny-clear", "--dry-run"]):
-        done = subprocess.run([cli_exe(), *argv], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr
-    # the Python API, with a Hub model as the base: its card's license is looked up in the cache only
-    save = ("from clear_surgery.hub import save_converted\n"
-            "from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin\n"
-            "model = load_builtin('tiny-flux')\n"
-            "apply_clear(model, ClearConfig(radius=4))\n"
-            f"save_converted(model, {str(tmp_path / 'api')!r}, base_model={{'id': 'black-forest-labs/FLUX.1-dev'}})\n")
-    done = subprocess.run([sys.executable, "-c", save], capture_output=True, text=True, env=env, timeout=300)
+    commands = [["convert", "--model", str(tmp_path / "dense"), "--radius", "4", "--out", str(tmp_path / "conv")],
+                ["convert", "--model", "builtin:tiny-flux", "--radius", "4", "--format", "layers", "--out",
+                 str(tmp_path / "layers")],
+                ["push-to-hub", str(tmp_path / "conv"), "--repo-id", "me/tiny-clear", "--dry-run"]]
+    script = ("import sys\n"
+              "from clear_surgery.surgery.cli import main\n"
+              "from clear_surgery.hub import save_converted\n"
+              "from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin\n"
+              f"codes = [main(argv) for argv in {commands!r}]\n"
+              "assert codes == [0, 0, 0], codes\n"
+              "model = load_builtin('tiny-flux')\n"
+              "apply_clear(model, ClearConfig(radius=4))\n"
+              f"save_converted(model, {str(tmp_path / 'api')!r},\n"
+              "               base_model={'id': 'black-forest-labs/FLUX.1-dev'})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert all((tmp_path / name / "clear_config.json").is_file() for name in ("conv", "layers", "api"))
     assert not log.exists(), log.read_text()
 
 

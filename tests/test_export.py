@@ -30,6 +30,14 @@ def converted(tmp_path, name, **config):
     return tmp_path / f"{name}-clear"
 
 
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory):
+    """tiny FLUX at r = 2.5 exported once to ONNX in raster order (``<root>/onnx``): several tests read it."""
+    root = tmp_path_factory.mktemp("plain-export")
+    export_model(str(converted(root, "tiny-flux")), root / "onnx", "onnx", sizes=SIZES, text_len=7)
+    return root
+
+
 def run_both(folder, onnx_dir, rows, cols):
     """The same call through PyTorch (the export wrapper around the loaded model) and the ONNX file."""
     import onnx
@@ -64,12 +72,10 @@ def test_onnx_matches_pytorch_at_two_resolutions_from_one_file(tmp_path, name, c
             assert g.shape == w.shape and rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-4
 
 
-def test_every_clear_site_is_one_node_with_the_plugin_fields(tmp_path):
+def test_every_clear_site_is_one_node_with_the_plugin_fields(plain_export):
     import onnx
 
-    folder = converted(tmp_path, "tiny-flux")
-    export_model(str(folder), tmp_path / "onnx", "onnx", sizes=SIZES, text_len=7)
-    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(plain_export / "onnx" / "model.onnx"), load_external_data=False)
     nodes = clear_nodes(model)
     assert len(nodes) == 4 and all(len(n.input) == 4 and len(n.output) == 1 for n in nodes)
     assert not [n for n in model.graph.node if "attention" in n.op_type.lower() and n.op_type != "ClearAttention"]
@@ -353,55 +359,53 @@ def _variant(tmp_path, variant):
     ("down", "pool_weight: pooled keys (the 'down' variant)"),
     ("masks", "cannot be exported yet"),
 ])
-def test_every_variant_exports_or_is_refused_with_one_line(tmp_path, variant, refusal):
+def test_every_variant_exports_or_is_refused_with_one_line(tmp_path, monkeypatch, capsys, variant, refusal):
     """Several images are a property of a call, not of the converted model: the FLUX export plan serves one
-    image, so a FLUX.1 Kontext-style call cannot reach an engine."""
-    import subprocess
-
-    from conftest import cli_exe
+    image, so a FLUX.1 Kontext-style call cannot reach an engine. The command runs in this process (the
+    console script itself is tested in test_bad_input.py)."""
+    from clear_surgery.surgery.cli import main
 
     folder = _variant(tmp_path, variant)
     before = sorted(p.name for p in tmp_path.iterdir())
-    done = subprocess.run([cli_exe(), "export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx"),
-                           "--min-size", "32x32", "--opt-size", "48x64", "--max-size", "128x128"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx"),
+                 "--min-size", "32x32", "--opt-size", "48x64", "--max-size", "128x128"])
+    stderr = capsys.readouterr().err
     if refusal is None:
-        assert done.returncode == 0, done.stderr
+        assert code == 0, stderr
         import onnx
 
         radii = {node_attributes(n)["radius"] for n in clear_nodes(onnx.load(str(tmp_path / "onnx" / "model.onnx"),
                                                                              load_external_data=False))}
         assert radii == ({2.5, 1.5} if variant == "per-layer radii" else {2.5})
         return
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == 2 and len(errors) == 1 and refusal in errors[0], done.stderr
-    assert "Traceback" not in done.stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
+    assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
-def test_no_file_of_an_export_holds_a_path_of_the_exporting_machine(tmp_path):
+def test_no_file_of_an_export_holds_a_path_of_the_exporting_machine(plain_export):
     import site
     from pathlib import Path
 
     import clear_surgery
 
-    folder = converted(tmp_path, "tiny-flux")
-    export_model(str(folder), tmp_path / "onnx", "onnx", sizes=SIZES, text_len=7)
-    machine = {str(tmp_path), str(Path.cwd()), str(Path.home()), *site.getsitepackages(),
+    machine = {str(plain_export), str(Path.cwd()), str(Path.home()), *site.getsitepackages(),
                *(str(Path(p).resolve().parent) for p in clear_surgery.__path__)}
     machine = {m for m in machine if Path(m).is_absolute() and m != "/"}
-    for path in (tmp_path / "onnx").iterdir():
+    for path in (plain_export / "onnx").iterdir():
         data = path.read_bytes()
         assert not [m for m in machine if m.encode() in data], path.name
 
 
-def test_an_engine_is_built_only_from_onnx_in_the_kernels_tile_layout(tmp_path):
+def test_an_engine_is_built_only_from_onnx_in_the_kernels_tile_layout(tmp_path, plain_export):
     from clear_surgery.export.tensorrt import ExportLayoutError, check_onnx_for_engine
 
-    folder = converted(tmp_path, "tiny-flux")
-    export_model(str(folder), tmp_path / "raster", "onnx", sizes=SIZES, text_len=7)
     with pytest.raises(ExportLayoutError, match="use raster order; a TensorRT engine's kernel needs"):
-        check_onnx_for_engine(tmp_path / "raster" / "model.onnx")
+        check_onnx_for_engine(plain_export / "onnx" / "model.onnx")
+    folder = plain_export / "tiny-flux-clear"
     data = export_model(str(folder), tmp_path / "tiled", "onnx", sizes=SIZES, text_len=7, kernel_tile=True)
     check_onnx_for_engine(tmp_path / "tiled" / "model.onnx")
     assert any("token layout: tiled" in note for note in data["notes"])

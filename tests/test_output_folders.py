@@ -18,6 +18,16 @@ def run_cli(args, cwd):
     return subprocess.run([cli_exe(), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def run_here(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """The command in this process, from ``cwd`` (the console script's start-up paid once): exit code, stderr."""
+    from clear_surgery.surgery.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("out,setup,message", [
     ("inner", "precious", "holds files clear-surgery did not write (precious.txt)"),
     (".", None, "is the current folder or holds it"),
@@ -45,12 +55,12 @@ def test_bad_outputs_are_refused_before_any_work_and_nothing_is_lost(tmp_path, o
         assert (work / "inner" / "precious.txt").read_text() == "irreplaceable"
 
 
-def test_overwrite_replaces_a_folder_clear_surgery_wrote_or_an_empty_one(tmp_path):
-    assert run_cli([*CONVERT, "--out", "out"], tmp_path).returncode == 0
+def test_overwrite_replaces_a_folder_clear_surgery_wrote_or_an_empty_one(tmp_path, monkeypatch, capsys):
+    assert run_here([*CONVERT, "--out", "out"], tmp_path, monkeypatch, capsys)[0] == 0
     (tmp_path / "empty").mkdir()
     for out in ("out", "empty"):
-        done = run_cli([*CONVERT, "--out", out, "--overwrite"], tmp_path)
-        assert done.returncode == 0, done.stderr
+        code, err = run_here([*CONVERT, "--out", out, "--overwrite"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err
         assert (tmp_path / out / "clear_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no partial or old folder beside
 
@@ -124,11 +134,11 @@ def test_a_local_base_is_recorded_relative_to_the_folder_and_travels_with_it(tmp
         layers_base_ref(resolve_layers(str(moved / "layers")))
 
 
-def test_generate_follows_the_same_output_rules(tmp_path):
+def test_generate_follows_the_same_output_rules(tmp_path, monkeypatch, capsys):
     """Missing parents are created, as for output folders; an existing image is replaced only with --overwrite."""
     args = ["generate", "--model", "builtin:tiny-flux", "--prompt", "a cat", "--height", "32", "--width", "32",
             "--steps", "1", "--out", "new/sub/cat.png"]
-    assert run_cli(args, tmp_path).returncode == 0 and (tmp_path / "new" / "sub" / "cat.png").is_file()
-    again = run_cli(args, tmp_path)
-    assert again.returncode == 2 and "already exists (pass --overwrite to replace it)" in again.stderr
-    assert run_cli([*args, "--overwrite"], tmp_path).returncode == 0
+    assert run_here(args, tmp_path, monkeypatch, capsys)[0] == 0 and (tmp_path / "new" / "sub" / "cat.png").is_file()
+    code, err = run_here(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "already exists (pass --overwrite to replace it)" in err
+    assert run_here([*args, "--overwrite"], tmp_path, monkeypatch, capsys)[0] == 0

@@ -345,7 +345,8 @@ def _export_quietly(model, inputs):
     written = io.StringIO()
     helpers = {id(obj): (obj, dict(vars(obj))) for obj in _helper_objects(model)}
     try:
-        with contextlib.redirect_stderr(written):
+        # the analysis reads each node's module stack, never its Python stack trace
+        with contextlib.redirect_stderr(written), without_stack_traces():
             program = torch.export.export(model, (), dict(inputs), strict=False)
     finally:
         _clear_method_caches(model)
@@ -354,6 +355,20 @@ def _export_quietly(model, inputs):
             vars(obj).update(state)
     sys.stderr.write(written.getvalue())
     return program
+
+
+@contextlib.contextmanager
+def without_stack_traces():
+    """torch.export without capturing the Python stack trace of every node: a quarter of an analysis trace's
+    time (tiny FLUX on a CPU: 1.2 s against 0.9), for metadata the analysis never reads."""
+    from torch.fx import config as fx_config
+
+    before = getattr(fx_config, "do_not_emit_stack_traces", False)  # older torch: no such switch, no effect
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = before
 
 
 def _helper_objects(model):
