@@ -81,6 +81,17 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
 
 
+def run_in_process(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """A ``clear-surgery`` command in this process, from ``cwd`` (the console script's start-up, mostly
+    diffusers' imports, paid once per suite): its exit code and stderr."""
+    from clear_surgery.surgery.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
 def cli_exe() -> str:
     """The installed ``clear-surgery`` entry point (for tests that run it as a user would)."""
     return shutil.which("clear-surgery") or str(Path(sys.executable).parent / "clear-surgery")

@@ -371,8 +371,7 @@ def test_local_conversion_makes_no_network_request(tmp_path):
                 ["convert", "--model", "builtin:tiny-flux", "--radius", "4", "--format", "layers", "--out",
                  str(tmp_path / "layers")],
                 ["push-to-hub", str(tmp_path / "conv"), "--repo-id", "me/tiny-clear", "--dry-run"]]
-    script = ("import sys\n"
-              "from clear_surgery.surgery.cli import main\n"
+    script = ("from clear_surgery.surgery.cli import main\n"
               "from clear_surgery.hub import save_converted\n"
               "from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin\n"
               f"codes = [main(argv) for argv in {commands!r}]\n"

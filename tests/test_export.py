@@ -18,7 +18,7 @@ from clear_surgery.hub import load_model, save_converted
 from clear_surgery.plugins import tensorrt_plugin
 from clear_surgery.surgery import ClearConfig, apply_clear, load_builtin
 from clear_surgery.surgery.cli import app
-from conftest import rel_err
+from conftest import rel_err, run_in_process
 
 SIZES = {"min": "32x32", "opt": "48x64", "max": "128x128"}
 
@@ -363,15 +363,11 @@ def test_every_variant_exports_or_is_refused_with_one_line(tmp_path, monkeypatch
     """Several images are a property of a call, not of the converted model: the FLUX export plan serves one
     image, so a FLUX.1 Kontext-style call cannot reach an engine. The command runs in this process (the
     console script itself is tested in test_bad_input.py)."""
-    from clear_surgery.surgery.cli import main
-
     folder = _variant(tmp_path, variant)
     before = sorted(p.name for p in tmp_path.iterdir())
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    code = main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx"),
-                 "--min-size", "32x32", "--opt-size", "48x64", "--max-size", "128x128"])
-    stderr = capsys.readouterr().err
+    code, stderr = run_in_process(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx"),
+                                   "--min-size", "32x32", "--opt-size", "48x64", "--max-size", "128x128"],
+                                  tmp_path, monkeypatch, capsys)
     if refusal is None:
         assert code == 0, stderr
         import onnx

@@ -9,23 +9,13 @@ import textwrap
 import pytest
 
 from clear_surgery.hub.atomic import atomic_directory, check_output_folder, recover_interrupted
-from conftest import cli_exe
+from conftest import cli_exe, run_in_process
 
 CONVERT = ["convert", "--model", "builtin:tiny-flux", "--radius", "2"]
 
 
 def run_cli(args, cwd):
     return subprocess.run([cli_exe(), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def run_here(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
-    """The command in this process, from ``cwd`` (the console script's start-up paid once): exit code, stderr."""
-    from clear_surgery.surgery.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = main(args)
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("out,setup,message", [
@@ -56,10 +46,10 @@ def test_bad_outputs_are_refused_before_any_work_and_nothing_is_lost(tmp_path, o
 
 
 def test_overwrite_replaces_a_folder_clear_surgery_wrote_or_an_empty_one(tmp_path, monkeypatch, capsys):
-    assert run_here([*CONVERT, "--out", "out"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert run_in_process([*CONVERT, "--out", "out"], tmp_path, monkeypatch, capsys)[0] == 0
     (tmp_path / "empty").mkdir()
     for out in ("out", "empty"):
-        code, err = run_here([*CONVERT, "--out", out, "--overwrite"], tmp_path, monkeypatch, capsys)
+        code, err = run_in_process([*CONVERT, "--out", out, "--overwrite"], tmp_path, monkeypatch, capsys)
         assert code == 0, err
         assert (tmp_path / out / "clear_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no partial or old folder beside
@@ -138,7 +128,8 @@ def test_generate_follows_the_same_output_rules(tmp_path, monkeypatch, capsys):
     """Missing parents are created, as for output folders; an existing image is replaced only with --overwrite."""
     args = ["generate", "--model", "builtin:tiny-flux", "--prompt", "a cat", "--height", "32", "--width", "32",
             "--steps", "1", "--out", "new/sub/cat.png"]
-    assert run_here(args, tmp_path, monkeypatch, capsys)[0] == 0 and (tmp_path / "new" / "sub" / "cat.png").is_file()
-    code, err = run_here(args, tmp_path, monkeypatch, capsys)
+    assert run_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+    assert (tmp_path / "new" / "sub" / "cat.png").is_file()
+    code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
     assert code == 2 and "already exists (pass --overwrite to replace it)" in err
-    assert run_here([*args, "--overwrite"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert run_in_process([*args, "--overwrite"], tmp_path, monkeypatch, capsys)[0] == 0
